@@ -1,0 +1,3 @@
+"""Direct Preference Optimization (Rafailov et al., NeurIPS 2023, arXiv 2305.18290) for the Hugging Face stack."""
+
+__version__ = "0.1.0"
