@@ -1,0 +1,100 @@
+"""`DPOConfig`: the training arguments of `DPOTrainer`, documented once and validated on construction."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from transformers import TrainingArguments
+
+from .losses import loss_names
+
+TRUNCATION_MODES = ("keep_end", "keep_start")
+
+
+@dataclass
+class DPOConfig(TrainingArguments):
+    r"""Arguments for `DPOTrainer`: every `transformers.TrainingArguments` field plus the DPO ones below.
+
+    Defaults follow the paper (Rafailov et al. 2023, App. B) and its reference implementation where they
+    differ from `TrainingArguments`: `beta=0.1`, `learning_rate=1e-6`, `max_length=512`,
+    `max_prompt_length=256`, prompt truncated from the left (`keep_end`).
+
+    Parameters:
+        beta: Strength of the KL penalty toward the reference model (the paper's β). Must be > 0. Smaller β
+            lets the policy move further from the reference.
+        loss_type: Name of a loss in `dpo_trainer.losses.LOSSES` (built-ins: `sigmoid` (paper Eq. 7),
+            `ipo`, `hinge`, `robust`). Rows with K > 2 ranked responses always use the Plackett-Luce loss
+            (paper App. A.3), which requires `sigmoid`.
+        label_smoothing: Assumed rate ε of flipped preference labels, in [0, 0.5). With `sigmoid` it gives
+            conservative DPO, with `robust` the unbiased robust loss; `ipo` and `hinge` do not use it.
+        max_length: Longest prompt + response in tokens, or None for no truncation.
+        max_prompt_length: Longest prompt kept when a row is longer than `max_length` (must be smaller than
+            `max_length`), or None to cut the prompt only as far as `max_length` requires.
+        truncation_mode: Which end of an over-long prompt to keep: `keep_end` (the reference implementation:
+            the turns closest to the response survive) or `keep_start`.
+        precompute_ref_log_probs: Compute the reference log-probs of every row once, before training, and
+            drop the reference model afterwards. The values are cached on disk under `ref_logps_cache_dir`,
+            keyed by fingerprints of the reference weights and the tokenized data, and reused next time.
+        ref_logps_cache_dir: Where precomputed reference log-probs are cached. None means
+            `$HF_HOME/dpo_trainer/ref_logps` (`~/.cache/huggingface/dpo_trainer/ref_logps`).
+        disable_dropout: Set every dropout probability of the policy and reference to 0, so that the policy
+            equals the reference at step 0 and the implicit reward is deterministic.
+        dataset_num_proc: Processes used to tokenize the datasets (None: the calling process).
+        pad_to_multiple_of: Round the padded length of each batch up to a multiple of this.
+        logprob_chunk_size: Scored tokens projected through the LM head at once. None picks a chunk of about
+            64M logits (e.g. 512 tokens for a 128k vocabulary). Lower it to save memory.
+        model_init_kwargs: Keyword arguments for `AutoModelForCausalLM.from_pretrained` when `model` (or
+            `ref_model`) is given as a name or path, e.g. `{"dtype": "bfloat16"}`.
+    """
+
+    learning_rate: float = field(default=1e-6, metadata={"help": "AdamW learning rate (paper: 1e-6)."})
+
+    beta: float = field(default=0.1, metadata={"help": "KL penalty strength β; must be > 0."})
+    loss_type: str = field(default="sigmoid", metadata={"help": "Loss name from dpo_trainer.losses."})
+    label_smoothing: float = field(default=0.0, metadata={"help": "Label-flip rate ε in [0, 0.5)."})
+    max_length: int | None = field(default=512, metadata={"help": "Max prompt + response tokens."})
+    max_prompt_length: int | None = field(default=256, metadata={"help": "Max prompt tokens when truncating."})
+    truncation_mode: str = field(default="keep_end", metadata={"help": "keep_end or keep_start."})
+    precompute_ref_log_probs: bool = field(default=False, metadata={"help": "Precompute reference log-probs."})
+    ref_logps_cache_dir: str | None = field(default=None, metadata={"help": "Reference log-prob cache folder."})
+    disable_dropout: bool = field(default=True, metadata={"help": "Zero every dropout probability."})
+    dataset_num_proc: int | None = field(default=None, metadata={"help": "Tokenization processes."})
+    pad_to_multiple_of: int | None = field(default=None, metadata={"help": "Pad batch length to a multiple."})
+    logprob_chunk_size: int | None = field(default=None, metadata={"help": "Scored tokens per LM-head chunk."})
+    model_init_kwargs: dict[str, Any] | None = field(default=None, metadata={"help": "from_pretrained kwargs."})
+
+    def __post_init__(self):
+        if not self.beta > 0:
+            raise ValueError(f"DPOConfig.beta must be > 0, got {self.beta}.")
+        if self.loss_type not in loss_names():
+            raise ValueError(
+                f"DPOConfig.loss_type must be one of {', '.join(loss_names())}; got {self.loss_type!r}."
+            )
+        if not 0.0 <= self.label_smoothing < 0.5:
+            raise ValueError(f"DPOConfig.label_smoothing must be in [0, 0.5), got {self.label_smoothing}.")
+        if self.label_smoothing > 0 and self.loss_type in ("ipo", "hinge"):
+            raise ValueError(
+                f"DPOConfig.label_smoothing applies to the sigmoid and robust losses, not {self.loss_type!r}; "
+                "set it to 0."
+            )
+        for name in ("max_length", "max_prompt_length", "pad_to_multiple_of", "logprob_chunk_size"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or value < 1):
+                raise ValueError(f"DPOConfig.{name} must be a positive integer or None, got {value!r}.")
+        if (
+            self.max_length is not None
+            and self.max_prompt_length is not None
+            and self.max_prompt_length >= self.max_length
+        ):
+            raise ValueError(
+                f"DPOConfig.max_prompt_length ({self.max_prompt_length}) must be smaller than max_length "
+                f"({self.max_length}), so that every response keeps at least one token."
+            )
+        if self.truncation_mode not in TRUNCATION_MODES:
+            raise ValueError(
+                f"DPOConfig.truncation_mode must be one of {', '.join(TRUNCATION_MODES)}; got {self.truncation_mode!r}."
+            )
+        if self.dataset_num_proc is not None and self.dataset_num_proc < 1:
+            raise ValueError(f"DPOConfig.dataset_num_proc must be >= 1 or None, got {self.dataset_num_proc}.")
+        super().__post_init__()

@@ -1,0 +1,427 @@
+"""`DPOTrainer`: Direct Preference Optimization (Rafailov et al. 2023, arXiv 2305.18290) as a `transformers.Trainer`.
+
+The trainer only glues the pure pieces together: `data` turns rows into token ids and batches,
+`logprobs.sequence_logps` scores responses, `reference.reference_logps` gives π_ref's scores, and
+`losses` turns both into a loss. Each override of `Trainer` below is short and says why it exists.
+
+Hooks meant for subclassing (e.g. in a notebook):
+  * `policy_logps(model, batch) -> (B, K)`: summed log-probs of each response under the policy.
+  * `reference_logps(batch) -> (B, K)`: the same under the reference (no gradient).
+  * `dpo_loss(policy_logps, reference_logps) -> (losses (B,), rewards (B, K))`: the objective.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import os
+from collections import defaultdict
+from collections.abc import Mapping
+
+import torch
+from datasets import Dataset
+from torch import nn
+from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer
+
+from . import __version__
+from .config import DPOConfig
+from .data import PaddedCollator, detect_format, to_example, tokenize_example
+from .logprobs import sequence_logps, unwrap
+from .losses import plackett_luce_loss, preference_loss
+from .reference import (
+    cache_path,
+    compute_dataset_reference_logps,
+    disable_dropout,
+    freeze,
+    is_peft_model,
+    load_cached,
+    model_fingerprint,
+    rows_fingerprint,
+    save_cached,
+    unwrap_to_peft,
+)
+from .reference import reference_logps as _reference_logps
+
+logger = logging.getLogger(__name__)
+
+MODEL_CARD_MARKER = "<!-- written by dpo_trainer -->"
+METRIC_NAMES = (
+    "rewards/chosen",
+    "rewards/rejected",
+    "rewards/accuracies",
+    "rewards/margins",
+    "logps/chosen",
+    "logps/rejected",
+)
+
+
+class DPOTrainer(Trainer):
+    """Trains `model` on preference data with DPO against a frozen reference.
+
+    Args:
+        model: a model id or local path (loaded with `AutoModelForCausalLM` and `args.model_init_kwargs`),
+            a `PreTrainedModel`, or a `peft.PeftModel`.
+        ref_model: the reference π_ref (id, path or model). None picks the cheapest exact reference:
+            the policy with its adapter disabled when training a PEFT adapter, the policy's own log-probs
+            before training when `args.precompute_ref_log_probs`, else a frozen copy of the policy's
+            weights as they are when the trainer is built.
+        args: a `DPOConfig`.
+        train_dataset, eval_dataset: `datasets.Dataset` or list of dicts (eval: also a dict of them) in
+            one of the formats of `dpo_trainer.data.formats`.
+        processing_class: the tokenizer; loaded from `model` when that is a name or path.
+        peft_config: a `peft.PeftConfig`; the model is wrapped with `get_peft_model`.
+        data_collator, callbacks, optimizers: as in `transformers.Trainer`.
+    """
+
+    def __init__(
+        self,
+        model: str | nn.Module,
+        ref_model: str | nn.Module | None = None,
+        args: DPOConfig | None = None,
+        train_dataset=None,
+        eval_dataset=None,
+        processing_class=None,
+        peft_config=None,
+        data_collator=None,
+        callbacks=None,
+        optimizers=(None, None),
+        compute_metrics=None,
+    ):
+        args = args if args is not None else DPOConfig(output_dir="dpo_output")
+        if not isinstance(args, DPOConfig):
+            raise TypeError(f"args must be a DPOConfig, got {type(args).__name__}.")
+        model_name = model if isinstance(model, str) else None
+        model = self._load_model(model, args)
+        if processing_class is None:
+            if model_name is None:
+                raise ValueError("processing_class (the tokenizer) is required when model is not a name or path.")
+            processing_class = AutoTokenizer.from_pretrained(model_name)
+        self._check_tokenizer(processing_class)
+
+        if peft_config is not None:
+            if is_peft_model(model):
+                raise ValueError("model is already a PeftModel: pass peft_config=None to train its adapter.")
+            from peft import get_peft_model
+
+            model = get_peft_model(model, peft_config)
+
+        if isinstance(ref_model, str):
+            ref_model = self._load_model(ref_model, args)
+        if ref_model is not None and ref_model is model:
+            raise ValueError("ref_model must not be the policy itself; pass ref_model=None to get a frozen copy.")
+        if ref_model is None and not is_peft_model(model) and not args.precompute_ref_log_probs:
+            ref_model = copy.deepcopy(model)  # π_ref = the policy's weights now, not a reload from disk
+        if args.disable_dropout:
+            disable_dropout(model)
+        if ref_model is not None:
+            freeze(ref_model)
+            disable_dropout(ref_model)
+        self.ref_model = ref_model
+
+        train_dataset = self._prepare_dataset(train_dataset, processing_class, args, "train_dataset")
+        if isinstance(eval_dataset, Mapping):
+            eval_dataset = {
+                key: self._prepare_dataset(value, processing_class, args, f"eval_dataset[{key!r}]")
+                for key, value in eval_dataset.items()
+            }
+        else:
+            eval_dataset = self._prepare_dataset(eval_dataset, processing_class, args, "eval_dataset")
+        if data_collator is None:
+            data_collator = PaddedCollator(processing_class.pad_token_id, args.pad_to_multiple_of)
+
+        super().__init__(
+            model=model,
+            args=args,
+            data_collator=data_collator,
+            train_dataset=train_dataset,
+            eval_dataset=eval_dataset,
+            processing_class=processing_class,
+            compute_metrics=compute_metrics,
+            callbacks=callbacks,
+            optimizers=optimizers,
+        )
+        # The loss is a mean over pairs: let Trainer divide by the accumulation steps, so batch 8 x 1
+        # step and batch 2 x 4 steps give the same gradient.
+        self.model_accepts_loss_kwargs = False
+        self._metrics = {"train": defaultdict(lambda: [0.0, 0]), "eval": defaultdict(lambda: [0.0, 0])}
+        if self.ref_model is not None:
+            self.ref_model.to(self.args.device)
+        if args.precompute_ref_log_probs:
+            self._precompute_reference()
+
+    # ------------------------------------------------------------------ set-up helpers
+
+    @staticmethod
+    def _load_model(model, args: DPOConfig) -> nn.Module:
+        if isinstance(model, str):
+            return AutoModelForCausalLM.from_pretrained(model, **(args.model_init_kwargs or {}))
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be a name, a path or a torch module, got {type(model).__name__}.")
+        return model
+
+    @staticmethod
+    def _check_tokenizer(tokenizer) -> None:
+        if getattr(tokenizer, "eos_token_id", None) is None:
+            raise ValueError(
+                "processing_class has no eos_token: DPO appends EOS to every response so the model learns to "
+                "stop. Set tokenizer.eos_token first."
+            )
+        if tokenizer.pad_token_id is None:
+            # Padding is never scored nor attended, so EOS is a safe pad token.
+            tokenizer.pad_token = tokenizer.eos_token
+            logger.info("processing_class has no pad_token; using eos_token %r for padding.", tokenizer.eos_token)
+
+    @staticmethod
+    def _prepare_dataset(dataset, tokenizer, args: DPOConfig, name: str):
+        """Rows in any supported format -> `prompt_ids`, `response_ids` (one tokenized row per example)."""
+        if dataset is None:
+            return None
+        if isinstance(dataset, list):
+            if not dataset:
+                raise ValueError(f"{name} is empty.")
+            if not all(isinstance(row, Mapping) for row in dataset):
+                raise TypeError(f"{name}: a list dataset must hold dicts (rows).")
+            dataset = Dataset.from_list(list(dataset))
+        if not isinstance(dataset, Dataset):
+            raise TypeError(f"{name} must be a datasets.Dataset or a list of dicts, got {type(dataset).__name__}.")
+        if len(dataset) == 0:
+            raise ValueError(f"{name} is empty.")
+        fmt = detect_format(dataset.column_names)
+        settings = {
+            "max_length": args.max_length,
+            "max_prompt_length": args.max_prompt_length,
+            "truncation_mode": args.truncation_mode,
+        }
+
+        def tokenize(row, index):
+            example = to_example(row, index, fmt, tokenizer)
+            return tokenize_example(example, tokenizer, index=index, **settings)
+
+        dataset = dataset.map(
+            tokenize,
+            with_indices=True,
+            remove_columns=dataset.column_names,
+            num_proc=args.dataset_num_proc,
+            desc=f"Tokenizing {name}",
+        )
+        counts = [len(responses) for responses in dataset["response_ids"]]
+        if len(set(counts)) > 1:
+            first = next(i for i, count in enumerate(counts) if count != counts[0])
+            raise ValueError(
+                f"{name} row {first}: {counts[first]} responses where row 0 has {counts[0]}; every row of a "
+                "dataset must rank the same number of responses."
+            )
+        if counts[0] > 2 and (args.loss_type != "sigmoid" or args.label_smoothing):
+            raise ValueError(
+                f"{name} ranks {counts[0]} responses per row, which trains with the Plackett-Luce loss; it "
+                f"needs loss_type='sigmoid' and label_smoothing=0 (got {args.loss_type!r}, {args.label_smoothing})."
+            )
+        emptied = [i for i, responses in enumerate(dataset["response_ids"]) if min(map(len, responses)) == 0]
+        if emptied:
+            if len(emptied) == len(dataset):
+                raise ValueError(
+                    f"{name}: every row has a response truncated away entirely (max_length={args.max_length}); "
+                    "raise max_length or set max_prompt_length."
+                )
+            logger.warning(
+                "%s: dropping %d of %d rows whose response is truncated away entirely (first: row %d); raise "
+                "max_length or set max_prompt_length to keep them.",
+                name,
+                len(emptied),
+                len(dataset),
+                emptied[0],
+            )
+            dropped = set(emptied)
+            dataset = dataset.select([i for i in range(len(dataset)) if i not in dropped])
+        return dataset
+
+    def _set_signature_columns_if_needed(self):
+        # Trainer would keep only columns named like model.forward's arguments; ours feed the collator.
+        if self._signature_columns is None:
+            self._signature_columns = ["prompt_ids", "response_ids", "ref_logps"]
+
+    def _precompute_reference(self) -> None:
+        """Add a `ref_logps` column to every dataset (cached on disk), then drop the reference model."""
+        model_key = model_fingerprint(self.ref_model if self.ref_model is not None else self.model)
+        settings = {"bf16": self.args.bf16, "fp16": self.args.fp16, "dtype": str(unwrap(self.model).dtype)}
+        datasets = [("train", self.train_dataset)]
+        if isinstance(self.eval_dataset, Mapping):
+            datasets += [(f"eval[{key}]", value) for key, value in self.eval_dataset.items()]
+        else:
+            datasets.append(("eval", self.eval_dataset))
+        results = {}
+        for name, dataset in datasets:
+            if dataset is None or "ref_logps" in dataset.column_names:
+                continue
+            path = cache_path(self.args.ref_logps_cache_dir, model_key, rows_fingerprint(dataset), settings)
+            with self.args.main_process_first(desc=f"reference log-probs of {name}"):
+                values = load_cached(path, len(dataset))
+                if values is None:
+                    values = self._compute_reference_column(dataset, name)
+                    if self.is_world_process_zero():
+                        save_cached(path, values)
+                else:
+                    logger.info("Loaded reference log-probs of %s from %s", name, path)
+            results[name] = dataset.add_column("ref_logps", values.tolist())
+        self.train_dataset = results.get("train", self.train_dataset)
+        if isinstance(self.eval_dataset, Mapping):
+            self.eval_dataset = {k: results.get(f"eval[{k}]", v) for k, v in self.eval_dataset.items()}
+        else:
+            self.eval_dataset = results.get("eval", self.eval_dataset)
+        self.ref_model = None  # the values are in the data now; free the memory
+
+    def _compute_reference_column(self, dataset: Dataset, name: str) -> torch.Tensor:
+        loader = torch.utils.data.DataLoader(
+            dataset.select_columns(["prompt_ids", "response_ids"]),
+            batch_size=self.args.per_device_eval_batch_size,
+            shuffle=False,
+            collate_fn=self.data_collator,
+        )
+        was_training = self.model.training
+        self.model.eval()  # a full-fine-tuning policy is its own reference before training: no dropout
+        try:
+            with self.compute_loss_context_manager():
+                return compute_dataset_reference_logps(
+                    (self._prepare_inputs(batch) for batch in loader),
+                    self._initial_reference_logps,
+                    total=len(loader),
+                    desc=f"Reference log-probs ({name})",
+                    disable_progress=self.args.disable_tqdm,
+                )
+        finally:
+            self.model.train(was_training)
+
+    # ------------------------------------------------------------------ hooks for subclasses
+
+    def policy_logps(self, model: nn.Module, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """(B, K) summed log-probs of each response under the policy, with gradient."""
+        return sequence_logps(model, batch, chunk_size=self.args.logprob_chunk_size)
+
+    def reference_logps(self, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """(B, K) summed log-probs of each response under π_ref: precomputed, or computed without gradient."""
+        return _reference_logps(self.model, self.ref_model, batch, chunk_size=self.args.logprob_chunk_size)
+
+    def _initial_reference_logps(self, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        if self.ref_model is None and not is_peft_model(unwrap_to_peft(self.model)):
+            with torch.no_grad():  # precomputing with the policy itself, before it is trained
+                return sequence_logps(self.model, batch, chunk_size=self.args.logprob_chunk_size)
+        return self.reference_logps(batch)
+
+    def dpo_loss(self, policy_logps: torch.Tensor, reference_logps: torch.Tensor):
+        """Per-example losses (B,) and detached implicit rewards β·log(π/π_ref) (B, K).
+
+        Pairs (K = 2) use `args.loss_type`; rankings (K > 2) the Plackett-Luce loss (paper App. A.3).
+        """
+        args = self.args
+        if policy_logps.shape[1] == 2:
+            losses, chosen, rejected = preference_loss(
+                policy_logps[:, 0],
+                policy_logps[:, 1],
+                reference_logps[:, 0],
+                reference_logps[:, 1],
+                beta=args.beta,
+                loss_type=args.loss_type,
+                label_smoothing=args.label_smoothing,
+            )
+            return losses, torch.stack([chosen, rejected], dim=1)
+        losses = plackett_luce_loss(policy_logps, reference_logps, beta=args.beta)
+        return losses, (args.beta * (policy_logps - reference_logps)).detach()
+
+    # ------------------------------------------------------------------ Trainer overrides
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        # Trainer's default calls model(**inputs) and reads .loss; DPO needs two scorings and a pairwise loss.
+        policy = self.policy_logps(model, inputs)
+        reference = self.reference_logps(inputs).to(policy.device)
+        losses, rewards = self.dpo_loss(policy, reference)
+        self._record_metrics("train" if model.training else "eval", policy.detach(), rewards)
+        loss = losses.mean()
+        return (loss, {"policy_logps": policy.detach(), "rewards": rewards}) if return_outputs else loss
+
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        # Trainer's default expects logits and labels; evaluation here is the loss plus reward metrics.
+        inputs = self._prepare_inputs(inputs)
+        with torch.no_grad(), self.compute_loss_context_manager():
+            loss = self.compute_loss(model, inputs)
+        return loss.detach(), None, None
+
+    def _record_metrics(self, mode: str, policy: torch.Tensor, rewards: torch.Tensor) -> None:
+        """Accumulate per-example sums and counts over all processes; `log` turns them into means."""
+        chosen, rejected = rewards[:, 0], rewards[:, -1]  # rankings: best vs worst
+        values = {
+            "rewards/chosen": chosen,
+            "rewards/rejected": rejected,
+            "rewards/accuracies": (chosen > rejected).float(),
+            "rewards/margins": chosen - rejected,
+            "logps/chosen": policy[:, 0],
+            "logps/rejected": policy[:, -1],
+        }
+        stacked = torch.stack([values[name] for name in METRIC_NAMES], dim=1).float()
+        gather = self.accelerator.gather_for_metrics if mode == "eval" else self.accelerator.gather
+        stacked = gather(stacked)
+        sums, count = stacked.sum(dim=0).tolist(), stacked.shape[0]
+        for name, total in zip(METRIC_NAMES, sums):
+            entry = self._metrics[mode][name]
+            entry[0] += total
+            entry[1] += count
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        # Adds the DPO metrics accumulated since the last log (eval ones under the evaluation's prefix).
+        eval_loss_keys = [key for key in logs if key.startswith("eval") and key.endswith("_loss")]
+        if eval_loss_keys:
+            mode, prefix = "eval", eval_loss_keys[0][: -len("loss")]
+        elif "loss" in logs:
+            mode, prefix = "train", ""
+        else:
+            mode = None
+        if mode is not None:
+            for name, (total, count) in self._metrics[mode].items():
+                if count:
+                    logs[f"{prefix}{name}"] = total / count
+            self._metrics[mode].clear()
+        super().log(logs, start_time)
+
+    def _save(self, output_dir: str | None = None, state_dict=None):
+        # Saving also writes a model card naming the method and its settings.
+        super()._save(output_dir, state_dict)
+        self.write_model_card(output_dir or self.args.output_dir)
+
+    def write_model_card(self, output_dir: str) -> str | None:
+        """Write README.md describing the run, unless a README.md not written by this library is there."""
+        path = os.path.join(output_dir, "README.md")
+        if os.path.exists(path):
+            with open(path, encoding="utf-8") as handle:
+                if MODEL_CARD_MARKER not in handle.read():
+                    logger.warning("Not writing a model card: %s exists and was not written by dpo_trainer.", path)
+                    return None
+        base = unwrap(self.model)
+        name = getattr(base.config, "_name_or_path", "") or base.config.model_type
+        reference = "precomputed log-probs" if self.args.precompute_ref_log_probs else (
+            "the base model (adapter disabled)" if is_peft_model(unwrap_to_peft(self.model)) else "a frozen copy"
+        )
+        card = f"""---
+library_name: transformers
+tags: [dpo, dpo_trainer]
+---
+{MODEL_CARD_MARKER}
+# {os.path.basename(os.path.abspath(output_dir))}
+
+Trained from `{name}` with Direct Preference Optimization (DPO; Rafailov et al., 2023,
+[arXiv:2305.18290](https://arxiv.org/abs/2305.18290)) using dpo_trainer {__version__}.
+
+| setting | value |
+|---|---|
+| method | DPO |
+| loss | `{self.args.loss_type}` |
+| beta | {self.args.beta} |
+| label_smoothing | {self.args.label_smoothing} |
+| learning_rate | {self.args.learning_rate} |
+| max_length / max_prompt_length | {self.args.max_length} / {self.args.max_prompt_length} |
+| reference | {reference} |
+| global step | {self.state.global_step} |
+"""
+        os.makedirs(output_dir, exist_ok=True)
+        with open(path, "w", encoding="utf-8") as handle:
+            handle.write(card)
+        return path
+
