@@ -1,0 +1,118 @@
+"""Tokenize one :class:`~dpo_trainer.data.formats.Example`: a pure per-example function.
+
+The prompt is tokenized alone, as the model sees it at inference (with the tokenizer's special tokens,
+unless a chat template already rendered them); each response is tokenized without special tokens and
+ends with EOS, appended unless already there.
+
+Truncation, in this order (the paper's reference implementation, with one deliberate difference):
+
+1. If ``max_length`` is set and ``len(prompt) + len(longest response) > max_length``, cut the prompt
+   to ``max_prompt_length`` tokens (``max_length`` when that is None). ``truncation_mode="keep_end"``
+   (the default, as in the reference implementation) keeps the END of the prompt, the text nearest the
+   response; ``"keep_start"`` keeps its start.
+2. If still too long, cut every response to ``max_length - len(prompt)`` tokens, keeping its start
+   (a cut response loses its EOS). The reference implementation cuts responses to
+   ``max_length - max_prompt_length`` even when the prompt is shorter than ``max_prompt_length``;
+   we fill the budget the prompt leaves instead.
+
+A response can end up empty (when the prompt alone fills ``max_length``); it is returned empty and
+the trainer counts and drops such rows. ``max_prompt_length`` applies only together with ``max_length``.
+"""
+
+from __future__ import annotations
+
+from .formats import Example
+
+TRUNCATION_MODES = ("keep_end", "keep_start")
+
+
+def tokenize_example(
+    example: Example,
+    tokenizer,
+    *,
+    index: int,
+    max_length: int | None,
+    max_prompt_length: int | None,
+    truncation_mode: str = "keep_end",
+) -> dict:
+    """Token ids of one example, truncated as the module docstring says.
+
+    Args:
+        example: the prompt and its K responses, best first.
+        tokenizer: a Hugging Face tokenizer with an ``eos_token_id``.
+        index: the row's position, used in error messages.
+
+    Returns:
+        ``{"prompt_ids": list[int] (P,), "response_ids": list of K list[int] (R_k,)}``.
+    """
+    check_truncation_settings(max_length, max_prompt_length, truncation_mode)
+    eos_id = tokenizer.eos_token_id
+    if eos_id is None:
+        raise ValueError("the tokenizer has no eos_token_id; responses must end with EOS")
+    prompt_ids = list(tokenizer(example.prompt, add_special_tokens=not example.templated)["input_ids"])
+    if not prompt_ids:
+        if tokenizer.bos_token_id is None:
+            raise ValueError(
+                f"row {index}, field 'prompt': prompt is empty after tokenization: the first response token "
+                "would have no context (and the tokenizer has no BOS token to stand in)"
+            )
+        prompt_ids = [tokenizer.bos_token_id]
+    response_ids = []
+    for response in example.responses:
+        ids = list(tokenizer(response, add_special_tokens=False)["input_ids"])
+        response_ids.append(ids if ids and ids[-1] == eos_id else ids + [eos_id])
+    prompt_ids, response_ids = truncate_ids(
+        prompt_ids,
+        response_ids,
+        max_length=max_length,
+        max_prompt_length=max_prompt_length,
+        truncation_mode=truncation_mode,
+    )
+    return {"prompt_ids": prompt_ids, "response_ids": response_ids}
+
+
+def truncate_ids(
+    prompt_ids: list[int],
+    response_ids: list[list[int]],
+    *,
+    max_length: int | None,
+    max_prompt_length: int | None,
+    truncation_mode: str = "keep_end",
+) -> tuple[list[int], list[list[int]]]:
+    """Apply the module's truncation order to a prompt (P,) and K responses (R_k,).
+
+    >>> truncate_ids([1, 2, 3, 4], [[5, 9], [6, 7, 8, 9]], max_length=6, max_prompt_length=3)
+    ([2, 3, 4], [[5, 9], [6, 7, 8]])
+    >>> truncate_ids([1, 2, 3, 4], [[5, 9], [6, 7, 8, 9]], max_length=6, max_prompt_length=3,
+    ...              truncation_mode="keep_start")
+    ([1, 2, 3], [[5, 9], [6, 7, 8]])
+    >>> truncate_ids([1, 2], [[5, 9], [6, 7, 8, 9]], max_length=5, max_prompt_length=3)
+    ([1, 2], [[5, 9], [6, 7, 8]])
+    """
+    check_truncation_settings(max_length, max_prompt_length, truncation_mode)
+    longest = max((len(ids) for ids in response_ids), default=0)
+    if max_length is None or len(prompt_ids) + longest <= max_length:
+        return list(prompt_ids), [list(ids) for ids in response_ids]
+    # (1) Cut the prompt.
+    cap = max_prompt_length if max_prompt_length is not None else max_length
+    if len(prompt_ids) > cap:
+        prompt_ids = prompt_ids[-cap:] if truncation_mode == "keep_end" else prompt_ids[:cap]
+    # (2) Cut the responses to the budget the prompt leaves (not to max_length - max_prompt_length).
+    budget = max(max_length - len(prompt_ids), 0)
+    return list(prompt_ids), [list(ids[:budget]) for ids in response_ids]
+
+
+def check_truncation_settings(
+    max_length: int | None, max_prompt_length: int | None, truncation_mode: str
+) -> None:
+    """Raise ``ValueError`` for settings the truncation order cannot honour."""
+    if truncation_mode not in TRUNCATION_MODES:
+        raise ValueError(f"truncation_mode must be one of {TRUNCATION_MODES}, got {truncation_mode!r}")
+    for name, value in (("max_length", max_length), ("max_prompt_length", max_prompt_length)):
+        if value is not None and value < 1:
+            raise ValueError(f"{name} must be a positive number of tokens or None, got {value}")
+    if max_length is not None and max_prompt_length is not None and max_prompt_length >= max_length:
+        raise ValueError(
+            f"max_prompt_length ({max_prompt_length}) must be smaller than max_length ({max_length}) "
+            "to leave room for the responses"
+        )

@@ -1,0 +1,315 @@
+"""Row formats → Example: standard, conversational, implicit (Anthropic-HH), ranked, and bad rows."""
+
+import os
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+
+import pytest
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import PreTrainedTokenizerFast
+
+from dpo_trainer.data.formats import Example, detect_format, split_hh_transcript, to_example
+
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|{{ m['role'] }}|> {{ m['content'] }} <eos> {% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|> {% endif %}"
+)
+# The generation prompt differs from how an assistant turn opens, so the prompt is no prefix of the full text.
+MISMATCHED_TEMPLATE = (
+    "{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }} {% endfor %}"
+    "{% if add_generation_prompt %}ASSISTANT: {% endif %}"
+)
+
+
+def build_tokenizer(chat_template=None):
+    words = ["<pad>", "<bos>", "<eos>", "<unk>", "hi", "hello", "bye"]
+    backend = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend, eos_token="<eos>", pad_token="<pad>", bos_token="<bos>", unk_token="<unk>"
+    )
+    tokenizer.chat_template = chat_template
+    return tokenizer
+
+
+@pytest.fixture
+def chat_tokenizer():
+    return build_tokenizer(CHAT_TEMPLATE)
+
+
+def user(text):
+    return {"role": "user", "content": text}
+
+
+def assistant(text):
+    return {"role": "assistant", "content": text}
+
+
+# ---------------------------------------------------------------- detect_format
+
+
+@pytest.mark.parametrize(
+    ("columns", "expected"),
+    [
+        (["prompt", "chosen", "rejected"], "standard"),
+        (["chosen", "rejected", "id"], "implicit"),
+        (["prompt", "responses", "scores"], "ranked"),
+    ],
+)
+def test_detect_format(columns, expected):
+    assert detect_format(columns) == expected
+
+
+@pytest.mark.parametrize("columns", [["text"], ["prompt", "chosen"], ["responses"], ["chosen"]])
+def test_detect_format_rejects_unknown_columns(columns):
+    with pytest.raises(ValueError, match=r"(?s)standard: prompt, chosen, rejected.*found columns") as info:
+        detect_format(columns)
+    for column in columns:
+        assert column in str(info.value)
+
+
+def test_detect_format_rejects_ambiguous_columns():
+    with pytest.raises(ValueError, match="ambiguous"):
+        detect_format(["prompt", "chosen", "rejected", "responses"])
+
+
+# ---------------------------------------------------------------- standard
+
+
+def test_standard_strings():
+    row = {"prompt": "Q: 2+2?", "chosen": " 4", "rejected": " 5", "extra": 1}
+    assert to_example(row, 0, "standard") == Example("Q: 2+2?", (" 4", " 5"), templated=False)
+
+
+def test_standard_conversational(chat_tokenizer):
+    row = {"prompt": [user("hi")], "chosen": [assistant("hello")], "rejected": [assistant("bye")]}
+    example = to_example(row, 0, "standard", chat_tokenizer)
+    assert example == Example(
+        "<|user|> hi <eos> <|assistant|> ", ("hello <eos> ", "bye <eos> "), templated=True
+    )
+
+
+def test_standard_conversational_multi_turn(chat_tokenizer):
+    prompt = [user("hi"), assistant("hello"), user("bye")]
+    row = {"prompt": prompt, "chosen": [assistant("bye")], "rejected": [assistant("hi")]}
+    example = to_example(row, 0, "standard", chat_tokenizer)
+    assert example.prompt == "<|user|> hi <eos> <|assistant|> hello <eos> <|user|> bye <eos> <|assistant|> "
+    assert example.responses == ("bye <eos> ", "hi <eos> ")
+
+
+def test_conversational_needs_chat_template():
+    row = {"prompt": [user("hi")], "chosen": [assistant("hello")], "rejected": [assistant("bye")]}
+    with pytest.raises(ValueError, match=r"row 4, field 'prompt'.*chat_template"):
+        to_example(row, 4, "standard", build_tokenizer(chat_template=None))
+    with pytest.raises(ValueError, match=r"row 4, field 'prompt'.*chat_template"):
+        to_example(row, 4, "standard", None)
+
+
+def test_conversational_prompt_must_prefix_full_render():
+    row = {"prompt": [user("hi")], "chosen": [assistant("hello")], "rejected": [assistant("bye")]}
+    with pytest.raises(
+        ValueError, match=r"row 2, field 'chosen'.*chat template renders the prompt differently"
+    ):
+        to_example(row, 2, "standard", build_tokenizer(MISMATCHED_TEMPLATE))
+
+
+# ---------------------------------------------------------------- implicit
+
+
+@pytest.mark.parametrize(
+    ("text", "prompt", "response"),
+    [
+        ("\n\nHuman: hi\n\nAssistant: hello", "\n\nHuman: hi\n\nAssistant:", " hello"),
+        (
+            "\n\nHuman: hi\n\nAssistant: hello\n\nHuman: and?\n\nAssistant: bye",
+            "\n\nHuman: hi\n\nAssistant: hello\n\nHuman: and?\n\nAssistant:",
+            " bye",
+        ),
+        # odd whitespace: the response keeps its leading whitespace and trailing newlines exactly
+        (
+            "\n\nHuman:  hi  \n\nAssistant:   two spaces\n\n",
+            "\n\nHuman:  hi  \n\nAssistant:",
+            "   two spaces\n\n",
+        ),
+        ("\n\nHuman: hi\n\nAssistant:", "\n\nHuman: hi\n\nAssistant:", ""),
+        (
+            "\n\nHuman: hi\n\nAssistant:\nline one\n\nline two",
+            "\n\nHuman: hi\n\nAssistant:",
+            "\nline one\n\nline two",
+        ),
+    ],
+)
+def test_split_hh_transcript(text, prompt, response):
+    assert split_hh_transcript(text, row=0, field="chosen") == (prompt, response)
+    assert prompt + response == text
+
+
+def test_split_hh_transcript_without_marker():
+    with pytest.raises(ValueError, match=r"row 7, field 'rejected'.*Assistant:"):
+        split_hh_transcript("\n\nHuman: hi\nAssistant: hello", row=7, field="rejected")
+
+
+def test_implicit_strings_split_at_last_assistant_marker():
+    prompt = "\n\nHuman: hi\n\nAssistant: hello\n\nHuman: again?\n\nAssistant:"
+    # both replies open with the same words; they must stay in the responses, not fold into the prompt
+    row = {"chosen": prompt + " Sure, gladly.", "rejected": prompt + " Sure, no."}
+    assert to_example(row, 0, "implicit") == Example(prompt, (" Sure, gladly.", " Sure, no."))
+
+
+def test_implicit_strings_prompts_differ():
+    row = {
+        "chosen": "\n\nHuman: hi\n\nAssistant: hello",
+        "rejected": "\n\nHuman: hey\n\nAssistant: hello",
+    }
+    with pytest.raises(ValueError, match=r"row 3: prompts differ between chosen and rejected"):
+        to_example(row, 3, "implicit")
+
+
+def test_implicit_strings_missing_marker_names_field():
+    row = {"chosen": "\n\nHuman: hi\n\nAssistant: a", "rejected": "no marker here"}
+    with pytest.raises(ValueError, match=r"row 5, field 'rejected'"):
+        to_example(row, 5, "implicit")
+
+
+def test_implicit_messages(chat_tokenizer):
+    history = [user("hi"), assistant("hello"), user("bye")]
+    row = {"chosen": [*history, assistant("bye")], "rejected": [*history, assistant("hi")]}
+    example = to_example(row, 0, "implicit", chat_tokenizer)
+    expected = to_example(
+        {"prompt": history, "chosen": [assistant("bye")], "rejected": [assistant("hi")]},
+        0,
+        "standard",
+        chat_tokenizer,
+    )
+    assert example == expected
+
+
+def test_implicit_messages_prompts_differ(chat_tokenizer):
+    row = {"chosen": [user("hi"), assistant("hello")], "rejected": [user("bye"), assistant("hello")]}
+    with pytest.raises(ValueError, match=r"row 6: prompts differ between chosen and rejected"):
+        to_example(row, 6, "implicit", chat_tokenizer)
+
+
+def test_implicit_messages_last_turn_must_be_assistant(chat_tokenizer):
+    row = {"chosen": [user("hi"), assistant("hello")], "rejected": [user("hi"), user("hello")]}
+    with pytest.raises(ValueError, match=r"row 1, field 'rejected'.*assistant"):
+        to_example(row, 1, "implicit", chat_tokenizer)
+
+
+def test_implicit_messages_need_a_prompt(chat_tokenizer):
+    row = {"chosen": [assistant("hello")], "rejected": [assistant("bye")]}
+    with pytest.raises(ValueError, match=r"row 1, field 'chosen'.*before the final assistant turn"):
+        to_example(row, 1, "implicit", chat_tokenizer)
+
+
+# ---------------------------------------------------------------- ranked
+
+
+def test_ranked_strings():
+    row = {"prompt": "Q:", "responses": [" best", " middle", " worst"]}
+    assert to_example(row, 0, "ranked") == Example("Q:", (" best", " middle", " worst"))
+
+
+def test_ranked_conversational(chat_tokenizer):
+    row = {"prompt": [user("hi")], "responses": [[assistant("hello")], [assistant("hi")], [assistant("bye")]]}
+    example = to_example(row, 0, "ranked", chat_tokenizer)
+    assert example.responses == ("hello <eos> ", "hi <eos> ", "bye <eos> ")
+    assert example.templated
+
+
+@pytest.mark.parametrize("responses", [[], [" only one"]])
+def test_ranked_needs_two_responses(responses):
+    with pytest.raises(ValueError, match=r"row 9, field 'responses'.*at least 2"):
+        to_example({"prompt": "Q:", "responses": responses}, 9, "ranked")
+
+
+def test_ranked_responses_must_be_a_list():
+    with pytest.raises(TypeError, match=r"row 9, field 'responses'"):
+        to_example({"prompt": "Q:", "responses": "a b"}, 9, "ranked")
+
+
+def test_ranked_bad_response_names_its_position():
+    with pytest.raises(TypeError, match=r"row 2, field 'responses\[1\]'"):
+        to_example({"prompt": "Q:", "responses": [" a", 3]}, 2, "ranked")
+
+
+# ---------------------------------------------------------------- bad rows
+
+STANDARD = {"prompt": "Q:", "chosen": " a", "rejected": " b"}
+
+
+@pytest.mark.parametrize("field", ["prompt", "chosen", "rejected"])
+def test_missing_value(field):
+    row = {k: v for k, v in STANDARD.items() if k != field}
+    with pytest.raises(ValueError, match=rf"row 11, field '{field}'.*missing"):
+        to_example(row, 11, "standard")
+
+
+@pytest.mark.parametrize("field", ["prompt", "chosen", "rejected"])
+def test_none_value(field):
+    with pytest.raises(ValueError, match=rf"row 12, field '{field}'.*None"):
+        to_example({**STANDARD, field: None}, 12, "standard")
+
+
+@pytest.mark.parametrize("field", ["prompt", "chosen", "rejected"])
+@pytest.mark.parametrize("value", [3, 1.5, {"role": "user", "content": "hi"}])
+def test_wrong_type(field, value):
+    with pytest.raises(TypeError, match=rf"row 13, field '{field}'"):
+        to_example({**STANDARD, field: value}, 13, "standard")
+
+
+def test_wrong_type_in_implicit_row():
+    with pytest.raises(TypeError, match=r"row 13, field 'chosen'"):
+        to_example({"chosen": 1, "rejected": "\n\nHuman: a\n\nAssistant: b"}, 13, "implicit")
+
+
+@pytest.mark.parametrize("missing", ["role", "content"])
+def test_message_without_key(chat_tokenizer, missing):
+    bad = {k: v for k, v in assistant("hello").items() if k != missing}
+    row = {"prompt": [user("hi")], "chosen": [assistant("hi"), bad], "rejected": [assistant("bye")]}
+    with pytest.raises(ValueError, match=rf"row 14, field 'chosen', message 1: missing '{missing}'"):
+        to_example(row, 14, "standard", chat_tokenizer)
+
+
+def test_message_with_non_string_content(chat_tokenizer):
+    row = {
+        "prompt": [{"role": "user", "content": 5}],
+        "chosen": [assistant("hi")],
+        "rejected": [assistant("bye")],
+    }
+    with pytest.raises(TypeError, match=r"row 15, field 'prompt', message 0: 'content'"):
+        to_example(row, 15, "standard", chat_tokenizer)
+
+
+def test_message_not_a_dict(chat_tokenizer):
+    row = {"prompt": [user("hi")], "chosen": [assistant("hi")], "rejected": ["bye"]}
+    with pytest.raises(TypeError, match=r"row 16, field 'rejected', message 0"):
+        to_example(row, 16, "standard", chat_tokenizer)
+
+
+def test_empty_message_list(chat_tokenizer):
+    row = {"prompt": [], "chosen": [assistant("hi")], "rejected": [assistant("bye")]}
+    with pytest.raises(ValueError, match=r"row 17, field 'prompt': empty message list"):
+        to_example(row, 17, "standard", chat_tokenizer)
+
+
+def test_mixing_strings_and_messages(chat_tokenizer):
+    row = {"prompt": "Q:", "chosen": [assistant("hi")], "rejected": " b"}
+    with pytest.raises(ValueError, match=r"row 18, field 'chosen'.*strings throughout or message lists"):
+        to_example(row, 18, "standard", chat_tokenizer)
+    row = {"prompt": [user("hi")], "responses": [[assistant("hi")], " b"]}
+    with pytest.raises(ValueError, match=r"row 18, field 'responses\[1\]'.*strings throughout"):
+        to_example(row, 18, "ranked", chat_tokenizer)
+    row = {"chosen": [user("hi"), assistant("a")], "rejected": "\n\nHuman: hi\n\nAssistant: b"}
+    with pytest.raises(ValueError, match=r"row 18, field 'rejected'.*strings throughout"):
+        to_example(row, 18, "implicit", chat_tokenizer)
+
+
+def test_unknown_format():
+    with pytest.raises(ValueError, match="unknown format"):
+        to_example(STANDARD, 0, "pairs")
+
+
+def test_example_needs_two_responses():
+    with pytest.raises(ValueError, match="at least 2"):
+        Example("Q:", (" a",))
