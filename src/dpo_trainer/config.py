@@ -7,9 +7,8 @@ from typing import Any
 
 from transformers import TrainingArguments
 
+from .data.tokenize import TRUNCATION_MODES
 from .losses import loss_names
-
-TRUNCATION_MODES = ("keep_end", "keep_start")
 
 
 @dataclass

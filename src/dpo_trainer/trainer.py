@@ -21,7 +21,7 @@ from collections.abc import Mapping
 import torch
 from datasets import Dataset
 from torch import nn
-from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer
+from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, set_seed
 
 from . import __version__
 from .config import DPOConfig
@@ -103,6 +103,7 @@ class DPOTrainer(Trainer):
                 raise ValueError("model is already a PeftModel: pass peft_config=None to train its adapter.")
             from peft import get_peft_model
 
+            set_seed(args.seed)  # the adapter's random init follows args.seed, like the rest of the run
             model = get_peft_model(model, peft_config)
 
         if isinstance(ref_model, str):
