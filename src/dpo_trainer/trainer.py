@@ -367,15 +367,14 @@ class DPOTrainer(Trainer):
             entry[1] += count
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
-        # Adds the DPO metrics accumulated since the last log (eval ones under the evaluation's prefix).
-        eval_loss_keys = [key for key in logs if key.startswith("eval") and key.endswith("_loss")]
-        if eval_loss_keys:
-            mode, prefix = "eval", eval_loss_keys[0][: -len("loss")]
-        elif "loss" in logs:
-            mode, prefix = "train", ""
+        # Adds the DPO metrics accumulated since the last log; evaluation's under its prefix ("eval_",
+        # "eval_<name>_" for a dict of eval sets, or a custom metric_key_prefix).
+        if self.model.training:
+            mode, prefix = "train", "" if "loss" in logs else None
         else:
-            mode = None
-        if mode is not None:
+            loss_keys = [key for key in logs if key.endswith("_loss")]
+            mode, prefix = "eval", loss_keys[0][: -len("loss")] if loss_keys else None
+        if prefix is not None:
             for name, (total, count) in self._metrics[mode].items():
                 if count:
                     logs[f"{prefix}{name}"] = total / count
