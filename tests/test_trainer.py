@@ -317,3 +317,18 @@ def test_config_errors_name_the_field(tmp_path, overrides, field):
 def test_config_error_lists_the_valid_losses(tmp_path):
     with pytest.raises(ValueError, match="hinge, ipo, robust, sigmoid"):
         config(tmp_path, loss_type="nope")
+
+
+@pytest.mark.parametrize("use_lora", [False, True])
+def test_activation_checkpointing_changes_nothing_but_memory(tmp_path, make_model, tokenizer, pairs, use_lora):
+    lora = LoraConfig(r=4, target_modules=["q_proj", "v_proj"]) if use_lora else None
+
+    def run(checkpointing, name):
+        args = config(tmp_path / name, gradient_checkpointing=checkpointing, learning_rate=1e-2)
+        trainer = DPOTrainer(make_model(seed=6), args=args, train_dataset=pairs, processing_class=tokenizer, peft_config=lora)
+        trainer.train()
+        return train_losses(trainer)
+
+    plain = run(False, "plain")
+    assert run(True, "checkpointed") == pytest.approx(plain, rel=1e-5)
+    assert plain[-1] < plain[0]
