@@ -51,7 +51,9 @@ class ScriptArguments:
     model: str | None = field(default=None, metadata={"help": "Hub id or local path; none: a tiny model."})
     lora_r: int = field(default=0, metadata={"help": "LoRA rank; 0 trains all weights."})
     lora_alpha: int | None = field(default=None, metadata={"help": "LoRA alpha (default 2 * rank)."})
-    max_train_rows: int | None = field(default=None, metadata={"help": "Use at most this many training rows."})
+    max_train_rows: int | None = field(
+        default=None, metadata={"help": "Use at most this many training rows."}
+    )
     max_eval_rows: int | None = field(default=200, metadata={"help": "Use at most this many test rows."})
 
 
@@ -60,7 +62,9 @@ def parse_args(argv: list[str]) -> tuple[ScriptArguments, DPOConfig]:
     defaults = [] if "model" in given else [f"--{k}={v}" for k, v in TINY_DEFAULTS.items() if k not in given]
     if "output_dir" not in given:
         defaults.append(f"--output_dir={os.path.join('runs', 'hh-' + time.strftime('%Y%m%d-%H%M%S'))}")
-    script_args, config = HfArgumentParser((ScriptArguments, DPOConfig)).parse_args_into_dataclasses(defaults + argv)
+    script_args, config = HfArgumentParser((ScriptArguments, DPOConfig)).parse_args_into_dataclasses(
+        defaults + argv
+    )
     return script_args, config
 
 
@@ -105,7 +109,9 @@ def peft_config(script_args: ScriptArguments):
     from peft import LoraConfig
 
     alpha = script_args.lora_alpha or 2 * script_args.lora_r
-    return LoraConfig(r=script_args.lora_r, lora_alpha=alpha, target_modules="all-linear", task_type="CAUSAL_LM")
+    return LoraConfig(
+        r=script_args.lora_r, lora_alpha=alpha, target_modules="all-linear", task_type="CAUSAL_LM"
+    )
 
 
 def check_output_dir(config: DPOConfig) -> None:
@@ -145,10 +151,19 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 def print_summary(before: dict, after: dict) -> None:
-    names = ["loss", "rewards/accuracies", "rewards/margins", "rewards/chosen", "rewards/rejected", "logps/chosen"]
+    names = [
+        "loss",
+        "rewards/accuracies",
+        "rewards/margins",
+        "rewards/chosen",
+        "rewards/rejected",
+        "logps/chosen",
+    ]
     print(f"\n{'held-out metric':<22}{'before':>12}{'after':>12}")
     for name in names:
-        print(f"{name:<22}{before.get('before_' + name, float('nan')):>12.4f}{after.get('eval_' + name, float('nan')):>12.4f}")
+        print(
+            f"{name:<22}{before.get('before_' + name, float('nan')):>12.4f}{after.get('eval_' + name, float('nan')):>12.4f}"
+        )
 
 
 if __name__ == "__main__":

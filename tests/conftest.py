@@ -26,7 +26,9 @@ def preference_rows(n: int, seed: int, k: int = 2) -> list[dict]:
         prompt = "Tell me about the " + " and the ".join(rng.sample(TOPICS, rng.randint(1, 3))) + ":"
         responses = []
         for rank in range(k):
-            words = [rng.choice(GOOD if rng.random() >= rank / (k - 1) else BAD) for _ in range(rng.randint(2, 7))]
+            words = [
+                rng.choice(GOOD if rng.random() >= rank / (k - 1) else BAD) for _ in range(rng.randint(2, 7))
+            ]
             responses.append(" " + " ".join(words) + ".")
         if k == 2:
             rows.append({"prompt": prompt, "chosen": responses[0], "rejected": responses[1]})

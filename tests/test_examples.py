@@ -53,7 +53,9 @@ def test_single_local_file_and_lora(hh, tmp_path):
 
 
 def test_missing_split_is_a_clear_error(hh, tmp_path):
-    (tmp_path / "train.jsonl").write_text(open(os.path.join(ROOT, "examples", "data", "hh_tiny", "test.jsonl")).read())
+    (tmp_path / "train.jsonl").write_text(
+        open(os.path.join(ROOT, "examples", "data", "hh_tiny", "test.jsonl")).read()
+    )
     with pytest.raises(FileNotFoundError, match="no test"):
         hh.load_hh(str(tmp_path), None, None)
 
@@ -61,7 +63,17 @@ def test_missing_split_is_a_clear_error(hh, tmp_path):
 def test_runs_under_accelerate_launch(tmp_path):
     out = str(tmp_path / "accel")
     env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=os.path.join(ROOT, "src"))
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1", "--cpu", HH, "--output_dir", out] + SHORT
+    command = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--num_processes",
+        "1",
+        "--cpu",
+        HH,
+        "--output_dir",
+        out,
+    ] + SHORT
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "rewards/accuracies" in result.stdout

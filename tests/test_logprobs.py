@@ -2,7 +2,6 @@
 
 import pytest
 import torch
-import torch.nn.functional as F
 from torch import nn
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
@@ -114,7 +113,11 @@ def _gpt2():
     return GPT2LMHeadModel(config).eval()
 
 
-@pytest.mark.parametrize("make_model", [lambda: _llama(False), lambda: _llama(True), _gpt2], ids=["llama", "llama-tied", "gpt2-tied"])
+@pytest.mark.parametrize(
+    "make_model",
+    [lambda: _llama(False), lambda: _llama(True), _gpt2],
+    ids=["llama", "llama-tied", "gpt2-tied"],
+)
 @pytest.mark.parametrize("k", [2, 3])
 def test_sequence_logps_match_full_logits_values_and_gradients(make_model, k):
     model = make_model()

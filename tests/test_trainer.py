@@ -5,13 +5,14 @@ import os
 
 import pytest
 import torch
-from conftest import preference_rows
 from datasets import Dataset
 from peft import LoraConfig
 
 from dpo_trainer import DPOConfig, DPOTrainer
 from dpo_trainer.data import PaddedCollator
 from dpo_trainer.logprobs import sequence_logps
+
+from conftest import preference_rows
 
 
 def config(tmp_path, **overrides):
@@ -38,7 +39,13 @@ def train_losses(trainer):
 
 
 def test_step_zero_policy_equals_reference(tmp_path, make_model, tokenizer, pairs):
-    trainer = DPOTrainer(make_model(), args=config(tmp_path), train_dataset=pairs, eval_dataset=pairs, processing_class=tokenizer)
+    trainer = DPOTrainer(
+        make_model(),
+        args=config(tmp_path),
+        train_dataset=pairs,
+        eval_dataset=pairs,
+        processing_class=tokenizer,
+    )
     metrics = trainer.evaluate()
     assert metrics["eval_loss"] == pytest.approx(math.log(2), abs=1e-6)
     for name in ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies"):
@@ -48,7 +55,14 @@ def test_step_zero_policy_equals_reference(tmp_path, make_model, tokenizer, pair
 
 def test_eval_metrics_match_a_hand_computation(tmp_path, make_model, tokenizer, pairs):
     policy, reference = make_model(seed=1), make_model(seed=2)
-    trainer = DPOTrainer(policy, ref_model=reference, args=config(tmp_path, beta=0.3), train_dataset=pairs, eval_dataset=pairs, processing_class=tokenizer)
+    trainer = DPOTrainer(
+        policy,
+        ref_model=reference,
+        args=config(tmp_path, beta=0.3),
+        train_dataset=pairs,
+        eval_dataset=pairs,
+        processing_class=tokenizer,
+    )
     metrics = trainer.evaluate()
 
     batch = PaddedCollator(tokenizer.pad_token_id)(list(trainer.eval_dataset))
@@ -59,14 +73,24 @@ def test_eval_metrics_match_a_hand_computation(tmp_path, make_model, tokenizer, 
     assert metrics["eval_loss"] == pytest.approx(loss.item(), rel=1e-5)
     assert metrics["eval_rewards/chosen"] == pytest.approx(rewards[:, 0].mean().item(), abs=1e-5)
     assert metrics["eval_rewards/rejected"] == pytest.approx(rewards[:, 1].mean().item(), abs=1e-5)
-    assert metrics["eval_rewards/margins"] == pytest.approx((rewards[:, 0] - rewards[:, 1]).mean().item(), abs=1e-5)
-    assert metrics["eval_rewards/accuracies"] == pytest.approx((rewards[:, 0] > rewards[:, 1]).float().mean().item())
+    assert metrics["eval_rewards/margins"] == pytest.approx(
+        (rewards[:, 0] - rewards[:, 1]).mean().item(), abs=1e-5
+    )
+    assert metrics["eval_rewards/accuracies"] == pytest.approx(
+        (rewards[:, 0] > rewards[:, 1]).float().mean().item()
+    )
     assert metrics["eval_logps/chosen"] == pytest.approx(pol[:, 0].mean().item(), rel=1e-5)
     assert metrics["eval_logps/rejected"] == pytest.approx(pol[:, 1].mean().item(), rel=1e-5)
 
 
 def test_eval_dataset_dict_gets_prefixed_metrics(tmp_path, make_model, tokenizer, pairs):
-    trainer = DPOTrainer(make_model(), args=config(tmp_path), train_dataset=pairs, eval_dataset={"a": pairs[:8], "b": pairs[8:]}, processing_class=tokenizer)
+    trainer = DPOTrainer(
+        make_model(),
+        args=config(tmp_path),
+        train_dataset=pairs,
+        eval_dataset={"a": pairs[:8], "b": pairs[8:]},
+        processing_class=tokenizer,
+    )
     metrics = trainer.evaluate()
     assert "eval_a_rewards/margins" in metrics and "eval_b_rewards/accuracies" in metrics
 
@@ -74,11 +98,20 @@ def test_eval_dataset_dict_gets_prefixed_metrics(tmp_path, make_model, tokenizer
 def test_training_logs_reward_metrics_and_never_touches_the_reference(tmp_path, make_model, tokenizer, pairs):
     policy, reference = make_model(seed=1), make_model(seed=1)
     before = {k: v.clone() for k, v in reference.state_dict().items()}
-    trainer = DPOTrainer(policy, ref_model=reference, args=config(tmp_path), train_dataset=pairs, processing_class=tokenizer)
+    trainer = DPOTrainer(
+        policy, ref_model=reference, args=config(tmp_path), train_dataset=pairs, processing_class=tokenizer
+    )
     trainer.train()
     logged = [entry for entry in trainer.state.log_history if "loss" in entry]
     assert len(logged) == 3
-    for name in ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen", "logps/rejected"):
+    for name in (
+        "rewards/chosen",
+        "rewards/rejected",
+        "rewards/accuracies",
+        "rewards/margins",
+        "logps/chosen",
+        "logps/rejected",
+    ):
         assert all(name in entry for entry in logged)
     assert not reference.training
     assert all(torch.equal(before[k], v) for k, v in reference.state_dict().items())
@@ -102,15 +135,25 @@ def test_lora_moves_the_adapter_and_never_the_base(tmp_path, make_model, tokeniz
     model = make_model()
     base = {k: v.clone() for k, v in model.state_dict().items()}
     lora = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], lora_dropout=0.1)
-    trainer = DPOTrainer(model, args=config(tmp_path, learning_rate=1e-2), train_dataset=pairs, processing_class=tokenizer, peft_config=lora)
+    trainer = DPOTrainer(
+        model,
+        args=config(tmp_path, learning_rate=1e-2),
+        train_dataset=pairs,
+        processing_class=tokenizer,
+        peft_config=lora,
+    )
     assert trainer.ref_model is None  # the adapter-disabled policy is the reference: one copy of the weights
     adapter_before = {k: v.clone() for k, v in trainer.model.named_parameters() if "lora_B" in k}
     trainer.train()
     state = trainer.model.get_base_model().state_dict()
     for key, value in base.items():
-        peft_key = key.replace("q_proj.weight", "q_proj.base_layer.weight").replace("v_proj.weight", "v_proj.base_layer.weight")
+        peft_key = key.replace("q_proj.weight", "q_proj.base_layer.weight").replace(
+            "v_proj.weight", "v_proj.base_layer.weight"
+        )
         assert torch.equal(state[peft_key], value), key
-    moved = [not torch.equal(adapter_before[k], v) for k, v in trainer.model.named_parameters() if "lora_B" in k]
+    moved = [
+        not torch.equal(adapter_before[k], v) for k, v in trainer.model.named_parameters() if "lora_B" in k
+    ]
     assert moved and all(moved)
 
 
@@ -118,8 +161,16 @@ def test_gradient_accumulation_matches_a_full_batch(tmp_path, make_model, tokeni
     rows = preference_rows(8, seed=5)
 
     def run(batch, accumulation, name):
-        args = config(tmp_path / name, per_device_train_batch_size=batch, gradient_accumulation_steps=accumulation,
-                      max_steps=1, optim="sgd", learning_rate=0.5, max_grad_norm=0.0, lr_scheduler_type="constant")
+        args = config(
+            tmp_path / name,
+            per_device_train_batch_size=batch,
+            gradient_accumulation_steps=accumulation,
+            max_steps=1,
+            optim="sgd",
+            learning_rate=0.5,
+            max_grad_norm=0.0,
+            lr_scheduler_type="constant",
+        )
         trainer = DPOTrainer(make_model(seed=3), args=args, train_dataset=rows, processing_class=tokenizer)
         trainer.train()
         return train_losses(trainer), {k: v.detach().clone() for k, v in trainer.model.named_parameters()}
@@ -130,13 +181,20 @@ def test_gradient_accumulation_matches_a_full_batch(tmp_path, make_model, tokeni
     # plain SGD: equal weights after one step means equal gradients
     for key, value in weights_full.items():
         torch.testing.assert_close(weights_accum[key], value, rtol=1e-5, atol=1e-6)
-    assert any(not torch.equal(value, make_model(seed=3).state_dict()[key]) for key, value in weights_full.items())
+    assert any(
+        not torch.equal(value, make_model(seed=3).state_dict()[key]) for key, value in weights_full.items()
+    )
 
 
 def test_resume_from_checkpoint_gives_the_same_losses(tmp_path, make_model, tokenizer):
     rows = preference_rows(24, seed=7)
     args = dict(max_steps=6, per_device_train_batch_size=2, learning_rate=1e-3)
-    straight = DPOTrainer(make_model(seed=4), args=config(tmp_path / "a", **args), train_dataset=rows, processing_class=tokenizer)
+    straight = DPOTrainer(
+        make_model(seed=4),
+        args=config(tmp_path / "a", **args),
+        train_dataset=rows,
+        processing_class=tokenizer,
+    )
     straight.train()
 
     interrupted = config(tmp_path / "b", save_strategy="steps", save_steps=3, **args)
@@ -147,12 +205,22 @@ def test_resume_from_checkpoint_gives_the_same_losses(tmp_path, make_model, toke
     assert train_losses(resumed)[-3:] == pytest.approx(train_losses(straight)[3:], rel=1e-5)
 
 
-def test_precomputed_reference_trains_like_the_live_one_and_is_cached(tmp_path, make_model, tokenizer, pairs, monkeypatch):
+def test_precomputed_reference_trains_like_the_live_one_and_is_cached(
+    tmp_path, make_model, tokenizer, pairs, monkeypatch
+):
     held_out = preference_rows(8, seed=99)
-    live = DPOTrainer(make_model(seed=2), args=config(tmp_path / "live"), train_dataset=pairs, eval_dataset=held_out, processing_class=tokenizer)
+    live = DPOTrainer(
+        make_model(seed=2),
+        args=config(tmp_path / "live"),
+        train_dataset=pairs,
+        eval_dataset=held_out,
+        processing_class=tokenizer,
+    )
     live.train()
     args = config(tmp_path / "pre", precompute_ref_log_probs=True)
-    pre = DPOTrainer(make_model(seed=2), args=args, train_dataset=pairs, eval_dataset=held_out, processing_class=tokenizer)
+    pre = DPOTrainer(
+        make_model(seed=2), args=args, train_dataset=pairs, eval_dataset=held_out, processing_class=tokenizer
+    )
     assert pre.ref_model is None and "ref_logps" in pre.train_dataset.column_names
     pre.train()
     assert train_losses(pre) == pytest.approx(train_losses(live), rel=1e-5)
@@ -164,7 +232,9 @@ def test_precomputed_reference_trains_like_the_live_one_and_is_cached(tmp_path, 
         raise AssertionError("the cache should have been used")
 
     monkeypatch.setattr(DPOTrainer, "_compute_reference_column", fail)
-    again = DPOTrainer(make_model(seed=2), args=args, train_dataset=pairs, eval_dataset=held_out, processing_class=tokenizer)
+    again = DPOTrainer(
+        make_model(seed=2), args=args, train_dataset=pairs, eval_dataset=held_out, processing_class=tokenizer
+    )
     assert again.train_dataset["ref_logps"] == pre.train_dataset["ref_logps"]
     assert again.eval_dataset["ref_logps"] == pre.eval_dataset["ref_logps"]
     assert pre.evaluate()["eval_loss"] == pytest.approx(live.evaluate()["eval_loss"], rel=1e-5)
@@ -172,17 +242,33 @@ def test_precomputed_reference_trains_like_the_live_one_and_is_cached(tmp_path, 
 
 def test_precomputed_reference_with_lora_matches_live(tmp_path, make_model, tokenizer, pairs):
     lora = LoraConfig(r=4, target_modules=["q_proj", "v_proj"], lora_dropout=0.0)
-    live = DPOTrainer(make_model(seed=2), args=config(tmp_path / "live", learning_rate=1e-2), train_dataset=pairs, processing_class=tokenizer, peft_config=lora)
+    live = DPOTrainer(
+        make_model(seed=2),
+        args=config(tmp_path / "live", learning_rate=1e-2),
+        train_dataset=pairs,
+        processing_class=tokenizer,
+        peft_config=lora,
+    )
     live.train()
-    pre = DPOTrainer(make_model(seed=2), args=config(tmp_path / "pre", learning_rate=1e-2, precompute_ref_log_probs=True), train_dataset=pairs, processing_class=tokenizer, peft_config=lora)
+    pre = DPOTrainer(
+        make_model(seed=2),
+        args=config(tmp_path / "pre", learning_rate=1e-2, precompute_ref_log_probs=True),
+        train_dataset=pairs,
+        processing_class=tokenizer,
+        peft_config=lora,
+    )
     pre.train()
     assert train_losses(pre) == pytest.approx(train_losses(live), rel=1e-5)
 
 
 def test_learns_a_synthetic_preference_on_held_out_pairs(tmp_path, make_model, tokenizer):
     train, held_out = preference_rows(256, seed=11), preference_rows(64, seed=12)
-    args = config(tmp_path, max_steps=40, per_device_train_batch_size=16, learning_rate=3e-3, beta=0.1, warmup_steps=0)
-    trainer = DPOTrainer(make_model(seed=0), args=args, train_dataset=train, eval_dataset=held_out, processing_class=tokenizer)
+    args = config(
+        tmp_path, max_steps=40, per_device_train_batch_size=16, learning_rate=3e-3, beta=0.1, warmup_steps=0
+    )
+    trainer = DPOTrainer(
+        make_model(seed=0), args=args, train_dataset=train, eval_dataset=held_out, processing_class=tokenizer
+    )
     before = trainer.evaluate()
     trainer.train()
     after = trainer.evaluate()
@@ -193,7 +279,9 @@ def test_learns_a_synthetic_preference_on_held_out_pairs(tmp_path, make_model, t
 
 def test_ranked_rows_train_with_plackett_luce(tmp_path, make_model, tokenizer):
     rows = preference_rows(16, seed=3, k=3)
-    trainer = DPOTrainer(make_model(), args=config(tmp_path), train_dataset=rows, eval_dataset=rows, processing_class=tokenizer)
+    trainer = DPOTrainer(
+        make_model(), args=config(tmp_path), train_dataset=rows, eval_dataset=rows, processing_class=tokenizer
+    )
     assert trainer.evaluate()["eval_loss"] == pytest.approx(math.log(6), abs=1e-5)  # K=3 at step 0: ln 3!
     trainer.train()
 
@@ -205,14 +293,25 @@ def test_subclass_with_a_custom_loss(tmp_path, make_model, tokenizer, pairs):
             losses = torch.relu(0.5 - (rewards[:, 0] - rewards[:, 1]))
             return losses, rewards.detach()
 
-    trainer = MarginTrainer(make_model(), args=config(tmp_path), train_dataset=pairs, eval_dataset=pairs, processing_class=tokenizer)
+    trainer = MarginTrainer(
+        make_model(),
+        args=config(tmp_path),
+        train_dataset=pairs,
+        eval_dataset=pairs,
+        processing_class=tokenizer,
+    )
     assert trainer.evaluate()["eval_loss"] == pytest.approx(0.5, abs=1e-6)
     trainer.train()
     assert train_losses(trainer)[0] == pytest.approx(0.5, abs=1e-6)
 
 
 def test_saving_writes_safetensors_and_a_model_card(tmp_path, make_model, tokenizer, pairs):
-    trainer = DPOTrainer(make_model(), args=config(tmp_path, beta=0.25, loss_type="ipo"), train_dataset=pairs, processing_class=tokenizer)
+    trainer = DPOTrainer(
+        make_model(),
+        args=config(tmp_path, beta=0.25, loss_type="ipo"),
+        train_dataset=pairs,
+        processing_class=tokenizer,
+    )
     trainer.save_model()
     out = trainer.args.output_dir
     assert os.path.exists(os.path.join(out, "model.safetensors"))
@@ -232,7 +331,9 @@ def test_saving_never_overwrites_a_users_readme(tmp_path, make_model, tokenizer,
 
 def test_lora_saves_the_adapter(tmp_path, make_model, tokenizer, pairs):
     lora = LoraConfig(r=4, target_modules=["q_proj", "v_proj"])
-    trainer = DPOTrainer(make_model(), args=config(tmp_path), train_dataset=pairs, processing_class=tokenizer, peft_config=lora)
+    trainer = DPOTrainer(
+        make_model(), args=config(tmp_path), train_dataset=pairs, processing_class=tokenizer, peft_config=lora
+    )
     trainer.save_model()
     assert os.path.exists(os.path.join(trainer.args.output_dir, "adapter_model.safetensors"))
 
@@ -254,7 +355,12 @@ def test_bad_datasets_are_rejected_before_training(tmp_path, make_model, tokeniz
     with pytest.raises(ValueError, match="train_dataset is empty"):
         DPOTrainer(make_model(), args=args, train_dataset=[], processing_class=tokenizer)
     with pytest.raises(ValueError, match="columns"):
-        DPOTrainer(make_model(), args=args, train_dataset=[{"question": "a", "answer": "b"}], processing_class=tokenizer)
+        DPOTrainer(
+            make_model(),
+            args=args,
+            train_dataset=[{"question": "a", "answer": "b"}],
+            processing_class=tokenizer,
+        )
     bad = [dict(row) for row in pairs]
     bad[5]["rejected"] = None
     with pytest.raises(ValueError, match=r"(?s)row 5.*rejected|rejected.*row 5"):
@@ -320,12 +426,16 @@ def test_config_error_lists_the_valid_losses(tmp_path):
 
 
 @pytest.mark.parametrize("use_lora", [False, True])
-def test_activation_checkpointing_changes_nothing_but_memory(tmp_path, make_model, tokenizer, pairs, use_lora):
+def test_activation_checkpointing_changes_nothing_but_memory(
+    tmp_path, make_model, tokenizer, pairs, use_lora
+):
     lora = LoraConfig(r=4, target_modules=["q_proj", "v_proj"]) if use_lora else None
 
     def run(checkpointing, name):
         args = config(tmp_path / name, gradient_checkpointing=checkpointing, learning_rate=1e-2)
-        trainer = DPOTrainer(make_model(seed=6), args=args, train_dataset=pairs, processing_class=tokenizer, peft_config=lora)
+        trainer = DPOTrainer(
+            make_model(seed=6), args=args, train_dataset=pairs, processing_class=tokenizer, peft_config=lora
+        )
         trainer.train()
         return train_losses(trainer)
 

@@ -53,15 +53,25 @@ class DPOConfig(TrainingArguments):
     loss_type: str = field(default="sigmoid", metadata={"help": "Loss name from dpo_trainer.losses."})
     label_smoothing: float = field(default=0.0, metadata={"help": "Label-flip rate ε in [0, 0.5)."})
     max_length: int | None = field(default=512, metadata={"help": "Max prompt + response tokens."})
-    max_prompt_length: int | None = field(default=256, metadata={"help": "Max prompt tokens when truncating."})
+    max_prompt_length: int | None = field(
+        default=256, metadata={"help": "Max prompt tokens when truncating."}
+    )
     truncation_mode: str = field(default="keep_end", metadata={"help": "keep_end or keep_start."})
-    precompute_ref_log_probs: bool = field(default=False, metadata={"help": "Precompute reference log-probs."})
-    ref_logps_cache_dir: str | None = field(default=None, metadata={"help": "Reference log-prob cache folder."})
+    precompute_ref_log_probs: bool = field(
+        default=False, metadata={"help": "Precompute reference log-probs."}
+    )
+    ref_logps_cache_dir: str | None = field(
+        default=None, metadata={"help": "Reference log-prob cache folder."}
+    )
     disable_dropout: bool = field(default=True, metadata={"help": "Zero every dropout probability."})
     dataset_num_proc: int | None = field(default=None, metadata={"help": "Tokenization processes."})
     pad_to_multiple_of: int | None = field(default=None, metadata={"help": "Pad batch length to a multiple."})
-    logprob_chunk_size: int | None = field(default=None, metadata={"help": "Scored tokens per LM-head chunk."})
-    model_init_kwargs: dict[str, Any] | None = field(default=None, metadata={"help": "from_pretrained kwargs."})
+    logprob_chunk_size: int | None = field(
+        default=None, metadata={"help": "Scored tokens per LM-head chunk."}
+    )
+    model_init_kwargs: dict[str, Any] | None = field(
+        default=None, metadata={"help": "from_pretrained kwargs."}
+    )
 
     def __post_init__(self):
         if not self.beta > 0:

@@ -61,7 +61,9 @@ class _LinearHeadLogProbs(torch.autograd.Function):
         grad_hidden = torch.empty_like(hidden) if need_hidden else None
         multi_chunk = hidden.shape[0] > ctx.chunk_size
         acc_dtype = torch.float32 if multi_chunk else weight.dtype  # sum chunk gradients in float32
-        grad_weight = torch.zeros(weight.shape, dtype=acc_dtype, device=weight.device) if need_weight else None
+        grad_weight = (
+            torch.zeros(weight.shape, dtype=acc_dtype, device=weight.device) if need_weight else None
+        )
         grad_bias = torch.zeros(bias.shape, dtype=acc_dtype, device=bias.device) if need_bias else None
         for start in range(0, hidden.shape[0], ctx.chunk_size):
             chunk = slice(start, start + ctx.chunk_size)
@@ -174,7 +176,11 @@ def sequence_logps(model: nn.Module, batch: Mapping[str, torch.Tensor], *, chunk
     def keep_hidden(module, args, output):
         captured["hidden"] = output[0] if isinstance(output, tuple) else output.last_hidden_state
 
-    model_inputs = {"input_ids": batch["input_ids"], "attention_mask": batch.get("attention_mask"), "use_cache": False}
+    model_inputs = {
+        "input_ids": batch["input_ids"],
+        "attention_mask": batch.get("attention_mask"),
+        "use_cache": False,
+    }
     if "position_ids" in batch:
         model_inputs["position_ids"] = batch["position_ids"]
     if "logits_to_keep" in inspect.signature(inner.forward).parameters:

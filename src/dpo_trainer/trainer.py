@@ -94,7 +94,9 @@ class DPOTrainer(Trainer):
         model = self._load_model(model, args)
         if processing_class is None:
             if model_name is None:
-                raise ValueError("processing_class (the tokenizer) is required when model is not a name or path.")
+                raise ValueError(
+                    "processing_class (the tokenizer) is required when model is not a name or path."
+                )
             processing_class = AutoTokenizer.from_pretrained(model_name)
         self._check_tokenizer(processing_class)
 
@@ -109,7 +111,9 @@ class DPOTrainer(Trainer):
         if isinstance(ref_model, str):
             ref_model = self._load_model(ref_model, args)
         if ref_model is not None and ref_model is model:
-            raise ValueError("ref_model must not be the policy itself; pass ref_model=None to get a frozen copy.")
+            raise ValueError(
+                "ref_model must not be the policy itself; pass ref_model=None to get a frozen copy."
+            )
         if ref_model is None and not is_peft_model(model) and not args.precompute_ref_log_probs:
             ref_model = copy.deepcopy(model)  # π_ref = the policy's weights now, not a reload from disk
         if args.disable_dropout:
@@ -170,7 +174,9 @@ class DPOTrainer(Trainer):
         if tokenizer.pad_token_id is None:
             # Padding is never scored nor attended, so EOS is a safe pad token.
             tokenizer.pad_token = tokenizer.eos_token
-            logger.info("processing_class has no pad_token; using eos_token %r for padding.", tokenizer.eos_token)
+            logger.info(
+                "processing_class has no pad_token; using eos_token %r for padding.", tokenizer.eos_token
+            )
 
     @staticmethod
     def _prepare_dataset(dataset, tokenizer, args: DPOConfig, name: str):
@@ -184,7 +190,9 @@ class DPOTrainer(Trainer):
                 raise TypeError(f"{name}: a list dataset must hold dicts (rows).")
             dataset = Dataset.from_list(list(dataset))
         if not isinstance(dataset, Dataset):
-            raise TypeError(f"{name} must be a datasets.Dataset or a list of dicts, got {type(dataset).__name__}.")
+            raise TypeError(
+                f"{name} must be a datasets.Dataset or a list of dicts, got {type(dataset).__name__}."
+            )
         if len(dataset) == 0:
             raise ValueError(f"{name} is empty.")
         fmt = detect_format(dataset.column_names)
@@ -392,12 +400,20 @@ class DPOTrainer(Trainer):
         if os.path.exists(path):
             with open(path, encoding="utf-8") as handle:
                 if MODEL_CARD_MARKER not in handle.read():
-                    logger.warning("Not writing a model card: %s exists and was not written by dpo_trainer.", path)
+                    logger.warning(
+                        "Not writing a model card: %s exists and was not written by dpo_trainer.", path
+                    )
                     return None
         base = unwrap(self.model)
         name = getattr(base.config, "_name_or_path", "") or base.config.model_type
-        reference = "precomputed log-probs" if self.args.precompute_ref_log_probs else (
-            "the base model (adapter disabled)" if is_peft_model(unwrap_to_peft(self.model)) else "a frozen copy"
+        reference = (
+            "precomputed log-probs"
+            if self.args.precompute_ref_log_probs
+            else (
+                "the base model (adapter disabled)"
+                if is_peft_model(unwrap_to_peft(self.model))
+                else "a frozen copy"
+            )
         )
         card = f"""---
 library_name: transformers
@@ -424,4 +440,3 @@ Trained from `{name}` with Direct Preference Optimization (DPO; Rafailov et al.,
         with open(path, "w", encoding="utf-8") as handle:
             handle.write(card)
         return path
-
