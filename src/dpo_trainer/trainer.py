@@ -18,6 +18,7 @@ import os
 from collections import defaultdict
 from collections.abc import Mapping
 
+import pyarrow
 import torch
 from datasets import Dataset
 from torch import nn
@@ -53,6 +54,14 @@ METRIC_NAMES = (
     "logps/chosen",
     "logps/rejected",
 )
+
+
+def _named(dataset_name: str, function, *args, **kwargs):
+    """Call `function`, prefixing the data errors it raises with the dataset's name."""
+    try:
+        return function(*args, **kwargs)
+    except (ValueError, TypeError) as error:
+        raise type(error)(f"{dataset_name}: {error}") from error
 
 
 class DPOTrainer(Trainer):
@@ -188,7 +197,14 @@ class DPOTrainer(Trainer):
                 raise ValueError(f"{name} is empty.")
             if not all(isinstance(row, Mapping) for row in dataset):
                 raise TypeError(f"{name}: a list dataset must hold dicts (rows).")
-            dataset = Dataset.from_list(list(dataset))
+            try:
+                dataset = Dataset.from_list(list(dataset))
+            except (pyarrow.ArrowInvalid, pyarrow.ArrowTypeError) as error:
+                # Arrow rejects mixed types before any row is checked: find the row and field ourselves.
+                fmt = detect_format(dataset[0].keys())
+                for index, row in enumerate(dataset):
+                    _named(name, to_example, row, index, fmt, tokenizer)
+                raise TypeError(f"{name}: the rows do not share one column type ({error}).") from error
         if not isinstance(dataset, Dataset):
             raise TypeError(
                 f"{name} must be a datasets.Dataset or a list of dicts, got {type(dataset).__name__}."
@@ -203,8 +219,8 @@ class DPOTrainer(Trainer):
         }
 
         def tokenize(row, index):
-            example = to_example(row, index, fmt, tokenizer)
-            return tokenize_example(example, tokenizer, index=index, **settings)
+            example = _named(name, to_example, row, index, fmt, tokenizer)
+            return _named(name, tokenize_example, example, tokenizer, index=index, **settings)
 
         dataset = dataset.map(
             tokenize,
@@ -343,7 +359,7 @@ class DPOTrainer(Trainer):
         policy = self.policy_logps(model, inputs)
         reference = self.reference_logps(inputs).to(policy.device)
         losses, rewards = self.dpo_loss(policy, reference)
-        self._record_metrics("train" if model.training else "eval", policy.detach(), rewards)
+        self._record_metrics("train" if model.training else "eval", policy.detach(), rewards, losses.detach())
         loss = losses.mean()
         return (loss, {"policy_logps": policy.detach(), "rewards": rewards}) if return_outputs else loss
 
@@ -354,8 +370,14 @@ class DPOTrainer(Trainer):
             loss = self.compute_loss(model, inputs)
         return loss.detach(), None, None
 
-    def _record_metrics(self, mode: str, policy: torch.Tensor, rewards: torch.Tensor) -> None:
-        """Accumulate per-example sums and counts over all processes; `log` turns them into means."""
+    def _record_metrics(
+        self, mode: str, policy: torch.Tensor, rewards: torch.Tensor, losses: torch.Tensor
+    ) -> None:
+        """Accumulate per-example sums and counts over all processes; `log` turns them into means.
+
+        In evaluation the per-example loss is kept too: Trainer's own eval loss averages batch means, which
+        counts the padding examples of an uneven last batch under several processes.
+        """
         chosen, rejected = rewards[:, 0], rewards[:, -1]  # rankings: best vs worst
         values = {
             "rewards/chosen": chosen,
@@ -365,11 +387,13 @@ class DPOTrainer(Trainer):
             "logps/chosen": policy[:, 0],
             "logps/rejected": policy[:, -1],
         }
-        stacked = torch.stack([values[name] for name in METRIC_NAMES], dim=1).float()
+        names = METRIC_NAMES + ("loss",) if mode == "eval" else METRIC_NAMES
+        values["loss"] = losses
+        stacked = torch.stack([values[name] for name in names], dim=1).float()
         gather = self.accelerator.gather_for_metrics if mode == "eval" else self.accelerator.gather
         stacked = gather(stacked)
         sums, count = stacked.sum(dim=0).tolist(), stacked.shape[0]
-        for name, total in zip(METRIC_NAMES, sums):
+        for name, total in zip(names, sums):
             entry = self._metrics[mode][name]
             entry[0] += total
             entry[1] += count

@@ -1,0 +1,156 @@
+"""Train DPOTrainer on a tiny model and dump what it logged; launched by tests/test_multiprocess.py.
+
+Run it with one process (``python train_dpo.py ...``) or data-parallel on CPU
+(``python -m torch.distributed.run --standalone --nproc_per_node 2 train_dpo.py ...``, gloo backend).
+For every mode in ``--modes`` it trains a fresh model, evaluates it on a held-out set, and writes, from
+rank 0, ``<out>/<mode>.json``: the per-step train logs (loss and DPO metrics), the eval metrics, the
+examples of each global batch (gathered from all ranks) and, when precomputed, the reference log-probs.
+Every rank saves its final weights to ``<out>/<mode>-rank<r>.safetensors``.
+"""
+
+import argparse
+import json
+import os
+import sys
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("WANDB_DISABLED", "true")
+
+TESTS = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, TESTS)  # for conftest.preference_rows
+try:
+    import dpo_trainer  # noqa: F401
+except ImportError:  # running from a checkout without an install
+    sys.path.insert(0, os.path.join(os.path.dirname(TESTS), "src"))
+
+from accelerate.utils import gather_object  # noqa: E402
+from safetensors.torch import save_file  # noqa: E402
+
+from dpo_trainer import DPOConfig, DPOTrainer  # noqa: E402
+from dpo_trainer.tiny import tiny_causal_lm, train_tokenizer  # noqa: E402
+
+from conftest import preference_rows  # noqa: E402
+
+TRAIN_ROWS, EVAL_ROWS, GLOBAL_BATCH = 16, 7, 4
+
+
+def noisy_rows(n: int, seed: int) -> list[dict]:
+    """conftest's polite-vs-rude pairs with every third label flipped: the task is otherwise so easy that
+    every accuracy is 0 or 1 after one step, and fractional accuracies make a better check of the means."""
+    rows = preference_rows(n, seed=seed)
+    for row in rows[::3]:
+        row["chosen"], row["rejected"] = row["rejected"], row["chosen"]
+    return rows
+
+
+def make_tokenizer():
+    # The same texts and vocabulary as conftest's `tokenizer` fixture.
+    texts = [row["prompt"] + row["chosen"] + row["rejected"] for row in preference_rows(300, seed=123)]
+    texts += ["\n\nHuman: hello\n\nAssistant: hi there"] * 3
+    return train_tokenizer(texts, vocab_size=400)
+
+
+class RecordingDPOTrainer(DPOTrainer):
+    """Records the examples of every global training batch, gathered from all processes.
+
+    Data order: the Trainer's train sampler is a `RandomSampler`, which `accelerator.prepare` replaces with
+    a `SeedableRandomSampler` seeded by `args.seed`, so every process (and the single-process run) draws
+    the same permutation of the dataset. Under DDP, `BatchSamplerShard` cuts that permutation into
+    per-device batches and deals them round-robin: with 2 processes of batch 2, step k's global batch is
+    permutation[4k:4k+4], exactly the batch of step k with 1 process of batch 4. The dataset holds a whole
+    number of global batches, so no batch is padded with repeated examples. The test checks this from the
+    recorded batches instead of trusting it, so the loss comparison is known to compare like with like.
+    """
+
+    seen_batches: list
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if model.training:
+            batch_size = inputs["response_lengths"].shape[0]
+            rows = [  # prompt + chosen response of each example: rows 0..B-1 of the padded layout
+                ids[mask.bool()].tolist()
+                for ids, mask in zip(inputs["input_ids"][:batch_size], inputs["attention_mask"][:batch_size])
+            ]
+            self.seen_batches.append(sorted(gather_object(rows)))
+        return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+
+
+def run(mode: str, opts) -> None:
+    tokenizer = make_tokenizer()
+    model = tiny_causal_lm(tokenizer, hidden_size=32, num_layers=2, num_heads=4, seed=3)
+    args = DPOConfig(
+        output_dir=os.path.join(opts.work, mode, "out"),
+        ref_logps_cache_dir=os.path.join(opts.work, mode, "cache"),
+        precompute_ref_log_probs=mode == "precompute",
+        per_device_train_batch_size=opts.per_device_batch,
+        per_device_eval_batch_size=opts.per_device_batch,
+        max_steps=TRAIN_ROWS // GLOBAL_BATCH,  # one epoch
+        optim="sgd",  # plain SGD: equal weights mean equal (all-reduced) gradients at every step
+        learning_rate=opts.lr,
+        lr_scheduler_type="constant",
+        warmup_steps=0,
+        max_grad_norm=0.0,  # no clipping
+        beta=opts.beta,
+        logging_steps=1,
+        save_strategy="no",
+        eval_strategy="no",
+        report_to="none",
+        use_cpu=True,
+        ddp_backend="gloo" if int(os.environ.get("WORLD_SIZE", "1")) > 1 else None,
+        disable_tqdm=True,
+        seed=0,
+        dataloader_num_workers=0,
+    )
+    assert args.world_size * opts.per_device_batch == GLOBAL_BATCH, (args.world_size, opts.per_device_batch)
+    trainer = RecordingDPOTrainer(
+        model,
+        args=args,
+        train_dataset=noisy_rows(TRAIN_ROWS, seed=0),
+        eval_dataset=noisy_rows(EVAL_ROWS, seed=99),  # 7 rows: the last eval batch is uneven
+        processing_class=tokenizer,
+    )
+    trainer.seen_batches = []
+    trainer.train()
+    eval_metrics = trainer.evaluate()
+
+    rank = trainer.args.process_index
+    weights = {
+        k: v.detach().cpu().contiguous()
+        for k, v in trainer.accelerator.unwrap_model(trainer.model).state_dict().items()
+    }
+    save_file(weights, os.path.join(opts.out, f"{mode}-rank{rank}.safetensors"))
+    if trainer.is_world_process_zero():
+        result = {
+            "mode": mode,
+            "world_size": trainer.args.world_size,
+            "distributed_type": str(trainer.accelerator.distributed_type),
+            "global_step": trainer.state.global_step,
+            "train_logs": [entry for entry in trainer.state.log_history if "loss" in entry],
+            "eval": eval_metrics,
+            "batches": trainer.seen_batches,
+            "ref_logps": list(trainer.train_dataset["ref_logps"]) if mode == "precompute" else None,
+            "eval_ref_logps": list(trainer.eval_dataset["ref_logps"]) if mode == "precompute" else None,
+        }
+        with open(os.path.join(opts.out, f"{mode}.json"), "w") as handle:
+            json.dump(result, handle)
+    trainer.accelerator.wait_for_everyone()
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--work", required=True)
+    parser.add_argument("--per-device-batch", type=int, required=True)
+    parser.add_argument("--modes", default="live", help="comma-separated: live, precompute")
+    parser.add_argument("--lr", type=float, default=0.2)
+    parser.add_argument("--beta", type=float, default=0.1)
+    opts = parser.parse_args()
+    os.makedirs(opts.out, exist_ok=True)
+    for mode in opts.modes.split(","):
+        run(mode, opts)
+
+
+if __name__ == "__main__":
+    main()
