@@ -11,11 +11,32 @@ import random  # noqa: E402
 
 import pytest  # noqa: E402
 
+from dpo_trainer import DPOConfig  # noqa: E402
 from dpo_trainer.tiny import tiny_causal_lm, train_tokenizer  # noqa: E402
 
 TOPICS = ["garden", "river", "music", "bread", "winter", "train", "forest", "paper", "lamp", "coffee"]
 GOOD = ["thanks", "happy", "glad", "sure", "here", "helpful", "kindly", "welcome", "great", "answer"]
 BAD = ["no", "go", "away", "stupid", "never", "whatever", "boring", "ugh", "leave", "annoying"]
+
+
+def dpo_config(tmp_path, **overrides) -> DPOConfig:
+    """A small CPU training configuration writing under tmp_path; keyword arguments override it."""
+    settings = dict(
+        output_dir=str(tmp_path / "out"),
+        per_device_train_batch_size=4,
+        per_device_eval_batch_size=4,
+        max_steps=3,
+        learning_rate=1e-3,
+        logging_steps=1,
+        save_strategy="no",
+        report_to="none",
+        use_cpu=True,
+        disable_tqdm=True,
+        seed=0,
+        ref_logps_cache_dir=str(tmp_path / "cache"),
+    )
+    settings.update(overrides)
+    return DPOConfig(**settings)
 
 
 def preference_rows(n: int, seed: int, k: int = 2) -> list[dict]:

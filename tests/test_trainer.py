@@ -8,30 +8,15 @@ import torch
 from datasets import Dataset
 from peft import LoraConfig
 
-from dpo_trainer import DPOConfig, DPOTrainer
+from dpo_trainer import DPOTrainer
 from dpo_trainer.data import PaddedCollator
 from dpo_trainer.logprobs import sequence_logps
 
-from conftest import preference_rows
+from conftest import dpo_config, preference_rows
 
 
 def config(tmp_path, **overrides):
-    settings = dict(
-        output_dir=str(tmp_path / "out"),
-        per_device_train_batch_size=4,
-        per_device_eval_batch_size=4,
-        max_steps=3,
-        learning_rate=1e-3,
-        logging_steps=1,
-        save_strategy="no",
-        report_to="none",
-        use_cpu=True,
-        disable_tqdm=True,
-        seed=0,
-        ref_logps_cache_dir=str(tmp_path / "cache"),
-    )
-    settings.update(overrides)
-    return DPOConfig(**settings)
+    return dpo_config(tmp_path, **overrides)
 
 
 def train_losses(trainer):

@@ -11,34 +11,18 @@ import os
 import pytest
 from datasets import Dataset
 
-from dpo_trainer import DPOConfig, DPOTrainer
+from dpo_trainer import DPOTrainer
 from dpo_trainer.data import split_hh_transcript
 
-from conftest import preference_rows
+from conftest import dpo_config, preference_rows
 
 HH_TRAIN = os.path.join(os.path.dirname(__file__), os.pardir, "examples", "data", "hh_tiny", "train.jsonl")
 HUMAN, ASSISTANT = "\n\nHuman: ", "\n\nAssistant: "
 
 
 def config(tmp_path, **overrides):
-    settings = dict(
-        output_dir=str(tmp_path / "out"),
-        per_device_train_batch_size=4,
-        per_device_eval_batch_size=4,
-        max_steps=2,
-        learning_rate=1e-3,
-        logging_steps=1,
-        save_strategy="no",
-        report_to="none",
-        use_cpu=True,
-        disable_tqdm=True,
-        seed=0,
-        max_length=1024,  # no truncation: formats are compared on whole rows
-        max_prompt_length=512,
-        ref_logps_cache_dir=str(tmp_path / "cache"),
-    )
-    settings.update(overrides)
-    return DPOConfig(**settings)
+    # no truncation: formats are compared on whole rows
+    return dpo_config(tmp_path, **{"max_steps": 2, "max_length": 1024, "max_prompt_length": 512, **overrides})
 
 
 def tokenized(trainer):
