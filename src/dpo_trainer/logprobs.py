@@ -19,6 +19,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from .data.layouts import attention_allowed, flex_mask_mod
+
 # About 64M float32 logits (256 MiB) per chunk when the chunk size is chosen automatically.
 AUTO_CHUNK_LOGITS = 1 << 26
 
@@ -153,6 +155,36 @@ def _head_transform(config) -> tuple[float | None, float]:
     return softcap, float(scale) if isinstance(scale, int | float) else 1.0
 
 
+def grouped_attention_mask(batch: Mapping[str, torch.Tensor], model: nn.Module):
+    """The attention mask of a `packed` / `shared_prompt` batch, for `model`'s attention implementation.
+
+    FlexAttention gets a `BlockMask` (blocks no query can see are skipped); eager attention an additive
+    float mask; SDPA and others a boolean (rows, 1, T, T) mask. Built once per batch and implementation.
+    """
+    implementation = getattr(model.config, "_attn_implementation", None) or "sdpa"
+    key = f"_attention_mask_{implementation}"
+    if key in batch:
+        return batch[key]
+    doc_ids, branch_ids = batch["doc_ids"], batch["branch_ids"]
+    if implementation == "flex_attention":
+        from torch.nn.attention.flex_attention import create_block_mask
+
+        rows, width = doc_ids.shape
+        mask_mod = flex_mask_mod(doc_ids, branch_ids)
+        mask = create_block_mask(mask_mod, rows, None, width, width, device=doc_ids.device)
+    else:
+        allowed = attention_allowed(doc_ids, branch_ids)[:, None]
+        if implementation == "eager":
+            dtype = model.dtype
+            mask = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device)
+            mask = mask.masked_fill(~allowed, torch.finfo(dtype).min)
+        else:
+            mask = allowed
+    if isinstance(batch, dict):
+        batch[key] = mask
+    return mask
+
+
 def sequence_logps(model: nn.Module, batch: Mapping[str, torch.Tensor], *, chunk_size: int | None = None):
     """Summed log-probabilities of every response in `batch` under `model`.
 
@@ -176,13 +208,12 @@ def sequence_logps(model: nn.Module, batch: Mapping[str, torch.Tensor], *, chunk
     def keep_hidden(module, args, output):
         captured["hidden"] = output[0] if isinstance(output, tuple) else output.last_hidden_state
 
-    model_inputs = {
-        "input_ids": batch["input_ids"],
-        "attention_mask": batch.get("attention_mask"),
-        "use_cache": False,
-    }
-    if "position_ids" in batch:
+    model_inputs = {"input_ids": batch["input_ids"], "use_cache": False}
+    if "doc_ids" in batch:  # packed / shared-prompt layouts: an explicit mask in the form the model takes
+        model_inputs["attention_mask"] = grouped_attention_mask(batch, inner)
         model_inputs["position_ids"] = batch["position_ids"]
+    else:
+        model_inputs["attention_mask"] = batch.get("attention_mask")
     if "logits_to_keep" in inspect.signature(inner.forward).parameters:
         model_inputs["logits_to_keep"] = 1
     handle = decoder.register_forward_hook(keep_hidden)
@@ -197,8 +228,7 @@ def sequence_logps(model: nn.Module, batch: Mapping[str, torch.Tensor], *, chunk
     token_logps = head_token_logps(
         flat, head, batch["score_target"], chunk_size=chunk_size, softcap=softcap, scale=scale
     )
-    num_rows = batch["input_ids"].shape[0]
-    per_row = torch.zeros(num_rows, dtype=torch.float32, device=token_logps.device)
-    per_row = per_row.index_add(0, batch["score_seq"], token_logps)
     b, k = batch["response_lengths"].shape
-    return per_row.view(k, b).T
+    per_sequence = torch.zeros(k * b, dtype=torch.float32, device=token_logps.device)
+    per_sequence = per_sequence.index_add(0, batch["score_seq"], token_logps)
+    return per_sequence.view(k, b).T
