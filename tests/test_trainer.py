@@ -427,3 +427,91 @@ def test_activation_checkpointing_changes_nothing_but_memory(
     plain = run(False, "plain")
     assert run(True, "checkpointed") == pytest.approx(plain, rel=1e-5)
     assert plain[-1] < plain[0]
+
+
+# ---------------------------------------------------------------- layouts and token budgets
+
+
+def test_every_layout_trains_the_same(tmp_path, make_model, tokenizer, pairs):
+    results = {}
+    for layout in ("padded", "packed", "shared_prompt"):
+        trainer = DPOTrainer(
+            make_model(seed=8),
+            args=config(tmp_path / layout, layout=layout),
+            train_dataset=pairs,
+            processing_class=tokenizer,
+        )
+        assert trainer.layout == layout
+        trainer.train()
+        results[layout] = (train_losses(trainer), [p.detach().clone() for p in trainer.model.parameters()])
+    for layout in ("packed", "shared_prompt"):
+        assert results[layout][0] == pytest.approx(results["padded"][0], rel=1e-5)
+        for got, want in zip(results[layout][1], results["padded"][1]):
+            torch.testing.assert_close(got, want, rtol=1e-4, atol=2e-5)  # Adam amplifies float noise
+
+
+def test_auto_layout_and_trl_padding_free_name(tmp_path, make_model, tokenizer, pairs):
+    auto = DPOTrainer(make_model(), args=config(tmp_path), train_dataset=pairs, processing_class=tokenizer)
+    assert auto.layout == "shared_prompt"
+    packed = DPOTrainer(
+        make_model(),
+        args=config(tmp_path, padding_free=True),
+        train_dataset=pairs,
+        processing_class=tokenizer,
+    )
+    assert packed.layout == "packed"
+    with pytest.raises(ValueError, match="padding_free"):
+        config(tmp_path, padding_free=True, layout="padded")
+
+
+def test_models_that_cannot_take_the_mask_fall_back_to_padded(tmp_path, make_model, tokenizer, pairs, caplog):
+    from dpo_trainer.trainer import grouped_layout_unsupported
+
+    model = make_model()
+    assert grouped_layout_unsupported(model) is None
+    model.config._attn_implementation_internal = (
+        "flash_attention_2"  # no flash-attn here: only the name matters
+    )
+    assert "flash_attention_2" in grouped_layout_unsupported(model)
+    with caplog.at_level("WARNING"):
+        layout = DPOTrainer._resolve_layout(config(tmp_path, layout="shared_prompt"), model, None)
+    assert layout == "padded" and "not available" in caplog.text and "flash_attention_2" in caplog.text
+
+
+def test_token_budget_batches_weigh_every_pair_alike(tmp_path, make_model, tokenizer):
+    rows = preference_rows(8, seed=5)
+
+    def run(name, **overrides):
+        args = config(
+            tmp_path / name,
+            max_steps=1,
+            optim="sgd",
+            learning_rate=0.5,
+            max_grad_norm=0.0,
+            lr_scheduler_type="constant",
+            **overrides,
+        )
+        trainer = DPOTrainer(make_model(seed=3), args=args, train_dataset=rows, processing_class=tokenizer)
+        trainer.train()
+        return trainer, train_losses(trainer), [p.detach().clone() for p in trainer.model.parameters()]
+
+    probe = DPOTrainer(
+        make_model(seed=3),
+        args=config(tmp_path / "probe", max_tokens_per_batch=70),
+        train_dataset=rows,
+        processing_class=tokenizer,
+    )
+    batches = list(probe.get_train_dataloader())
+    sizes = [b["response_lengths"].shape[0] for b in batches]
+    assert sum(sizes) == 8 and len(set(sizes)) > 1  # uneven batches
+    for batch in batches:
+        tokens = int((batch["doc_ids"] >= 0).sum())
+        assert tokens <= 70 or batch["response_lengths"].shape[0] == 1
+
+    _, loss_full, weights_full = run("full", per_device_train_batch_size=8)
+    _, loss_budget, weights_budget = run(
+        "budget", max_tokens_per_batch=70, gradient_accumulation_steps=len(sizes)
+    )
+    assert loss_budget == pytest.approx(loss_full, rel=1e-5)
+    for got, want in zip(weights_budget, weights_full):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)

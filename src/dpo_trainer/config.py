@@ -7,6 +7,7 @@ from typing import Any
 
 from transformers import TrainingArguments
 
+from .data.layouts import LAYOUTS
 from .data.tokenize import TRUNCATION_MODES
 from .losses import loss_names
 
@@ -43,6 +44,17 @@ class DPOConfig(TrainingArguments):
         pad_to_multiple_of: Round the padded length of each batch up to a multiple of this.
         logprob_chunk_size: Scored tokens projected through the LM head at once. None picks a chunk of about
             64M logits (e.g. 512 tokens for a 128k vocabulary). Lower it to save memory.
+        layout: How a batch is laid out for the forward pass; every layout gives the same log-probs.
+            `padded`: 2B right-padded rows (chosen rows, then rejected). `packed`: sequences end to end with
+            no padding. `shared_prompt`: `[prompt | chosen | rejected]`, the prompt run once per pair.
+            `auto` (default): `shared_prompt` where the model's attention takes an explicit mask (SDPA,
+            eager, FlexAttention), else `padded` with a message saying why.
+        padding_free: TRL's name for `layout="packed"`.
+        max_tokens_per_batch: Fill each training batch with whole examples up to this many tokens (as laid
+            out, so shared prompts count once) instead of `per_device_train_batch_size` examples, for even
+            step cost. Batches then hold different numbers of pairs; the loss of an optimizer step is the
+            mean over all its pairs (across accumulation steps and processes), and metrics are per-pair
+            means, so nothing is weighted by batch.
         model_init_kwargs: Keyword arguments for `AutoModelForCausalLM.from_pretrained` when `model` (or
             `ref_model`) is given as a name or path, e.g. `{"dtype": "bfloat16"}`.
     """
@@ -69,6 +81,9 @@ class DPOConfig(TrainingArguments):
     logprob_chunk_size: int | None = field(
         default=None, metadata={"help": "Scored tokens per LM-head chunk."}
     )
+    layout: str = field(default="auto", metadata={"help": "auto, padded, packed or shared_prompt."})
+    padding_free: bool = field(default=False, metadata={"help": "TRL's name for layout='packed'."})
+    max_tokens_per_batch: int | None = field(default=None, metadata={"help": "Token budget per batch."})
     model_init_kwargs: dict[str, Any] | None = field(
         default=None, metadata={"help": "from_pretrained kwargs."}
     )
@@ -87,7 +102,24 @@ class DPOConfig(TrainingArguments):
                 f"DPOConfig.label_smoothing applies to the sigmoid and robust losses, not {self.loss_type!r}; "
                 "set it to 0."
             )
-        for name in ("max_length", "max_prompt_length", "pad_to_multiple_of", "logprob_chunk_size"):
+        if self.layout not in ("auto",) + LAYOUTS:
+            raise ValueError(
+                f"DPOConfig.layout must be one of auto, {', '.join(LAYOUTS)}; got {self.layout!r}."
+            )
+        if self.padding_free and self.layout not in ("auto", "packed"):
+            raise ValueError(
+                f"DPOConfig.padding_free=True means layout='packed'; it conflicts with {self.layout!r}."
+            )
+        if self.padding_free:
+            self.layout = "packed"
+        names = (
+            "max_length",
+            "max_prompt_length",
+            "pad_to_multiple_of",
+            "logprob_chunk_size",
+            "max_tokens_per_batch",
+        )
+        for name in names:
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or value < 1):
                 raise ValueError(f"DPOConfig.{name} must be a positive integer or None, got {value!r}.")

@@ -13,6 +13,7 @@ Hooks meant for subclassing (e.g. in a notebook):
 from __future__ import annotations
 
 import copy
+import inspect
 import logging
 import os
 from collections import defaultdict
@@ -27,6 +28,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, set_seed
 from . import __version__
 from .config import DPOConfig
 from .data import PaddedCollator, detect_format, to_example, tokenize_example
+from .data.batching import TokenBudgetBatchSampler, example_tokens
+from .data.layouts import GroupedCollator
 from .logprobs import sequence_logps, unwrap
 from .losses import plackett_luce_loss, preference_loss
 from .reference import (
@@ -54,6 +57,17 @@ METRIC_NAMES = (
     "logps/chosen",
     "logps/rejected",
 )
+
+
+def grouped_layout_unsupported(model: nn.Module) -> str | None:
+    """Why `model` cannot run the packed / shared-prompt layouts, or None if it can."""
+    inner = unwrap(model)
+    implementation = getattr(inner.config, "_attn_implementation", None)
+    if implementation not in (None, "sdpa", "eager", "flex_attention"):
+        return f"its {implementation!r} attention takes no explicit attention mask"
+    if "position_ids" not in inspect.signature(inner.forward).parameters:
+        return f"{type(inner).__name__}.forward takes no position_ids"
+    return None
 
 
 def _named(dataset_name: str, function, *args, **kwargs):
@@ -140,8 +154,14 @@ class DPOTrainer(Trainer):
             }
         else:
             eval_dataset = self._prepare_dataset(eval_dataset, processing_class, args, "eval_dataset")
+        self.layout = self._resolve_layout(args, model, ref_model)
         if data_collator is None:
-            data_collator = PaddedCollator(processing_class.pad_token_id, args.pad_to_multiple_of)
+            if self.layout == "padded":
+                data_collator = PaddedCollator(processing_class.pad_token_id, args.pad_to_multiple_of)
+            else:
+                data_collator = GroupedCollator(
+                    processing_class.pad_token_id, self.layout, args.pad_to_multiple_of
+                )
 
         super().__init__(
             model=model,
@@ -154,9 +174,9 @@ class DPOTrainer(Trainer):
             callbacks=callbacks,
             optimizers=optimizers,
         )
-        # The loss is a mean over pairs: let Trainer divide by the accumulation steps, so batch 8 x 1
-        # step and batch 2 x 4 steps give the same gradient.
-        self.model_accepts_loss_kwargs = False
+        # Training losses are normalised by the pairs of the whole optimizer step (`_get_num_items_in_batch`),
+        # so batch 8 x 1 step, batch 2 x 4 steps and token-budget batches of any size weigh every pair alike.
+        self.model_accepts_loss_kwargs = True
         self._metrics = {"train": defaultdict(lambda: [0.0, 0]), "eval": defaultdict(lambda: [0.0, 0])}
         if self.ref_model is not None:
             self.ref_model.to(self.args.device)
@@ -260,6 +280,45 @@ class DPOTrainer(Trainer):
             dataset = dataset.select([i for i in range(len(dataset)) if i not in dropped])
         return dataset
 
+    @staticmethod
+    def _resolve_layout(args: DPOConfig, model: nn.Module, ref_model: nn.Module | None) -> str:
+        """The layout to use: the requested one if the models' attention can take its mask, else padded."""
+        if args.layout == "padded":
+            return "padded"
+        for candidate in (model, ref_model):
+            reason = None if candidate is None else grouped_layout_unsupported(candidate)
+            if reason:
+                logger.warning("Layout %r is not available (%s); using 'padded'.", args.layout, reason)
+                return "padded"
+        return "shared_prompt" if args.layout == "auto" else args.layout
+
+    def _get_num_items_in_batch(self, batch_samples, device):
+        # Pairs (examples) in the optimizer step, summed over processes: the training loss's denominator.
+        pairs = sum(batch["response_lengths"].shape[0] for batch in batch_samples)
+        return self.accelerator.gather(torch.tensor(pairs, device=device)).sum()
+
+    def get_train_dataloader(self):
+        # A token budget replaces the fixed batch size with batches of whole examples filling the budget.
+        if self.args.max_tokens_per_batch is None:
+            return super().get_train_dataloader()
+        dataset = self.train_dataset
+        lengths = [
+            example_tokens(len(prompt), [len(r) for r in responses], self.layout)
+            for prompt, responses in zip(dataset["prompt_ids"], dataset["response_ids"])
+        ]
+        sampler = TokenBudgetBatchSampler(
+            lengths, self.args.max_tokens_per_batch, seed=self.args.data_seed or self.args.seed
+        )
+        columns = [c for c in ("prompt_ids", "response_ids", "ref_logps") if c in dataset.column_names]
+        loader = torch.utils.data.DataLoader(
+            dataset.select_columns(columns),
+            batch_sampler=sampler,
+            collate_fn=self.data_collator,
+            num_workers=self.args.dataloader_num_workers,
+            pin_memory=self.args.dataloader_pin_memory,
+        )
+        return self.accelerator.prepare(loader)
+
     def _set_signature_columns_if_needed(self):
         # Trainer would keep only columns named like model.forward's arguments; ours feed the collator.
         if self._signature_columns is None:
@@ -360,7 +419,11 @@ class DPOTrainer(Trainer):
         reference = self.reference_logps(inputs).to(policy.device)
         losses, rewards = self.dpo_loss(policy, reference)
         self._record_metrics("train" if model.training else "eval", policy.detach(), rewards, losses.detach())
-        loss = losses.mean()
+        if model.training and num_items_in_batch is not None:
+            # the mean over the step's pairs; DDP averages gradients over processes, hence the factor
+            loss = losses.sum() * self.accelerator.num_processes / num_items_in_batch
+        else:
+            loss = losses.mean()
         return (loss, {"policy_logps": policy.detach(), "rewards": rewards}) if return_outputs else loss
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):

@@ -1,0 +1,58 @@
+"""Batches that fill a token budget instead of holding a fixed number of examples."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+
+import torch
+
+
+def example_tokens(prompt_length: int, response_lengths: Sequence[int], layout: str) -> int:
+    """Tokens one example occupies in `layout`: the prompt once under `shared_prompt`, else once per response."""
+    copies = 1 if layout == "shared_prompt" else len(response_lengths)
+    return copies * prompt_length + sum(response_lengths)
+
+
+class TokenBudgetBatchSampler(torch.utils.data.Sampler[list[int]]):
+    """Whole examples, in a seeded random order, grouped so each batch holds at most `max_tokens` tokens.
+
+    The partition into batches is drawn once (from `seed`), so every epoch has the same number of batches
+    and the same step cost profile; each epoch visits the batches in a new seeded order (`set_epoch`). An
+    example longer than the budget forms a batch of its own.
+
+    >>> sampler = TokenBudgetBatchSampler([5, 5, 9, 2, 3], max_tokens=10, seed=0, shuffle=False)
+    >>> list(sampler)
+    [[0, 1], [2], [3, 4]]
+    """
+
+    def __init__(self, lengths: Sequence[int], max_tokens: int, *, seed: int = 0, shuffle: bool = True):
+        if max_tokens < 1:
+            raise ValueError(f"max_tokens must be positive, got {max_tokens}")
+        self.seed, self.shuffle, self.epoch = seed, shuffle, 0
+        order = list(range(len(lengths)))
+        if shuffle:
+            order = torch.randperm(len(lengths), generator=torch.Generator().manual_seed(seed)).tolist()
+        self.batches: list[list[int]] = []
+        current, used = [], 0
+        for index in order:
+            if current and used + lengths[index] > max_tokens:
+                self.batches.append(current)
+                current, used = [], 0
+            current.append(index)
+            used += lengths[index]
+        if current:
+            self.batches.append(current)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self) -> Iterator[list[int]]:
+        if not self.shuffle:
+            yield from self.batches
+            return
+        generator = torch.Generator().manual_seed(self.seed + 1 + self.epoch)
+        for position in torch.randperm(len(self.batches), generator=generator).tolist():
+            yield self.batches[position]
+
+    def __len__(self) -> int:
+        return len(self.batches)
