@@ -210,6 +210,7 @@ def check_no_truncation(dataset, expected: list[list[int]]) -> dict:
 
 def run(arm: str, spec: dict) -> dict:
     wall0 = time.perf_counter()
+    load_before = os.getloadavg()
     import torch
     from transformers import PreTrainedTokenizerFast, TrainerCallback, TrainingArguments
 
@@ -278,19 +279,24 @@ def run(arm: str, spec: dict) -> dict:
 
     meter = WorkMeter()
 
+    def cpu_seconds():
+        usage = resource.getrusage(resource.RUSAGE_SELF)
+        return usage.ru_utime + usage.ru_stime
+
     class Clock(TrainerCallback):
         t0 = t1 = None
         at0 = at1 = None
+        cpu0 = cpu1 = None
 
         def on_step_begin(self, args, state, control, **kw):
             if state.global_step == warm:
                 sync()
-                Clock.t0, Clock.at0 = time.perf_counter(), dict(meter.consumed)
+                Clock.t0, Clock.at0, Clock.cpu0 = time.perf_counter(), dict(meter.consumed), cpu_seconds()
 
         def on_step_end(self, args, state, control, **kw):
             if state.global_step == steps:
                 sync()
-                Clock.t1, Clock.at1 = time.perf_counter(), dict(meter.consumed)
+                Clock.t1, Clock.at1, Clock.cpu1 = time.perf_counter(), dict(meter.consumed), cpu_seconds()
 
     train_dataset = rows if arm == "ours" else Dataset.from_list(rows)
     init0 = time.perf_counter()
@@ -338,7 +344,13 @@ def run(arm: str, spec: dict) -> dict:
                      "python": sys.version.split()[0]},
         "device": torch.cuda.get_device_name(0) if cuda else "cpu",
         "torch_threads": torch.get_num_threads(),
+        "layout": getattr(trainer, "layout", "padded"),  # dpo_trainer's resolved layout; TRL 1.16 pads
         "timed_s": secs,
+        # CPU seconds of this process over the timed steps / (wall seconds x torch threads): well under 1
+        # on a CPU run means something else was using the cores.
+        "timed_cpu_utilization": (Clock.cpu1 - Clock.cpu0) / (secs * torch.get_num_threads()),
+        "loadavg_before": load_before,
+        "loadavg_after": os.getloadavg(),
         "step_s": secs / timed,
         "timed_steps": timed,
         "warmup_steps": warm,

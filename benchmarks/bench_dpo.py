@@ -154,12 +154,12 @@ def add_flops(result: dict, spec: dict, params: int, override: float | None) -> 
 
 SUMMARY_KEYS = (
     "step_s", "pairs_per_s", "real_tokens_per_s", "sequence_tokens_per_s", "useful_tflops", "mfu", "peak_mem_gib",
-    "init_s", "wall_s", "train_loss",
+    "init_s", "wall_s", "train_loss", "timed_cpu_utilization",
 )
 
 
 def summarize(runs: list[dict]) -> dict:
-    out = {"runs": len(runs)}
+    out = {"runs": len(runs), "layout": "/".join(sorted({str(run.get("layout")) for run in runs}))}
     for key in SUMMARY_KEYS:
         values = [run[key] for run in runs if run.get(key) is not None]
         out[key] = statistics.median(values) if values else None
@@ -175,16 +175,17 @@ def fmt(value, spec: str) -> str:
 def print_table(blocks: list[tuple[str, dict, dict]]) -> None:
     """blocks: (preset, {arm: summary}, ratios)."""
     head = (
-        f"{'preset':<14} {'arm':<5} {'runs':>4} {'step s':>7} {'pairs/s':>8} {'real tok/s':>10} "
-        f"{'TFLOP/s':>8} {'MFU':>5} {'peak GiB':>8} {'loss':>6}"
+        f"{'preset':<14} {'arm':<5} {'layout':<13} {'runs':>4} {'step s':>7} {'pairs/s':>8} {'real tok/s':>10} "
+        f"{'TFLOP/s':>8} {'MFU':>5} {'peak GiB':>8} {'loss':>6} {'cpu util':>8}"
     )
     print("\n" + head + "\n" + "-" * len(head))
     for preset, summaries, ratios in blocks:
         for arm, s in summaries.items():
             print(
-                f"{preset:<14} {arm:<5} {s['runs']:>4} {fmt(s['step_s'], '.3f'):>7} {fmt(s['pairs_per_s'], '.2f'):>8} "
-                f"{fmt(s['real_tokens_per_s'], ',.0f'):>10} {fmt(s['useful_tflops'], '.1f'):>8} "
-                f"{fmt(s['mfu'], '.2f'):>5} {fmt(s['peak_mem_gib'], '.2f'):>8} {fmt(s['train_loss'], '.4f'):>6}"
+                f"{preset:<14} {arm:<5} {s['layout']:<13} {s['runs']:>4} {fmt(s['step_s'], '.3f'):>7} "
+                f"{fmt(s['pairs_per_s'], '.2f'):>8} {fmt(s['real_tokens_per_s'], ',.0f'):>10} "
+                f"{fmt(s['useful_tflops'], '.1f'):>8} {fmt(s['mfu'], '.2f'):>5} {fmt(s['peak_mem_gib'], '.2f'):>8} "
+                f"{fmt(s['train_loss'], '.4f'):>6} {fmt(s['timed_cpu_utilization'], '.2f'):>8}"
             )
         if ratios:
             print(

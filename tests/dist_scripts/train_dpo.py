@@ -69,9 +69,8 @@ class RecordingDPOTrainer(DPOTrainer):
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         if model.training:
             batch_size = inputs["response_lengths"].shape[0]
-            rows = [  # prompt + chosen response of each example: rows 0..B-1 of the padded layout
-                ids[mask.bool()].tolist()
-                for ids, mask in zip(inputs["input_ids"][:batch_size], inputs["attention_mask"][:batch_size])
+            rows = [  # the chosen response's tokens of each example, whatever the batch layout
+                inputs["score_target"][inputs["score_seq"] == b].tolist() for b in range(batch_size)
             ]
             self.seen_batches.append(sorted(gather_object(rows)))
         return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
