@@ -129,6 +129,31 @@ def run_child(argv: list[str], log_path: Path, timeout: float) -> tuple[dict | N
     return None, f"exit {code} after {seconds:.0f}s; log {log_path}:\n{tail}", seconds
 
 
+def busy_cores(seconds: float = 2.0) -> float | None:
+    """Cores kept busy by any process over `seconds` (from /proc/stat), or None where there is no /proc."""
+    def sample():
+        fields = [int(x) for x in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
+        return sum(fields), fields[3] + (fields[4] if len(fields) > 4 else 0)  # total, idle + iowait
+
+    try:
+        total0, idle0 = sample()
+        time.sleep(seconds)
+        total1, idle1 = sample()
+    except (OSError, ValueError, IndexError):
+        return None
+    return (1 - (idle1 - idle0) / max(total1 - total0, 1)) * (os.cpu_count() or 1)
+
+
+def wait_for_idle_cpu(limit_s: float, threshold: float = 0.5) -> float | None:
+    """Wait up to `limit_s` until other processes use under `threshold` cores: on a shared CPU machine a run
+    that competes for the cores measures the neighbour, not the trainer. Returns the last busy reading."""
+    deadline = time.perf_counter() + limit_s
+    busy = busy_cores()
+    while busy is not None and busy > threshold and time.perf_counter() < deadline:
+        busy = busy_cores(5.0)
+    return busy
+
+
 def peak_tflops(device: str, override: float | None) -> float | None:
     if override is not None:
         return override
@@ -152,6 +177,8 @@ def add_flops(result: dict, spec: dict, params: int, override: float | None) -> 
     result["peak_mem_kind"] = "cuda_max_allocated" if result["cuda_max_allocated_gib"] is not None else "ru_maxrss"
 
 
+CONTENDED = 0.85  # timed CPU utilization below this: the process did not have the cores to itself
+
 SUMMARY_KEYS = (
     "step_s", "pairs_per_s", "real_tokens_per_s", "sequence_tokens_per_s", "useful_tflops", "mfu", "peak_mem_gib",
     "init_s", "wall_s", "train_loss", "timed_cpu_utilization",
@@ -159,7 +186,7 @@ SUMMARY_KEYS = (
 
 
 def summarize(runs: list[dict]) -> dict:
-    out = {"runs": len(runs), "layout": "/".join(sorted({str(run.get("layout")) for run in runs}))}
+    out = {"runs": len(runs), "contended_runs": sum(bool(run.get("contended")) for run in runs), "layout": "/".join(sorted({str(run.get("layout")) for run in runs}))}
     for key in SUMMARY_KEYS:
         values = [run[key] for run in runs if run.get(key) is not None]
         out[key] = statistics.median(values) if values else None
@@ -187,6 +214,9 @@ def print_table(blocks: list[tuple[str, dict, dict]]) -> None:
                 f"{fmt(s['useful_tflops'], '.1f'):>8} {fmt(s['mfu'], '.2f'):>5} {fmt(s['peak_mem_gib'], '.2f'):>8} "
                 f"{fmt(s['train_loss'], '.4f'):>6} {fmt(s['timed_cpu_utilization'], '.2f'):>8}"
             )
+        contended = sum(s["contended_runs"] for s in summaries.values())
+        if contended:
+            print(f"{preset:<14} WARNING: {contended} run(s) had under {CONTENDED:.0%} of the cores: noisy numbers")
         if ratios:
             print(
                 f"{preset:<14} ours/TRL: pairs/s x{fmt(ratios['pairs_per_s'], '.2f')}, "
@@ -221,6 +251,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--peak-tflops", type=float, help="peak TFLOP/s for MFU (default: H200 790, H100 989)")
     parser.add_argument("--out", help="JSON lines file to append to (default benchmarks/results/<preset>-<date>.jsonl)")
     parser.add_argument("--work-dir", default=str(HERE / "results" / "work"), help="model, tokenizer and rows")
+    parser.add_argument(
+        "--wait-idle", type=float,
+        help="before each CPU-preset arm run, wait up to this many seconds for the other processes to leave the "
+        "cores idle (default 120 for cpu, 0 for gpu presets)",
+    )
     parser.add_argument("--arm-timeout", type=float, default=1800, help="seconds before one arm run is killed")
     args = parser.parse_args(argv)
 
@@ -271,6 +306,8 @@ def main(argv: list[str] | None = None) -> int:
         runs = {arm: [] for arm in arms}
         for repeat in range(args.repeats):
             for arm in arms:
+                wait = args.wait_idle if args.wait_idle is not None else (120 if preset == "cpu" else 0)
+                busy = wait_for_idle_cpu(wait) if wait > 0 else None
                 result, error, secs = run_child(
                     ["run", arm, str(spec_path)], log_dir / f"{preset}-{arm}-{repeat}.log", args.arm_timeout
                 )
@@ -280,12 +317,16 @@ def main(argv: list[str] | None = None) -> int:
                     failures += 1
                     continue
                 add_flops(result, spec, prepared["params"], args.peak_tflops)
+                result["busy_cores_before"] = busy
+                util = result.get("timed_cpu_utilization")
+                result["contended"] = result["device"] == "cpu" and not args.tiny and util is not None and util < CONTENDED
                 runs[arm].append(result)
                 emit({"type": "run", "preset": preset, "repeat": repeat, **result})
                 print(
                     f"[{preset}] {arm} #{repeat}: {result['pairs_per_s']:.2f} pairs/s, step {result['step_s']:.3f}s, "
                     f"peak {result['peak_mem_gib']:.2f} GiB ({result['peak_mem_kind']}), loss {fmt(result['train_loss'], '.4f')}, "
-                    f"{secs:.0f}s in all", flush=True,
+                    f"cpu util {fmt(util, '.2f')}{' CONTENDED' if result['contended'] else ''}, {secs:.0f}s in all",
+                    flush=True,
                 )
         summaries = {arm: summarize(results) for arm, results in runs.items() if results}
         for arm, summary in summaries.items():

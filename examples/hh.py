@@ -1,71 +1,114 @@
-"""DPO on Anthropic-HH-format preference data (Rafailov et al. 2023, Sec. 6).
+"""The paper's Anthropic-HH pipeline (Rafailov et al. 2023, Sec. 6, App. B-D): SFT, DPO, judged win rates.
 
-    python examples/hh.py                        # offline: tiny model, bundled hh_tiny data, ~1 min on CPU
+    python examples/hh.py                        # offline: tiny model, bundled hh_tiny data, a few minutes on CPU
     accelerate launch examples/hh.py             # the same under accelerate (one or several processes)
     accelerate launch examples/hh.py --model EleutherAI/pythia-2.8b --dataset Anthropic/hh-rlhf \\
-        --lora_r 64 --beta 0.1 --learning_rate 1e-6 --bf16 --per_device_train_batch_size 4 \\
-        --gradient_accumulation_steps 16 --output_dir runs/pythia-2.8b-dpo
+        --beta 0.1 --learning_rate 1e-6 --bf16 --per_device_train_batch_size 4 \\
+        --gradient_accumulation_steps 16 --judge llm --judge_url http://localhost:8000/v1 \\
+        --judge_model my-judge --output_dir runs/pythia-2.8b
 
-`--dataset` is a hub id or a local folder holding `train.jsonl` / `test.jsonl` (or `.json`, `.parquet`),
-or one local file (then 5% of it is held out). Rows are raw HH transcripts `{"chosen", "rejected"}`; the
-prompt runs to the last "\\n\\nAssistant:". Every `DPOConfig` / `TrainingArguments` flag is accepted
-(`--beta`, `--learning_rate`, `--max_steps`, `--bf16`, ...). With no `--model`, a tiny Llama is built
-from a config with a tokenizer trained on the data, and the defaults below suit it; flags you pass win.
+Stages, each resumable (run the same command again: finished stages are skipped, an interrupted one
+resumes from its last checkpoint) and skippable (`--skip_sft`, `--skip_dpo`, `--skip_eval`):
+
+1. **sft**: fine-tune on the chosen responses (the paper's Preferred-FT baseline and DPO's start).
+2. **dpo**: DPO against the SFT model (LoRA by default; `--full` trains every weight, `--qlora` a 4-bit base).
+3. **eval**: sample held-out prompts at several temperatures from the DPO policy, the SFT model and
+   Best-of-N over SFT samples (App. D.1); judge them against the data set's chosen response and DPO
+   against SFT; write `summary.json`, a table, and plots.
+
+`--dataset` is a hub id or a local folder with `train` / `test` files (`.jsonl`, `.json`, `.parquet`), or
+one local file (5% held out). Rows are raw HH transcripts `{"chosen", "rejected"}`; the prompt runs to the
+last "\\n\\nAssistant:". Every `DPOConfig` flag applies to the DPO stage (`--beta`, `--learning_rate`, ...).
+With no `--model`, a tiny Llama is built from a config with a tokenizer trained on the data, and the
+defaults below suit it; flags given on the command line win.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 
 from datasets import load_dataset
-from transformers import AutoTokenizer, HfArgumentParser
+from transformers import AutoModelForCausalLM, AutoTokenizer, HfArgumentParser, TrainingArguments
+from transformers.trainer_utils import get_last_checkpoint
 
 from dpo_trainer import DPOConfig, DPOTrainer
+from dpo_trainer.data import split_hh_transcript
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 BUNDLED_DATA = os.path.join(HERE, "data", "hh_tiny")
-# Settings for the offline tiny model; any flag given on the command line overrides them.
+RUN_MARKER = "run.json"  # marks a folder as this script's run folder, so a rerun may resume in it
+DATA_EXTENSIONS = (".jsonl", ".json", ".parquet")
+# DPO-stage settings for the offline tiny model; any flag given on the command line overrides them.
 TINY_DEFAULTS = {
-    "max_steps": "200",
+    "max_steps": "150",
     "per_device_train_batch_size": "16",
     "per_device_eval_batch_size": "32",
-    "learning_rate": "1e-3",
+    "learning_rate": "2e-3",
     "lr_scheduler_type": "cosine",
     "warmup_steps": "10",
-    "logging_steps": "20",
+    "logging_steps": "10",
     "max_length": "192",
     "max_prompt_length": "128",
-    "save_strategy": "no",
+    "save_steps": "50",
     "seed": "0",
 }
-DATA_EXTENSIONS = (".jsonl", ".json", ".parquet")
+TINY_SCRIPT_DEFAULTS = {"sft_max_steps": "300", "sft_learning_rate": "2e-3", "eval_prompts": "100"}
 
 
 @dataclass
 class ScriptArguments:
     dataset: str = field(default=BUNDLED_DATA, metadata={"help": "Hub id, local folder or local file."})
-    model: str | None = field(default=None, metadata={"help": "Hub id or local path; none: a tiny model."})
-    lora_r: int = field(default=0, metadata={"help": "LoRA rank; 0 trains all weights."})
+    model: str | None = field(
+        default=None, metadata={"help": "Base model (hub id or path); none: a tiny model."}
+    )
+    full: bool = field(default=False, metadata={"help": "DPO on every weight instead of a LoRA adapter."})
+    qlora: bool = field(default=False, metadata={"help": "LoRA on a 4-bit NF4 base (needs bitsandbytes)."})
+    lora_r: int = field(default=16, metadata={"help": "LoRA rank."})
     lora_alpha: int | None = field(default=None, metadata={"help": "LoRA alpha (default 2 * rank)."})
+    sft_max_steps: int = field(default=1000, metadata={"help": "SFT optimizer steps."})
+    sft_learning_rate: float = field(default=1e-5, metadata={"help": "SFT learning rate."})
+    sft_model: str | None = field(
+        default=None, metadata={"help": "Use this SFT model instead of training one."}
+    )
+    skip_sft: bool = field(default=False, metadata={"help": "DPO straight from --model (no SFT stage)."})
+    skip_dpo: bool = field(default=False, metadata={"help": "Skip the DPO stage."})
+    skip_eval: bool = field(default=False, metadata={"help": "Skip sampling and judging."})
     max_train_rows: int | None = field(
         default=None, metadata={"help": "Use at most this many training rows."}
     )
     max_eval_rows: int | None = field(default=200, metadata={"help": "Use at most this many test rows."})
+    eval_prompts: int = field(default=256, metadata={"help": "Held-out prompts sampled and judged."})
+    temperatures: str = field(default="0.25,0.5,0.75,1.0", metadata={"help": "Sampling temperatures."})
+    max_new_tokens: int = field(default=64, metadata={"help": "Longest sampled response."})
+    bon_n: int = field(default=16, metadata={"help": "Best-of-N: samples per prompt (0: skip)."})
+    bon_temperatures: str = field(default="1.0", metadata={"help": "Best-of-N sampling temperatures."})
+    judge: str = field(default="rule", metadata={"help": "rule (bundled data), llm or reward."})
+    judge_url: str | None = field(default=None, metadata={"help": "OpenAI-compatible base URL (judge llm)."})
+    judge_model: str | None = field(default=None, metadata={"help": "Judge model name (judge llm)."})
+    reward_model: str | None = field(default=None, metadata={"help": "Sequence classifier (judge reward)."})
 
 
 def parse_args(argv: list[str]) -> tuple[ScriptArguments, DPOConfig]:
     given = {arg[2:].split("=")[0] for arg in argv if arg.startswith("--")}
-    defaults = [] if "model" in given else [f"--{k}={v}" for k, v in TINY_DEFAULTS.items() if k not in given]
+    defaults = []
+    if "model" not in given:
+        tiny = {**TINY_DEFAULTS, **TINY_SCRIPT_DEFAULTS}
+        defaults = [f"--{k}={v}" for k, v in tiny.items() if k not in given]
     if "output_dir" not in given:
         defaults.append(f"--output_dir={os.path.join('runs', 'hh-' + time.strftime('%Y%m%d-%H%M%S'))}")
-    script_args, config = HfArgumentParser((ScriptArguments, DPOConfig)).parse_args_into_dataclasses(
-        defaults + argv
-    )
+    parser = HfArgumentParser((ScriptArguments, DPOConfig))
+    script_args, config = parser.parse_args_into_dataclasses(defaults + argv)
+    if script_args.judge not in ("rule", "llm", "reward"):
+        raise SystemExit(f"--judge must be rule, llm or reward, got {script_args.judge!r}.")
     return script_args, config
+
+
+# ---------------------------------------------------------------- data and models
 
 
 def load_hh(dataset: str, max_train_rows: int | None, max_eval_rows: int | None):
@@ -93,43 +136,117 @@ def load_hh(dataset: str, max_train_rows: int | None, max_eval_rows: int | None)
     return train.select_columns(["chosen", "rejected"]), test.select_columns(["chosen", "rejected"])
 
 
-def build_model(script_args: ScriptArguments, config: DPOConfig, train):
-    """The policy and its tokenizer: from `--model`, or a tiny Llama built from a config, offline."""
+def base_model(script_args: ScriptArguments, config: DPOConfig, train, out: str) -> str:
+    """Where the base model lives: `--model`, or a tiny Llama (and tokenizer) built offline under `out/base`."""
     if script_args.model is not None:
-        return script_args.model, AutoTokenizer.from_pretrained(script_args.model)
-    from dpo_trainer.tiny import tiny_causal_lm, train_tokenizer
+        return script_args.model
+    path = os.path.join(out, "base")
+    if not os.path.exists(os.path.join(path, "config.json")) and config.process_index == 0:
+        from dpo_trainer.tiny import tiny_causal_lm, train_tokenizer
 
-    tokenizer = train_tokenizer((row["chosen"] + row["rejected"] for row in train), vocab_size=2000)
-    return tiny_causal_lm(tokenizer, hidden_size=64, num_layers=2, num_heads=4, seed=config.seed), tokenizer
-
-
-def peft_config(script_args: ScriptArguments):
-    if script_args.lora_r <= 0:
-        return None
-    from peft import LoraConfig
-
-    alpha = script_args.lora_alpha or 2 * script_args.lora_r
-    return LoraConfig(
-        r=script_args.lora_r, lora_alpha=alpha, target_modules="all-linear", task_type="CAUSAL_LM"
-    )
+        tokenizer = train_tokenizer((row["chosen"] + row["rejected"] for row in train), vocab_size=2000)
+        model = tiny_causal_lm(tokenizer, hidden_size=128, num_layers=3, num_heads=4, seed=config.seed)
+        model.save_pretrained(path)
+        tokenizer.save_pretrained(path)
+    wait_for_everyone()
+    return path
 
 
-def check_output_dir(config: DPOConfig) -> None:
-    """Refuse to write into a folder that already holds files, unless resuming from it."""
-    if config.resume_from_checkpoint or not os.path.isdir(config.output_dir):
-        return
-    if os.listdir(config.output_dir):
-        raise SystemExit(
-            f"{config.output_dir} already holds files; choose another --output_dir or pass "
-            "--resume_from_checkpoint to continue that run."
+def wait_for_everyone():
+    from accelerate import PartialState
+
+    PartialState().wait_for_everyone()
+
+
+def load_causal_lm(path: str, script_args: ScriptArguments, config: DPOConfig, *, quantize: bool = False):
+    kwargs = dict(config.model_init_kwargs or {})
+    if quantize:
+        import torch
+        from transformers import BitsAndBytesConfig
+
+        compute = torch.bfloat16 if config.bf16 else torch.float16 if config.fp16 else torch.float32
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=compute
         )
+    return AutoModelForCausalLM.from_pretrained(path, **kwargs)
 
 
-def main(argv: list[str] | None = None) -> dict:
-    script_args, config = parse_args(sys.argv[1:] if argv is None else argv)
-    check_output_dir(config)
-    train, test = load_hh(script_args.dataset, script_args.max_train_rows, script_args.max_eval_rows)
-    model, tokenizer = build_model(script_args, config, train)
+# ---------------------------------------------------------------- stages
+
+
+def stage_done(folder: str) -> dict | None:
+    path = os.path.join(folder, "done.json")
+    return json.load(open(path)) if os.path.exists(path) else None
+
+
+def mark_done(folder: str, info: dict, config: DPOConfig) -> None:
+    if config.process_index == 0:
+        with open(os.path.join(folder, "done.json"), "w") as handle:
+            json.dump(info, handle, indent=2)
+    wait_for_everyone()
+
+
+def run_sft(script_args: ScriptArguments, config: DPOConfig, base: str, train, test, out: str) -> str:
+    """Fine-tune the base model on the chosen responses; returns the SFT model's folder."""
+    from dpo_trainer.sft import sft_trainer
+
+    folder, final = os.path.join(out, "sft"), os.path.join(out, "sft", "final")
+    if stage_done(folder):
+        print(f"[sft] already done: {final}")
+        return final
+    started = time.time()
+    tokenizer = AutoTokenizer.from_pretrained(base)
+    args = TrainingArguments(
+        output_dir=folder,
+        max_steps=script_args.sft_max_steps,
+        learning_rate=script_args.sft_learning_rate,
+        per_device_train_batch_size=config.per_device_train_batch_size,
+        per_device_eval_batch_size=config.per_device_eval_batch_size,
+        gradient_accumulation_steps=config.gradient_accumulation_steps,
+        lr_scheduler_type=config.lr_scheduler_type,
+        warmup_steps=config.warmup_steps,
+        logging_steps=config.logging_steps,
+        save_steps=config.save_steps,
+        save_total_limit=2,
+        bf16=config.bf16,
+        fp16=config.fp16,
+        seed=config.seed,
+        report_to=config.report_to,
+        use_cpu=config.use_cpu,
+        disable_tqdm=config.disable_tqdm,
+        gradient_checkpointing=config.gradient_checkpointing,
+    )
+    model = load_causal_lm(base, script_args, config)
+    trainer = sft_trainer(
+        model,
+        tokenizer,
+        args,
+        train,
+        test,
+        max_length=config.max_length,
+        max_prompt_length=config.max_prompt_length,
+    )
+    trainer.train(resume_from_checkpoint=get_last_checkpoint(folder))
+    metrics = trainer.evaluate()
+    trainer.save_model(final)
+    save_history(trainer, folder, config)
+    mark_done(folder, {"eval_loss": metrics["eval_loss"], "seconds": time.time() - started}, config)
+    print(
+        f"[sft] {args.max_steps} steps in {time.time() - started:.0f}s, held-out loss {metrics['eval_loss']:.3f}: {final}"
+    )
+    return final
+
+
+def run_dpo(script_args: ScriptArguments, config: DPOConfig, sft: str, train, test, out: str) -> str:
+    """DPO against the SFT model; returns the trained policy's folder (an adapter unless --full)."""
+    folder, final = os.path.join(out, "dpo"), os.path.join(out, "dpo", "final")
+    if stage_done(folder):
+        print(f"[dpo] already done: {final}")
+        return final
+    started = time.time()
+    config.output_dir = folder
+    tokenizer = AutoTokenizer.from_pretrained(sft)
+    model = load_causal_lm(sft, script_args, config, quantize=script_args.qlora)
     trainer = DPOTrainer(
         model,
         args=config,
@@ -139,31 +256,241 @@ def main(argv: list[str] | None = None) -> dict:
         peft_config=peft_config(script_args),
     )
     before = trainer.evaluate(metric_key_prefix="before")
-    trainer.train(resume_from_checkpoint=config.resume_from_checkpoint)
+    trainer.train(resume_from_checkpoint=get_last_checkpoint(folder))
     after = trainer.evaluate()
-    trainer.save_model()
-    summary = {"before_training": before, "after_training": after, "output_dir": config.output_dir}
-    if trainer.is_world_process_zero():
-        with open(os.path.join(config.output_dir, "metrics.json"), "w") as handle:
-            json.dump(summary, handle, indent=2)
-        print_summary(before, after)
+    trainer.save_model(final)
+    save_history(trainer, folder, config)
+    mark_done(
+        folder, {"before": before, "after": after, "seconds": time.time() - started, "sft": sft}, config
+    )
+    print(
+        f"[dpo] {trainer.state.global_step} steps in {time.time() - started:.0f}s: held-out reward accuracy "
+        f"{after['eval_rewards/accuracies']:.2f}, margin {after['eval_rewards/margins']:.2f} (before: "
+        f"{before['before_rewards/accuracies']:.2f}, {before['before_rewards/margins']:.2f}): {final}"
+    )
+    return final
+
+
+def peft_config(script_args: ScriptArguments):
+    if script_args.full and not script_args.qlora:
+        return None
+    from peft import LoraConfig
+
+    alpha = script_args.lora_alpha or 2 * script_args.lora_r
+    return LoraConfig(
+        r=script_args.lora_r, lora_alpha=alpha, target_modules="all-linear", task_type="CAUSAL_LM"
+    )
+
+
+def save_history(trainer, folder: str, config: DPOConfig) -> None:
+    if config.process_index == 0:
+        with open(os.path.join(folder, "log_history.json"), "w") as handle:
+            json.dump(trainer.state.log_history, handle, indent=1)
+
+
+def load_policy(path: str, sft: str, script_args: ScriptArguments, config: DPOConfig):
+    """The DPO policy for sampling: full weights, or the SFT model with the adapter merged in."""
+    if os.path.exists(os.path.join(path, "adapter_config.json")):
+        from peft import PeftModel
+
+        return PeftModel.from_pretrained(load_causal_lm(sft, script_args, config), path).merge_and_unload()
+    return load_causal_lm(path, script_args, config)
+
+
+def make_judge(script_args: ScriptArguments):
+    from dpo_trainer.evaluation import LLMJudge, RewardModelJudge, RuleJudge
+
+    if script_args.judge == "llm":
+        if not (script_args.judge_url and script_args.judge_model):
+            raise SystemExit("--judge llm needs --judge_url and --judge_model.")
+        return LLMJudge(script_args.judge_url, script_args.judge_model)
+    if script_args.judge == "reward":
+        if not script_args.reward_model:
+            raise SystemExit("--judge reward needs --reward_model.")
+        return RewardModelJudge.from_pretrained(script_args.reward_model)
+    return RuleJudge(bundled_rule_score())
+
+
+def bundled_rule_score():
+    """`rule_score(prompt, response)` of the bundled data's generator (examples/ is not a package)."""
+    spec = importlib.util.spec_from_file_location(
+        "make_hh_data", os.path.join(HERE, "data", "make_hh_data.py")
+    )
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module.rule_score
+
+
+def run_eval(
+    script_args: ScriptArguments, config: DPOConfig, sft: str, policy: str | None, test, out: str
+) -> dict:
+    """Sample, judge and plot; returns the summary also written to `out/summary.json`."""
+    from dpo_trainer.evaluation import (
+        best_of_n,
+        plot_training_curves,
+        plot_win_rates,
+        sample_responses,
+        win_rate,
+    )
+
+    started = time.time()
+    folder = os.path.join(out, "eval")
+    os.makedirs(folder, exist_ok=True)
+    rows = test.select(range(min(script_args.eval_prompts, len(test))))
+    split = [split_hh_transcript(row["chosen"], row=i, field="chosen") for i, row in enumerate(rows)]
+    prompts, chosen = [p for p, _ in split], [r.strip() for _, r in split]
+    tokenizer = AutoTokenizer.from_pretrained(sft)
+    judge = make_judge(script_args)
+    models = {"SFT": load_causal_lm(sft, script_args, config)}
+    if policy is not None:
+        models["DPO"] = load_policy(policy, sft, script_args, config)
+    temperatures = [float(t) for t in script_args.temperatures.split(",")]
+    sampling = dict(
+        max_new_tokens=script_args.max_new_tokens,
+        batch_size=config.per_device_eval_batch_size,
+        seed=config.seed,
+    )
+
+    samples = {}  # (method, temperature) -> responses, cached on disk so a rerun skips finished sampling
+    for method, model in models.items():
+        for temperature in temperatures:
+            samples[method, temperature] = cached(
+                folder,
+                method,
+                temperature,
+                lambda: [
+                    s[0].strip()
+                    for s in sample_responses(model, tokenizer, prompts, temperature=temperature, **sampling)
+                ],
+            )
+    if script_args.bon_n > 0 and hasattr(judge, "score"):
+        for temperature in (float(t) for t in script_args.bon_temperatures.split(",")):
+            samples[f"Best of {script_args.bon_n}", temperature] = cached(
+                folder,
+                f"best-of-{script_args.bon_n}",
+                temperature,
+                lambda: [
+                    r.strip()
+                    for r in best_of_n(
+                        models["SFT"],
+                        tokenizer,
+                        prompts,
+                        judge,
+                        n=script_args.bon_n,
+                        temperature=temperature,
+                        **sampling,
+                    )[0]
+                ],
+            )
+
+    results = {"vs_chosen": {}, "dpo_vs_sft": {}}
+    for (method, temperature), responses in samples.items():
+        rate = win_rate(judge.compare(prompts, responses, chosen))
+        results["vs_chosen"].setdefault(method, {})[temperature] = rate
+    if policy is not None:
+        for temperature in temperatures:
+            outcome = judge.compare(prompts, samples["DPO", temperature], samples["SFT", temperature])
+            results["dpo_vs_sft"][temperature] = win_rate(outcome)
+
+    plots = {
+        "win_rates": plot_win_rates(
+            results["vs_chosen"],
+            os.path.join(out, "plots", "win_rates.png"),
+            title=f"Win rate against the chosen response ({script_args.judge} judge)",
+        )
+    }
+    history_path = os.path.join(out, "dpo", "log_history.json")
+    if os.path.exists(history_path):
+        plots["training_curves"] = plot_training_curves(
+            json.load(open(history_path)), os.path.join(out, "plots", "training_curves.png")
+        )
+    summary = {
+        "judge": script_args.judge,
+        "prompts": len(prompts),
+        "win_rate_vs_chosen": {
+            m: {str(t): asdict(r) for t, r in by_t.items()} for m, by_t in results["vs_chosen"].items()
+        },
+        "dpo_vs_sft": {str(t): asdict(r) for t, r in results["dpo_vs_sft"].items()},
+        "plots": plots,
+        "seconds": time.time() - started,
+    }
+    print_table(results, script_args.judge, len(prompts))
     return summary
 
 
-def print_summary(before: dict, after: dict) -> None:
-    names = [
-        "loss",
-        "rewards/accuracies",
-        "rewards/margins",
-        "rewards/chosen",
-        "rewards/rejected",
-        "logps/chosen",
-    ]
-    print(f"\n{'held-out metric':<22}{'before':>12}{'after':>12}")
-    for name in names:
+def cached(folder: str, method: str, temperature: float, compute) -> list[str]:
+    path = os.path.join(folder, f"samples-{method.replace(' ', '-').lower()}-t{temperature}.json")
+    if os.path.exists(path):
+        return json.load(open(path))
+    responses = compute()
+    with open(path, "w") as handle:
+        json.dump(responses, handle, indent=1)
+    return responses
+
+
+def print_table(results: dict, judge: str, prompts: int) -> None:
+    print(
+        f"\n[eval] win rate against the data set's chosen response ({judge} judge, {prompts} held-out prompts)"
+    )
+    temperatures = sorted({t for by_t in results["vs_chosen"].values() for t in by_t})
+    print(f"{'method':<14}" + "".join(f"{'T=' + str(t):>24}" for t in temperatures))
+    for method, by_t in results["vs_chosen"].items():
+        print(f"{method:<14}" + "".join(f"{str(by_t[t]) if t in by_t else '-':>24}" for t in temperatures))
+    if results["dpo_vs_sft"]:
         print(
-            f"{name:<22}{before.get('before_' + name, float('nan')):>12.4f}{after.get('eval_' + name, float('nan')):>12.4f}"
+            f"{'DPO vs SFT':<14}"
+            + "".join(f"{str(results['dpo_vs_sft'].get(t, '-')):>24}" for t in temperatures)
         )
+
+
+# ---------------------------------------------------------------- the run
+
+
+def prepare_run_dir(out: str, script_args: ScriptArguments) -> None:
+    """Refuse a folder holding anything but an earlier run of this script (which is then resumed)."""
+    if os.path.isdir(out) and os.listdir(out) and not os.path.exists(os.path.join(out, RUN_MARKER)):
+        raise SystemExit(
+            f"{out} already holds files that are not a run of this script; choose another --output_dir."
+        )
+    os.makedirs(out, exist_ok=True)
+    marker = os.path.join(out, RUN_MARKER)
+    if not os.path.exists(marker):
+        with open(marker, "w") as handle:
+            json.dump(
+                {"script_args": asdict(script_args), "started": time.strftime("%Y-%m-%d %H:%M:%S")},
+                handle,
+                indent=2,
+            )
+
+
+def main(argv: list[str] | None = None) -> dict:
+    script_args, config = parse_args(sys.argv[1:] if argv is None else argv)
+    out = config.output_dir
+    if config.process_index == 0:
+        prepare_run_dir(out, script_args)
+    wait_for_everyone()
+    train, test = load_hh(script_args.dataset, script_args.max_train_rows, script_args.max_eval_rows)
+    base = base_model(script_args, config, train, out)
+    if script_args.skip_sft or script_args.sft_model:
+        sft = script_args.sft_model or base
+    else:
+        sft = run_sft(script_args, config, base, train, test, out)
+    policy = None if script_args.skip_dpo else run_dpo(script_args, config, sft, train, test, out)
+    if policy is None and os.path.exists(os.path.join(out, "dpo", "final")):
+        policy = os.path.join(out, "dpo", "final")  # an earlier run's policy
+    summary = {"output_dir": out, "sft_model": sft, "dpo_policy": policy}
+    if not script_args.skip_eval and config.process_index == 0:
+        summary["eval"] = run_eval(script_args, config, sft, policy, test, out)
+    if config.process_index == 0:
+        for stage in ("sft", "dpo"):
+            done = stage_done(os.path.join(out, stage))
+            if done:
+                summary[stage] = done
+        with open(os.path.join(out, "summary.json"), "w") as handle:
+            json.dump(summary, handle, indent=2)
+        print(f"\nsummary: {os.path.join(out, 'summary.json')}")
+    return summary
 
 
 if __name__ == "__main__":

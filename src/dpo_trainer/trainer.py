@@ -146,14 +146,14 @@ class DPOTrainer(Trainer):
             disable_dropout(ref_model)
         self.ref_model = ref_model
 
-        train_dataset = self._prepare_dataset(train_dataset, processing_class, args, "train_dataset")
+        train_dataset = self.prepare_dataset(train_dataset, processing_class, args, "train_dataset")
         if isinstance(eval_dataset, Mapping):
             eval_dataset = {
-                key: self._prepare_dataset(value, processing_class, args, f"eval_dataset[{key!r}]")
+                key: self.prepare_dataset(value, processing_class, args, f"eval_dataset[{key!r}]")
                 for key, value in eval_dataset.items()
             }
         else:
-            eval_dataset = self._prepare_dataset(eval_dataset, processing_class, args, "eval_dataset")
+            eval_dataset = self.prepare_dataset(eval_dataset, processing_class, args, "eval_dataset")
         self.layout = self._resolve_layout(args, model, ref_model)
         if data_collator is None:
             if self.layout == "padded":
@@ -208,7 +208,7 @@ class DPOTrainer(Trainer):
             )
 
     @staticmethod
-    def _prepare_dataset(dataset, tokenizer, args: DPOConfig, name: str):
+    def prepare_dataset(dataset, tokenizer, args: DPOConfig, name: str = "dataset"):
         """Rows in any supported format -> `prompt_ids`, `response_ids` (one tokenized row per example)."""
         if dataset is None:
             return None

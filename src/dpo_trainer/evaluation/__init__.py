@@ -1,0 +1,66 @@
+"""Evaluation: sample responses, judge them against a baseline, and report win rates.
+
+Judges (``judges``) compare two responses to the same prompt; ``win_rate`` (``winrate``) turns their
+verdicts into a win rate with a confidence interval; ``sample_responses`` (``sampling``), ``best_of_n``
+(``best_of_n``) and the plots (``plots``) are imported from their modules on first use.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+from .judges import (
+    COMPARISON_PROMPT,
+    Judge,
+    JudgeError,
+    LLMJudge,
+    RewardModelJudge,
+    RuleJudge,
+    ScoringJudge,
+    parse_verdict,
+)
+from .winrate import WinRate, win_rate
+
+# Imported on first access, so this package imports without them (plots need matplotlib).
+_LAZY = {
+    "sample_responses": "sampling",
+    "best_of_n": "best_of_n",
+    "plot_win_rates": "plots",
+    "plot_training_curves": "plots",
+}
+
+__all__ = [
+    "COMPARISON_PROMPT",
+    "Judge",
+    "JudgeError",
+    "LLMJudge",
+    "RewardModelJudge",
+    "RuleJudge",
+    "ScoringJudge",
+    "WinRate",
+    "parse_verdict",
+    "win_rate",
+    *_LAZY,
+]
+
+
+def __getattr__(name: str):
+    if name not in _LAZY:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))
+
+
+# best_of_n is imported now, not on first access: importing the submodule dpo_trainer.evaluation.best_of_n
+# (from anywhere) binds the package attribute "best_of_n" to that module, which would then shadow the
+# function; binding the function here, after that import, keeps it. Absent while it is being written.
+try:
+    from .best_of_n import best_of_n  # noqa: F401 (re-exported through __all__)
+except ModuleNotFoundError as error:
+    if error.name != f"{__name__}.best_of_n":
+        raise

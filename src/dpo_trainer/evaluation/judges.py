@@ -1,0 +1,394 @@
+"""Judges: compare two responses to the same prompt, for win rates and Best-of-N.
+
+Every judge has ``compare(prompts, responses_a, responses_b) -> list[float]``: per prompt 1.0 when
+response A is better, 0.0 when B is, 0.5 for a tie (``win_rate`` turns these into a win rate of A over B).
+Scoring judges (``ScoringJudge``) also have ``score(prompts, responses) -> list[float]`` (higher is
+better) and compare through it, a tie when the scores are equal.
+
+- ``RuleJudge``: a pure scoring function, e.g. the bundled data's ``rule_score``.
+- ``RewardModelJudge``: a local sequence-classification model with one output, the reward.
+- ``LLMJudge``: an OpenAI-compatible chat-completions endpoint asked the paper's GPT-4 question.
+
+>>> judge = RuleJudge(lambda prompt, response: len(response), disable_progress=True)
+>>> judge.compare(["Hi"] * 3, ["hello", "hey", "yo"], ["hey", "hey", "hello"])
+[1.0, 0.5, 0.0]
+"""
+
+from __future__ import annotations
+
+import abc
+import http.client
+import json
+import os
+import random
+import re
+import time
+import urllib.error
+import urllib.request
+import warnings
+from collections.abc import Callable, Sequence
+
+import torch
+import transformers
+from tqdm.auto import tqdm
+
+# Rafailov et al. 2023 (arXiv 2305.18290), App. C.2: the GPT-4 win-rate prompt for dialogue (Anthropic-HH),
+# as the paper gives it ("\" there only wraps long lines), with the two responses as placeholders.
+COMPARISON_PROMPT = """For the following query to a chatbot, which response is more helpful?
+Query: {query}
+Response A:
+{response_a}
+Response B:
+{response_b}
+FIRST provide a one-sentence comparison of the two responses and explain which you feel is more \
+helpful. SECOND, on a new line, state only "A" or "B" to indicate which response is more helpful. Your \
+response should use the format:
+Comparison: <one-sentence comparison and explanation>
+More helpful: <"A" or "B">"""
+
+# Status codes worth another try, as OpenAI's own client retries them: timeout, conflict, rate limit.
+RETRY_STATUS = frozenset({408, 409, 429})
+MAX_BACKOFF_S = 60.0
+
+
+class JudgeError(RuntimeError):
+    """A judge could not get a verdict: the endpoint failed, refused or answered something else."""
+
+
+def _check_lengths(prompts: Sequence[str], **responses: Sequence[str]) -> None:
+    for name, values in responses.items():
+        if len(values) != len(prompts):
+            raise ValueError(f"{name} has {len(values)} entries but prompts has {len(prompts)}")
+
+
+class Judge(abc.ABC):
+    """Compares two responses to the same prompt."""
+
+    @abc.abstractmethod
+    def compare(
+        self, prompts: Sequence[str], responses_a: Sequence[str], responses_b: Sequence[str]
+    ) -> list[float]:
+        """Per prompt: 1.0 if ``responses_a[i]`` is better, 0.0 if ``responses_b[i]`` is, 0.5 for a tie."""
+
+
+class ScoringJudge(Judge):
+    """A judge that scores each response on its own (higher is better), as Best-of-N needs."""
+
+    @abc.abstractmethod
+    def score(self, prompts: Sequence[str], responses: Sequence[str]) -> list[float]:
+        """One score per (prompt, response) pair; higher is better."""
+
+    def compare(
+        self, prompts: Sequence[str], responses_a: Sequence[str], responses_b: Sequence[str]
+    ) -> list[float]:
+        """1.0 where A scores higher, 0.0 where B does, 0.5 where the scores are equal."""
+        _check_lengths(prompts, responses_a=responses_a, responses_b=responses_b)
+        # One call for both sides, so a reward model batches them together.
+        scores = self.score(list(prompts) * 2, list(responses_a) + list(responses_b))
+        n = len(prompts)
+        return [1.0 if a > b else 0.0 if a < b else 0.5 for a, b in zip(scores[:n], scores[n:])]
+
+
+class RuleJudge(ScoringJudge):
+    """A scoring judge from a pure function ``score_fn(prompt, response) -> float`` (higher is better).
+
+    ``disable_progress`` hides the tqdm bar shown while scoring.
+    """
+
+    def __init__(self, score_fn: Callable[[str, str], float], *, disable_progress: bool = False):
+        self.score_fn = score_fn
+        self.disable_progress = disable_progress
+
+    def score(self, prompts: Sequence[str], responses: Sequence[str]) -> list[float]:
+        _check_lengths(prompts, responses=responses)
+        pairs = tqdm(
+            zip(prompts, responses), total=len(prompts), desc="rule judge", disable=self.disable_progress
+        )
+        return [float(self.score_fn(prompt, response)) for prompt, response in pairs]
+
+
+class RewardModelJudge(ScoringJudge):
+    """A reward model: a sequence-classification model with one output, read on ``prompt + response``.
+
+    The texts are tokenized as the tokenizer does by default (special tokens included); a text longer
+    than ``max_length`` tokens loses the start of its prompt (a leading BOS is kept), since the reward is
+    read at the last token. Texts are scored ``batch_size`` at a time, grouped by length and padded on
+    the right by the judge itself whatever ``tokenizer.padding_side`` says, so a score does not depend
+    on the batch it is in (up to float rounding). The padding id is the model's ``config.pad_token_id``,
+    else the tokenizer's pad token, else its EOS token; when the config has none, it is set on the
+    config, because the model finds each row's last token by it. The model is put in eval mode (and
+    moved to ``device`` if given) and runs without gradient. ``disable_progress`` hides the tqdm bar.
+    """
+
+    def __init__(
+        self,
+        model: transformers.PreTrainedModel,
+        tokenizer: transformers.PreTrainedTokenizerBase,
+        *,
+        batch_size: int = 16,
+        max_length: int = 512,
+        device: str | torch.device | None = None,
+        disable_progress: bool = False,
+    ):
+        if getattr(model.config, "num_labels", None) != 1:
+            raise ValueError(
+                f"a reward model has one output (num_labels=1), this one has {model.config.num_labels}"
+            )
+        if batch_size < 1 or max_length < 2:
+            raise ValueError(f"batch_size must be >= 1 and max_length >= 2, got {batch_size}, {max_length}")
+        pad_id = model.config.pad_token_id
+        if pad_id is None:
+            pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+            if pad_id is None:
+                raise ValueError("neither the model config nor the tokenizer has a pad or EOS token id")
+            model.config.pad_token_id = pad_id
+        if device is not None:
+            model.to(device)
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.pad_id = pad_id
+        self.batch_size = batch_size
+        self.max_length = max_length
+        self.disable_progress = disable_progress
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        path_or_id: str,
+        *,
+        batch_size: int = 16,
+        max_length: int = 512,
+        device: str | torch.device | None = None,
+        disable_progress: bool = False,
+        tokenizer_kwargs: dict | None = None,
+        **model_kwargs,
+    ) -> RewardModelJudge:
+        """Load the model (``model_kwargs``, e.g. ``dtype``) and tokenizer from a folder or the Hub."""
+        model = transformers.AutoModelForSequenceClassification.from_pretrained(path_or_id, **model_kwargs)
+        tokenizer = transformers.AutoTokenizer.from_pretrained(path_or_id, **(tokenizer_kwargs or {}))
+        return cls(
+            model,
+            tokenizer,
+            batch_size=batch_size,
+            max_length=max_length,
+            device=device,
+            disable_progress=disable_progress,
+        )
+
+    def _token_ids(self, text: str) -> list[int]:
+        ids = self.tokenizer(text)["input_ids"]
+        if len(ids) <= self.max_length:
+            return ids
+        bos_id = self.tokenizer.bos_token_id
+        if bos_id is not None and ids[0] == bos_id:
+            return ids[:1] + ids[len(ids) - self.max_length + 1 :]
+        return ids[len(ids) - self.max_length :]
+
+    @torch.no_grad()
+    def score(self, prompts: Sequence[str], responses: Sequence[str]) -> list[float]:
+        _check_lengths(prompts, responses=responses)
+        ids = [self._token_ids(prompt + response) for prompt, response in zip(prompts, responses)]
+        for row, row_ids in enumerate(ids):
+            if not row_ids:
+                raise ValueError(f"row {row}: prompt + response is empty, there is no token to score")
+        device = next(self.model.parameters()).device
+        order = sorted(range(len(ids)), key=lambda i: len(ids[i]), reverse=True)
+        scores = [0.0] * len(ids)
+        with tqdm(total=len(ids), desc="reward model", disable=self.disable_progress) as bar:
+            for start in range(0, len(order), self.batch_size):
+                rows = order[start : start + self.batch_size]
+                width = max(len(ids[i]) for i in rows)
+                input_ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
+                attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
+                for row, i in enumerate(rows):
+                    input_ids[row, : len(ids[i])] = torch.tensor(ids[i])
+                    attention_mask[row, : len(ids[i])] = 1
+                logits = self.model(
+                    input_ids=input_ids.to(device), attention_mask=attention_mask.to(device)
+                ).logits
+                for i, value in zip(rows, logits[:, 0].float().tolist()):
+                    scores[i] = value
+                bar.update(len(rows))
+        return scores
+
+
+_VERDICT_QUOTES_OPEN = "\"'“‘<([{"
+_VERDICT_QUOTES_CLOSE = "\"'”’>)]}.!,;:"
+# "More helpful: A", tolerant of case, spacing, quotes, brackets, "Response A" and trailing punctuation;
+# the letter must end the line, so "More helpful: a short answer" is not read as A.
+_LABELLED_VERDICT = re.compile(
+    rf"more\s+helpful\s*:\s*[{re.escape(_VERDICT_QUOTES_OPEN)}\s]*(?:response\s+)?([ab])"
+    rf"[{re.escape(_VERDICT_QUOTES_CLOSE)}\s]*$",
+    re.IGNORECASE | re.MULTILINE,
+)
+# Fallback: a line holding nothing but the letter ("B", "**B**", "Response B.").
+_BARE_VERDICT = re.compile(
+    rf"^[{re.escape(_VERDICT_QUOTES_OPEN)}\s]*(?:response\s+)?([ab])[{re.escape(_VERDICT_QUOTES_CLOSE)}\s]*$",
+    re.IGNORECASE | re.MULTILINE,
+)
+
+
+def parse_verdict(reply: str) -> str | None:
+    """ "A" or "B" from a judge's reply to ``COMPARISON_PROMPT``, or None if it names neither.
+
+    The last "More helpful:" line decides; markdown emphasis, quotes, "Response A", lowercase and
+    trailing punctuation are tolerated. Without one, the last line holding only the letter decides.
+
+    >>> parse_verdict('Comparison: B is on topic.\\n**More helpful:** "response b".')
+    'B'
+    >>> parse_verdict("Comparison: A is concise.\\n\\nA") , parse_verdict("Both are fine.")
+    ('A', None)
+    """
+    text = re.sub(r"[*_`#]", "", reply or "")
+    for pattern in (_LABELLED_VERDICT, _BARE_VERDICT):
+        letters = pattern.findall(text)
+        if letters:
+            return letters[-1].upper()
+    return None
+
+
+class LLMJudge(Judge):
+    """An LLM behind an OpenAI-compatible chat-completions endpoint, asked the paper's comparison prompt.
+
+    Each comparison is one ``POST {base_url}/chat/completions`` with body ``{"model", "messages":
+    [{"role": "user", "content": prompt_template.format(query=..., response_a=..., response_b=...)}],
+    "temperature"}``, sent one after another. As in the paper (App. C.2), the order in which the two
+    responses are shown is random per comparison (``random.Random(seed)``, drawn across calls) and the
+    verdict is mapped back, so a judge's preference for a position cancels out on average.
+
+    A reply naming neither response (see ``parse_verdict``) counts as a tie; ``unparsed`` counts them and
+    the first one is warned about. Status 408/409/429/5xx, connection errors and timeouts are retried up
+    to ``max_retries`` times (so ``max_retries + 1`` attempts), waiting ``retry_delay * 2**k`` seconds
+    before retry k (at most 60); then ``JudgeError``. Any other error status, or an answer that is not
+    chat-completions JSON, raises ``JudgeError`` at once. ``api_key`` defaults to the ``OPENAI_API_KEY``
+    environment variable and is sent as a bearer token when there is one. ``disable_progress`` hides the
+    tqdm bar.
+    """
+
+    def __init__(
+        self,
+        base_url: str,
+        model: str,
+        *,
+        api_key: str | None = None,
+        temperature: float = 0.0,
+        max_retries: int = 3,
+        timeout: float = 30,
+        seed: int = 0,
+        prompt_template: str = COMPARISON_PROMPT,
+        retry_delay: float = 1.0,
+        disable_progress: bool = False,
+    ):
+        if max_retries < 0 or retry_delay < 0 or timeout <= 0:
+            raise ValueError(
+                "need max_retries >= 0, retry_delay >= 0 and timeout > 0, "
+                f"got {max_retries}, {retry_delay}, {timeout}"
+            )
+        for field in ("query", "response_a", "response_b"):
+            if "{" + field + "}" not in prompt_template:
+                raise ValueError(f"prompt_template must contain the placeholder {{{field}}}")
+        if not base_url.startswith(("http://", "https://")):
+            raise ValueError(f"base_url must start with http:// or https://, got {base_url!r}")
+        base_url = base_url.rstrip("/")
+        self.url = base_url if base_url.endswith("/chat/completions") else base_url + "/chat/completions"
+        self.model = model
+        self.api_key = api_key if api_key is not None else os.environ.get("OPENAI_API_KEY")
+        self.temperature = temperature
+        self.max_retries = max_retries
+        self.timeout = timeout
+        self.prompt_template = prompt_template
+        self.retry_delay = retry_delay
+        self.disable_progress = disable_progress
+        self.unparsed = 0
+        self._rng = random.Random(seed)
+        self._warned = False
+
+    def compare(
+        self, prompts: Sequence[str], responses_a: Sequence[str], responses_b: Sequence[str]
+    ) -> list[float]:
+        _check_lengths(prompts, responses_a=responses_a, responses_b=responses_b)
+        outcomes = []
+        items = tqdm(
+            zip(prompts, responses_a, responses_b),
+            total=len(prompts),
+            desc="LLM judge",
+            disable=self.disable_progress,
+        )
+        for prompt, response_a, response_b in items:
+            swapped = self._rng.random() < 0.5
+            first, second = (response_b, response_a) if swapped else (response_a, response_b)
+            content = self.prompt_template.format(query=prompt, response_a=first, response_b=second)
+            reply = self._complete(content)
+            verdict = parse_verdict(reply)
+            if verdict is None:
+                self.unparsed += 1
+                if not self._warned:
+                    self._warned = True
+                    warnings.warn(
+                        f"{self.url}: could not read a verdict ('More helpful: A' or 'B') from the reply "
+                        f"{reply[:200]!r}; counted as a tie (judge.unparsed counts them)",
+                        stacklevel=2,
+                    )
+                outcomes.append(0.5)
+                continue
+            first_wins = verdict == "A"
+            outcomes.append(1.0 if first_wins != swapped else 0.0)
+        return outcomes
+
+    def _complete(self, content: str) -> str:
+        """The assistant message for one user message, retrying transient failures."""
+        body = json.dumps(
+            {
+                "model": self.model,
+                "messages": [{"role": "user", "content": content}],
+                "temperature": self.temperature,
+            }
+        ).encode()
+        headers = {"Content-Type": "application/json", "Accept": "application/json"}
+        if self.api_key:
+            headers["Authorization"] = f"Bearer {self.api_key}"
+        last_error = ""
+        for attempt in range(self.max_retries + 1):
+            if attempt:
+                time.sleep(min(self.retry_delay * 2 ** (attempt - 1), MAX_BACKOFF_S))
+            request = urllib.request.Request(self.url, data=body, headers=headers, method="POST")
+            try:
+                with urllib.request.urlopen(request, timeout=self.timeout) as response:
+                    raw = response.read()
+            except urllib.error.HTTPError as error:
+                excerpt = _excerpt(error.read())
+                if error.code in RETRY_STATUS or error.code >= 500:
+                    last_error = f"status {error.code}: {excerpt}"
+                    continue
+                hint = "check the API key (api_key or OPENAI_API_KEY)" if error.code in (401, 403) else ""
+                hint = hint or "check base_url and model"
+                raise JudgeError(
+                    f"{self.url} answered status {error.code} for model {self.model!r}: {excerpt}; {hint}"
+                ) from error
+            except (OSError, http.client.HTTPException) as error:  # refused, reset, timed out
+                last_error = f"{type(error).__name__}: {getattr(error, 'reason', error)}"
+                continue
+            return self._message_content(raw)
+        raise JudgeError(
+            f"{self.url} failed {self.max_retries + 1} times (max_retries={self.max_retries}); "
+            f"last: {last_error}"
+        )
+
+    def _message_content(self, raw: bytes) -> str:
+        try:
+            message = json.loads(raw)["choices"][0]["message"]
+            content = message.get("content")
+        except (ValueError, KeyError, IndexError, TypeError, AttributeError) as error:
+            raise JudgeError(
+                f"{self.url} did not answer with chat-completions JSON "
+                f"({{'choices': [{{'message': ...}}]}}): "
+                f"{_excerpt(raw)}; check base_url (OpenAI-compatible servers usually end in /v1) and model"
+            ) from error
+        if isinstance(content, list):  # content parts
+            content = "".join(part.get("text", "") for part in content if isinstance(part, dict))
+        return content if isinstance(content, str) else ""
+
+
+def _excerpt(raw: bytes, limit: int = 300) -> str:
+    text = raw.decode("utf-8", errors="replace").strip()
+    return repr(text[:limit] + ("..." if len(text) > limit else ""))

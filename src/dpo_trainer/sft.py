@@ -1,0 +1,82 @@
+"""Supervised fine-tuning on the preferred responses: the paper's Preferred-FT baseline and DPO's start.
+
+The paper (Sec. 6) fine-tunes the base model on the chosen responses before DPO, so that the reference
+model is close to the distribution the preferences were collected on. This module reuses the preference
+data pipeline (same formats, tokenization and truncation) and trains on response 0 of every row with a
+plain `transformers.Trainer`; the loss covers response tokens only.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from transformers import Trainer, TrainingArguments
+
+from .config import DPOConfig
+from .trainer import DPOTrainer
+
+IGNORE_INDEX = -100  # label value the causal-LM loss skips
+
+
+@dataclass
+class SFTCollator:
+    """Right-padded `prompt + chosen` rows with labels on the chosen tokens only.
+
+    >>> batch = SFTCollator(pad_token_id=0)([
+    ...     {"prompt_ids": [5, 6], "response_ids": [[7, 2], [8, 2]]},
+    ...     {"prompt_ids": [9], "response_ids": [[3, 4, 2], [2]]},
+    ... ])
+    >>> batch["input_ids"].tolist(), batch["labels"].tolist()
+    ([[5, 6, 7, 2], [9, 3, 4, 2]], [[-100, -100, 7, 2], [-100, 3, 4, 2]])
+    """
+
+    pad_token_id: int
+
+    def __call__(self, features: list[dict]) -> dict[str, torch.Tensor]:
+        rows = [list(f["prompt_ids"]) + list(f["response_ids"][0]) for f in features]
+        width = max(map(len, rows))
+        input_ids = torch.full((len(rows), width), self.pad_token_id, dtype=torch.long)
+        labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
+        attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for i, (row, feature) in enumerate(zip(rows, features)):
+            input_ids[i, : len(row)] = torch.tensor(row)
+            attention_mask[i, : len(row)] = 1
+            start = len(feature["prompt_ids"])
+            labels[i, start : len(row)] = input_ids[i, start : len(row)]
+        return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+
+def sft_trainer(
+    model,
+    tokenizer,
+    args: TrainingArguments,
+    train_dataset,
+    eval_dataset=None,
+    *,
+    max_length: int | None = 512,
+    max_prompt_length: int | None = 256,
+    callbacks=None,
+) -> Trainer:
+    """A `transformers.Trainer` that fine-tunes `model` on the preferred response of each preference row.
+
+    Rows may be in any format `DPOTrainer` accepts; truncation follows `DPOConfig`'s rules.
+    """
+    data_args = DPOConfig(
+        output_dir=args.output_dir,
+        max_length=max_length,
+        max_prompt_length=max_prompt_length,
+        report_to="none",
+    )
+    train = DPOTrainer.prepare_dataset(train_dataset, tokenizer, data_args, "train_dataset")
+    evaluation = DPOTrainer.prepare_dataset(eval_dataset, tokenizer, data_args, "eval_dataset")
+    args.remove_unused_columns = False  # the collator reads prompt_ids / response_ids
+    return Trainer(
+        model=model,
+        args=args,
+        train_dataset=train,
+        eval_dataset=evaluation,
+        data_collator=SFTCollator(tokenizer.pad_token_id),
+        processing_class=tokenizer,
+        callbacks=callbacks,
+    )

@@ -1,0 +1,203 @@
+"""Batched sampling (dpo_trainer.evaluation.sampling) on tiny random models."""
+
+import copy
+
+import pytest
+import torch
+
+from dpo_trainer.evaluation.sampling import sample_responses
+
+PROMPTS = [
+    "Hi",
+    "Tell me about the garden and the river and the music and the bread and the winter and the train:",
+    "Tell me about the lamp:",
+    "\n\nHuman: hello\n\nAssistant:",
+]
+
+
+def reference_greedy(model, tokenizer, prompt: str, max_new_tokens: int) -> str:
+    """One prompt, no padding, plain generate(): what a batched greedy run must reproduce."""
+    input_ids = torch.tensor([tokenizer(prompt)["input_ids"]])
+    output = model.generate(
+        input_ids=input_ids,
+        attention_mask=torch.ones_like(input_ids),
+        do_sample=False,
+        max_new_tokens=max_new_tokens,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )[0, input_ids.shape[1] :].tolist()
+    if tokenizer.eos_token_id in output:
+        output = output[: output.index(tokenizer.eos_token_id)]
+    return tokenizer.decode(output, skip_special_tokens=True)
+
+
+def force_eos_after(model, eos_id: int, k: int):
+    """Rig the LM head so that EOS is the argmax of the (k+1)-th generated token: exactly k tokens, then EOS.
+
+    generate() calls the head once for the prompt (giving token 1) and once per later token.
+    """
+    calls = {"n": 0}
+
+    def hook(module, inputs, logits):
+        calls["n"] += 1
+        if calls["n"] == k + 1:
+            logits = logits.clone()
+            logits[:, -1, eos_id] = 1e4
+        return logits
+
+    return model.lm_head.register_forward_hook(hook)
+
+
+def test_batched_greedy_equals_one_by_one(make_model, tokenizer):
+    model = make_model()
+    batched = sample_responses(
+        model, tokenizer, PROMPTS, temperature=0, max_new_tokens=12, batch_size=4, disable_progress=True
+    )
+    one_by_one = [[reference_greedy(model, tokenizer, prompt, 12)] for prompt in PROMPTS]
+    assert batched == one_by_one
+    assert all(text for [text] in batched)  # the tiny model does say something
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "gpt2"])
+def test_batched_greedy_equals_one_by_one_other_architectures(make_model, tokenizer, arch):
+    model = make_model(arch=arch)
+    batched = sample_responses(
+        model, tokenizer, PROMPTS, temperature=0, max_new_tokens=8, batch_size=3, disable_progress=True
+    )
+    assert batched == [[reference_greedy(model, tokenizer, prompt, 8)] for prompt in PROMPTS]
+
+
+def test_without_a_pad_token_pads_with_eos(make_model, tokenizer):
+    model = make_model()
+    no_pad = copy.deepcopy(tokenizer)
+    no_pad.pad_token = None
+    assert no_pad.pad_token_id is None
+    kwargs = dict(temperature=0, max_new_tokens=8, disable_progress=True)
+    assert sample_responses(model, no_pad, PROMPTS, **kwargs) == sample_responses(
+        model, tokenizer, PROMPTS, **kwargs
+    )
+    assert no_pad.pad_token_id is None
+
+
+def test_seeded_sampling_is_reproducible_and_seeds_differ(make_model, tokenizer):
+    model = make_model()
+    kwargs = dict(temperature=1.0, max_new_tokens=10, num_samples=2, disable_progress=True)
+    first = sample_responses(model, tokenizer, PROMPTS, seed=1, **kwargs)
+    assert sample_responses(model, tokenizer, PROMPTS, seed=1, **kwargs) == first
+    assert sample_responses(model, tokenizer, PROMPTS, seed=2, **kwargs) != first
+    assert first[0][0] != first[0][1]  # two samples of one prompt are two draws
+
+
+def test_num_samples_shape_and_greedy_samples_agree(make_model, tokenizer):
+    model = make_model()
+    sampled = sample_responses(
+        model, tokenizer, PROMPTS, num_samples=3, max_new_tokens=4, batch_size=5, disable_progress=True
+    )
+    assert [len(samples) for samples in sampled] == [3] * len(PROMPTS)
+    assert all(isinstance(text, str) for samples in sampled for text in samples)
+    greedy = sample_responses(
+        model, tokenizer, PROMPTS, temperature=0, num_samples=2, max_new_tokens=4, disable_progress=True
+    )
+    assert all(samples[0] == samples[1] for samples in greedy)
+    assert sample_responses(model, tokenizer, [], disable_progress=True) == []
+
+
+def test_stops_at_eos_and_returns_the_continuation_only(make_model, tokenizer):
+    model = make_model()
+    kwargs = dict(temperature=0, batch_size=4, disable_progress=True)
+    first_three = sample_responses(model, tokenizer, PROMPTS, max_new_tokens=3, **kwargs)
+    longer = sample_responses(model, tokenizer, PROMPTS, max_new_tokens=10, **kwargs)
+    assert all(
+        long[0].startswith(short[0]) and long[0] != short[0] for short, long in zip(first_three, longer)
+    )
+
+    handle = force_eos_after(model, tokenizer.eos_token_id, k=3)
+    try:
+        stopped = sample_responses(model, tokenizer, PROMPTS, max_new_tokens=10, **kwargs)
+    finally:
+        handle.remove()
+    assert stopped == first_three  # 3 tokens, then EOS, and nothing after it
+
+    handle = force_eos_after(model, tokenizer.eos_token_id, k=0)
+    try:
+        immediate = sample_responses(model, tokenizer, PROMPTS, temperature=1.0, disable_progress=True)
+    finally:
+        handle.remove()
+    assert immediate == [[""]] * len(PROMPTS)  # no prompt text, no "<eos>" text
+
+
+def test_leaves_rng_model_and_tokenizer_as_found(make_model, tokenizer):
+    model = make_model()
+    model.train()
+    generation_config = model.generation_config.to_dict()
+    padding_side = tokenizer.padding_side
+    torch.manual_seed(123)
+    rng_state = torch.get_rng_state()
+    sample_responses(
+        model, tokenizer, PROMPTS, temperature=0.7, top_p=0.9, max_new_tokens=5, disable_progress=True
+    )
+    assert torch.equal(torch.get_rng_state(), rng_state)
+    assert model.training
+    assert model.generation_config.to_dict() == generation_config
+    assert tokenizer.padding_side == padding_side == "right"
+
+
+def test_peft_model(make_model, tokenizer):
+    peft = pytest.importorskip("peft")
+    base = make_model()
+    kwargs = dict(temperature=0, max_new_tokens=6, disable_progress=True)
+    expected = sample_responses(base, tokenizer, PROMPTS, **kwargs)
+    model = peft.get_peft_model(base, peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    model.train()
+    assert sample_responses(model, tokenizer, PROMPTS, **kwargs) == expected  # LoRA starts as the identity
+    assert model.training
+
+
+def test_encoder_decoder_model_pads_on_the_right(tokenizer):
+    transformers = pytest.importorskip("transformers")
+    config = transformers.BartConfig(
+        vocab_size=len(tokenizer),
+        d_model=32,
+        encoder_layers=1,
+        decoder_layers=1,
+        encoder_attention_heads=4,
+        decoder_attention_heads=4,
+        encoder_ffn_dim=64,
+        decoder_ffn_dim=64,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        decoder_start_token_id=tokenizer.bos_token_id,
+        forced_eos_token_id=None,
+        tie_word_embeddings=False,  # tied and small, a random BART only ever repeats its start token
+        init_std=0.5,
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = transformers.BartForConditionalGeneration(config)
+    kwargs = dict(temperature=0, max_new_tokens=6, disable_progress=True)
+    batched = sample_responses(model, tokenizer, PROMPTS, batch_size=4, **kwargs)
+    assert batched == [sample_responses(model, tokenizer, [prompt], **kwargs)[0] for prompt in PROMPTS]
+    assert all(text for [text] in batched)
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(temperature=-0.1), "temperature"),
+        (dict(top_p=0.0), "top_p"),
+        (dict(max_new_tokens=0), "max_new_tokens"),
+        (dict(batch_size=0), "batch_size"),
+        (dict(num_samples=0), "num_samples"),
+    ],
+)
+def test_rejects_bad_settings(make_model, tokenizer, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        sample_responses(make_model(), tokenizer, PROMPTS, **kwargs)
+
+
+def test_rejects_an_empty_prompt_and_a_bare_string(make_model, tokenizer):
+    with pytest.raises(ValueError, match="prompt 1 is empty"):
+        sample_responses(make_model(), tokenizer, ["Hi", ""], disable_progress=True)
+    with pytest.raises(TypeError, match="list of strings"):
+        sample_responses(make_model(), tokenizer, "Hi", disable_progress=True)
