@@ -352,37 +352,26 @@ def run_eval(
         seed=config.seed,
     )
 
+    def sample(model, temperature):
+        return [
+            s[0].strip()
+            for s in sample_responses(model, tokenizer, prompts, temperature=temperature, **sampling)
+        ]
+
+    def best(temperature):
+        responses, _ = best_of_n(
+            models["SFT"], tokenizer, prompts, judge, n=script_args.bon_n, temperature=temperature, **sampling
+        )
+        return [r.strip() for r in responses]
+
     samples = {}  # (method, temperature) -> responses, cached on disk so a rerun skips finished sampling
     for method, model in models.items():
         for temperature in temperatures:
-            samples[method, temperature] = cached(
-                folder,
-                method,
-                temperature,
-                lambda: [
-                    s[0].strip()
-                    for s in sample_responses(model, tokenizer, prompts, temperature=temperature, **sampling)
-                ],
-            )
+            samples[method, temperature] = cached(folder, method, temperature, sample, model, temperature)
     if script_args.bon_n > 0 and hasattr(judge, "score"):
         for temperature in (float(t) for t in script_args.bon_temperatures.split(",")):
-            samples[f"Best of {script_args.bon_n}", temperature] = cached(
-                folder,
-                f"best-of-{script_args.bon_n}",
-                temperature,
-                lambda: [
-                    r.strip()
-                    for r in best_of_n(
-                        models["SFT"],
-                        tokenizer,
-                        prompts,
-                        judge,
-                        n=script_args.bon_n,
-                        temperature=temperature,
-                        **sampling,
-                    )[0]
-                ],
-            )
+            name = f"Best of {script_args.bon_n}"
+            samples[name, temperature] = cached(folder, name, temperature, best, temperature)
 
     results = {"vs_chosen": {}, "dpo_vs_sft": {}}
     for (method, temperature), responses in samples.items():
@@ -419,11 +408,12 @@ def run_eval(
     return summary
 
 
-def cached(folder: str, method: str, temperature: float, compute) -> list[str]:
+def cached(folder: str, method: str, temperature: float, compute, *args) -> list[str]:
+    """`compute(*args)`, saved as JSON under `folder`; an earlier run's file is read instead."""
     path = os.path.join(folder, f"samples-{method.replace(' ', '-').lower()}-t{temperature}.json")
     if os.path.exists(path):
         return json.load(open(path))
-    responses = compute()
+    responses = compute(*args)
     with open(path, "w") as handle:
         json.dump(responses, handle, indent=1)
     return responses
