@@ -401,7 +401,7 @@ def run_eval(
             m: {str(t): asdict(r) for t, r in by_t.items()} for m, by_t in results["vs_chosen"].items()
         },
         "dpo_vs_sft": {str(t): asdict(r) for t, r in results["dpo_vs_sft"].items()},
-        "plots": plots,
+        "plots": {name: str(path) for name, path in plots.items()},
         "seconds": time.time() - started,
     }
     print_table(results, script_args.judge, len(prompts))
@@ -424,9 +424,9 @@ def print_table(results: dict, judge: str, prompts: int) -> None:
         f"\n[eval] win rate against the data set's chosen response ({judge} judge, {prompts} held-out prompts)"
     )
     temperatures = sorted({t for by_t in results["vs_chosen"].values() for t in by_t})
-    print(f"{'method':<14}" + "".join(f"{'T=' + str(t):>24}" for t in temperatures))
+    print(f"{'method':<14}" + "".join(f"{'T=' + str(t):>28}" for t in temperatures))
     for method, by_t in results["vs_chosen"].items():
-        print(f"{method:<14}" + "".join(f"{str(by_t[t]) if t in by_t else '-':>24}" for t in temperatures))
+        print(f"{method:<14}" + "".join(f"{str(by_t[t]) if t in by_t else '-':>28}" for t in temperatures))
     if results["dpo_vs_sft"]:
         print(
             f"{'DPO vs SFT':<14}"
