@@ -430,7 +430,7 @@ def print_table(results: dict, judge: str, prompts: int) -> None:
     if results["dpo_vs_sft"]:
         print(
             f"{'DPO vs SFT':<14}"
-            + "".join(f"{str(results['dpo_vs_sft'].get(t, '-')):>24}" for t in temperatures)
+            + "".join(f"{str(results['dpo_vs_sft'].get(t, '-')):>28}" for t in temperatures)
         )
 
 
