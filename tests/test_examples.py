@@ -1,4 +1,4 @@
-"""examples/hh.py end to end, shortened: in process, from a local file, and under `accelerate launch`."""
+"""examples/hh.py end to end, shortened: every stage, resuming, skipping, local files, accelerate launch."""
 
 import importlib.util
 import json
@@ -10,7 +10,11 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HH = os.path.join(ROOT, "examples", "hh.py")
-SHORT = ["--max_steps", "3", "--max_train_rows", "64", "--max_eval_rows", "16", "--logging_steps", "1"]
+SHORT = [
+    "--sft_max_steps", "3", "--max_steps", "3", "--max_train_rows", "48", "--max_eval_rows", "8",
+    "--logging_steps", "1", "--eval_prompts", "4", "--temperatures", "0.5,1.0", "--bon_n", "2",
+    "--max_new_tokens", "8", "--save_steps", "2",
+]  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -22,34 +26,68 @@ def hh():
     return module
 
 
-def test_offline_default_trains_saves_and_reports(hh, tmp_path):
-    out = str(tmp_path / "run")
-    summary = hh.main(["--output_dir", out] + SHORT)
-    assert summary["before_training"]["before_loss"] == pytest.approx(0.6931, abs=1e-3)
-    assert "eval_rewards/accuracies" in summary["after_training"]
-    assert "before_rewards/margins" in summary["before_training"]
-    for name in ("model.safetensors", "tokenizer.json", "README.md", "metrics.json"):
-        assert os.path.exists(os.path.join(out, name)), name
-    with open(os.path.join(out, "metrics.json")) as handle:
-        assert json.load(handle)["after_training"]["eval_loss"] == summary["after_training"]["eval_loss"]
+@pytest.fixture(scope="module")
+def finished_run(hh, tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("hh") / "run")
+    return out, hh.main(["--output_dir", out] + SHORT)
 
 
-def test_refuses_to_write_into_a_folder_with_files(hh, tmp_path):
+def test_every_stage_runs_and_writes_the_run_folder(finished_run):
+    out, summary = finished_run
+    for path in (
+        "sft/final/model.safetensors",
+        "dpo/final/adapter_model.safetensors",
+        "dpo/final/README.md",
+        "dpo/log_history.json",
+        "plots/win_rates.png",
+        "plots/training_curves.png",
+        "summary.json",
+    ):
+        assert os.path.exists(os.path.join(out, path)), path
+    with open(os.path.join(out, "summary.json")) as handle:
+        written = json.load(handle)
+    assert written["dpo"]["before"]["before_loss"] == pytest.approx(
+        0.6931, abs=1e-3
+    )  # policy == SFT reference
+    assert set(written["eval"]["win_rate_vs_chosen"]) == {"SFT", "DPO", "Best of 2"}
+    for by_temperature in written["eval"]["win_rate_vs_chosen"].values():
+        for rate in by_temperature.values():
+            assert 0 <= rate["low"] <= rate["rate"] <= rate["high"] <= 1 and rate["n"] == 4
+    assert set(written["eval"]["dpo_vs_sft"]) == {"0.5", "1.0"}
+    with open(os.path.join(out, "plots", "win_rates.png"), "rb") as handle:
+        assert handle.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_a_rerun_resumes_instead_of_retraining(hh, finished_run, capsys):
+    out, _ = finished_run
+    adapter = os.path.join(out, "dpo", "final", "adapter_model.safetensors")
+    stamp = os.path.getmtime(adapter)
+    hh.main(["--output_dir", out] + SHORT)
+    printed = capsys.readouterr().out
+    assert "[sft] already done" in printed and "[dpo] already done" in printed
+    assert os.path.getmtime(adapter) == stamp
+
+
+def test_refuses_a_folder_holding_other_files(hh, tmp_path):
     out = tmp_path / "taken"
     out.mkdir()
     (out / "weights.bin").write_text("precious")
-    with pytest.raises(SystemExit, match="already holds files"):
+    with pytest.raises(SystemExit, match="not a run of this script"):
         hh.main(["--output_dir", str(out)] + SHORT)
-    assert (out / "weights.bin").read_text() == "precious"
+    assert (out / "weights.bin").read_text() == "precious" and len(list(out.iterdir())) == 1
 
 
-def test_single_local_file_and_lora(hh, tmp_path):
+def test_single_local_file_full_finetuning_without_sft(hh, tmp_path):
     data = tmp_path / "hh.jsonl"
     with open(os.path.join(ROOT, "examples", "data", "hh_tiny", "train.jsonl")) as source:
         data.write_text("".join(source.readlines()[:100]))
-    out = str(tmp_path / "lora")
-    hh.main(["--dataset", str(data), "--output_dir", out, "--lora_r", "4"] + SHORT)
-    assert os.path.exists(os.path.join(out, "adapter_model.safetensors"))
+    out = str(tmp_path / "full")
+    summary = hh.main(
+        ["--dataset", str(data), "--output_dir", out, "--full", "--skip_sft", "--skip_eval"] + SHORT
+    )
+    assert summary["sft_model"] == os.path.join(out, "base")
+    assert os.path.exists(os.path.join(out, "dpo", "final", "model.safetensors"))
+    assert not os.path.exists(os.path.join(out, "sft")) and "eval" not in summary
 
 
 def test_missing_split_is_a_clear_error(hh, tmp_path):
@@ -60,21 +98,20 @@ def test_missing_split_is_a_clear_error(hh, tmp_path):
         hh.load_hh(str(tmp_path), None, None)
 
 
+def test_judge_flags_are_checked(hh, tmp_path):
+    with pytest.raises(SystemExit, match="judge"):
+        hh.parse_args(["--judge", "oracle"])
+    script_args, _ = hh.parse_args(["--judge", "llm", "--output_dir", str(tmp_path / "x")])
+    with pytest.raises(SystemExit, match="judge_url"):
+        hh.make_judge(script_args)
+
+
 def test_runs_under_accelerate_launch(tmp_path):
     out = str(tmp_path / "accel")
     env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=os.path.join(ROOT, "src"))
-    command = [
-        sys.executable,
-        "-m",
-        "accelerate.commands.launch",
-        "--num_processes",
-        "1",
-        "--cpu",
-        HH,
-        "--output_dir",
-        out,
-    ] + SHORT
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1", "--cpu", HH,
+               "--output_dir", out] + SHORT  # fmt: skip
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "rewards/accuracies" in result.stdout
-    assert os.path.exists(os.path.join(out, "model.safetensors"))
+    assert "DPO vs SFT" in result.stdout
+    assert os.path.exists(os.path.join(out, "summary.json"))
