@@ -76,7 +76,13 @@ def build_rows(spec: dict) -> list[dict]:
     rows = []
     for _ in range(spec["rows"]):
         prompt = text(rng.randint(p_lo, p_hi)) + " "
-        rows.append({"prompt": prompt, "chosen": text(rng.randint(r_lo, r_hi)), "rejected": text(rng.randint(r_lo, r_hi))})
+        rows.append(
+            {
+                "prompt": prompt,
+                "chosen": text(rng.randint(r_lo, r_hi)),
+                "rejected": text(rng.randint(r_lo, r_hi)),
+            }
+        )
     return rows
 
 
@@ -91,7 +97,9 @@ def prepare(spec: dict) -> dict:
     counts = []
     for row in rows:
         prompt = len(tok(row["prompt"])["input_ids"])
-        responses = [len(tok(row[key], add_special_tokens=False)["input_ids"]) + 1 for key in ("chosen", "rejected")]
+        responses = [
+            len(tok(row[key], add_special_tokens=False)["input_ids"]) + 1 for key in ("chosen", "rejected")
+        ]
         counts.append([prompt, *responses])  # + 1: the EOS both libraries append
     with open(work / "rows.jsonl", "w", encoding="utf-8") as handle:
         for row in rows:
@@ -101,7 +109,12 @@ def prepare(spec: dict) -> dict:
 
     model_dir = work / "model"
     stamp = model_dir / "bench_model_spec.json"
-    model_spec = {"model": spec["model"], "dtype": spec["dtype"], "seed": spec["seed"], "words": spec["tokenizer_words"]}
+    model_spec = {
+        "model": spec["model"],
+        "dtype": spec["dtype"],
+        "seed": spec["seed"],
+        "words": spec["tokenizer_words"],
+    }
     built = False
     if not (stamp.exists() and json.loads(stamp.read_text()) == model_spec):
         cfg = LlamaConfig(**spec["model"])
@@ -118,7 +131,13 @@ def prepare(spec: dict) -> dict:
     with torch.device("meta"):
         params = sum(p.numel() for p in LlamaForCausalLM(cfg).parameters())  # tied embeddings counted once
     longest = max(c[0] + max(c[1:]) for c in counts)
-    return {"params": params, "model_dir": str(model_dir), "model_built": built, "rows": len(rows), "longest_sequence": longest}
+    return {
+        "params": params,
+        "model_dir": str(model_dir),
+        "model_built": built,
+        "rows": len(rows),
+        "longest_sequence": longest,
+    }
 
 
 # ---------------------------------------------------------------------------------------------- run
@@ -179,6 +198,11 @@ class WorkMeter:
         meter = self
 
         def step(*args, **kwargs):
+            if not meter.pending:
+                raise RuntimeError(
+                    "a training step ran on a batch this process did not collate (dataloader workers?): "
+                    "the work cannot be counted; keep dataloader_num_workers=0"
+                )
             pairs, real, seq = meter.pending.popleft()
             meter.consumed["pairs"] += pairs
             meter.consumed["real_tokens"] += real
@@ -211,7 +235,12 @@ def check_no_truncation(dataset, expected: list[list[int]]) -> dict:
 def run(arm: str, spec: dict) -> dict:
     wall0 = time.perf_counter()
     load_before = os.getloadavg()
+    if spec.get("threads"):
+        os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = str(spec["threads"])
     import torch
+
+    if spec.get("threads"):
+        torch.set_num_threads(spec["threads"])
     from transformers import PreTrainedTokenizerFast, TrainerCallback, TrainingArguments
 
     if arm == "ours":
@@ -301,7 +330,11 @@ def run(arm: str, spec: dict) -> dict:
     train_dataset = rows if arm == "ours" else Dataset.from_list(rows)
     init0 = time.perf_counter()
     trainer = DPOTrainer(
-        model=model_dir, args=args, train_dataset=train_dataset, processing_class=tok, peft_config=peft_config,
+        model=model_dir,
+        args=args,
+        train_dataset=train_dataset,
+        processing_class=tok,
+        peft_config=peft_config,
         callbacks=[Clock()],
     )
     init_s = time.perf_counter() - init0
@@ -327,7 +360,9 @@ def run(arm: str, spec: dict) -> dict:
     logs = trainer.state.log_history
     train_log = next((entry for entry in reversed(logs) if "loss" in entry), {})
     status = open("/proc/self/status", encoding="utf-8").read() if os.path.exists("/proc/self/status") else ""
-    vm_hwm_kib = next((int(line.split()[1]) for line in status.splitlines() if line.startswith("VmHWM:")), None)
+    vm_hwm_kib = next(
+        (int(line.split()[1]) for line in status.splitlines() if line.startswith("VmHWM:")), None
+    )
     import transformers
 
     try:
@@ -340,8 +375,12 @@ def run(arm: str, spec: dict) -> dict:
     result = {
         "arm": arm,
         "library": library,
-        "versions": {"torch": torch.__version__, "transformers": transformers.__version__, "peft": peft_version,
-                     "python": sys.version.split()[0]},
+        "versions": {
+            "torch": torch.__version__,
+            "transformers": transformers.__version__,
+            "peft": peft_version,
+            "python": sys.version.split()[0],
+        },
         "device": torch.cuda.get_device_name(0) if cuda else "cpu",
         "torch_threads": torch.get_num_threads(),
         "layout": getattr(trainer, "layout", "padded"),  # dpo_trainer's resolved layout; TRL 1.16 pads
@@ -370,7 +409,9 @@ def run(arm: str, spec: dict) -> dict:
         "wall_s": time.perf_counter() - wall0,
         "trainable_params": trainable,
         "optim": str(getattr(trainer.args.optim, "value", trainer.args.optim)),
-        "checkpointing_active": any(getattr(m, "gradient_checkpointing", False) is True for m in trainer.model.modules()),
+        "checkpointing_active": any(
+            getattr(m, "gradient_checkpointing", False) is True for m in trainer.model.modules()
+        ),
         "model_dtype": str(next(trainer.model.parameters()).dtype),
         "trainer_args_overridden_by_user": overridden,
         "user_args": user,

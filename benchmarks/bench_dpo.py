@@ -38,25 +38,64 @@ HERE = Path(__file__).resolve().parent
 ARM_SCRIPT = HERE / "_arm.py"
 
 CPU_MODEL = dict(  # BENCHMARKS.md's CPU anchor: a small Llama, ~6M parameters
-    vocab_size=8192, hidden_size=256, intermediate_size=1024, num_hidden_layers=4, num_attention_heads=4,
-    num_key_value_heads=4, max_position_embeddings=1024, tie_word_embeddings=True, rope_theta=500000.0,
+    vocab_size=8192,
+    hidden_size=256,
+    intermediate_size=1024,
+    num_hidden_layers=4,
+    num_attention_heads=4,
+    num_key_value_heads=4,
+    max_position_embeddings=1024,
+    tie_word_embeddings=True,
+    rope_theta=500000.0,
 )
 LLAMA_1B = dict(  # the anchor's Llama-3.2-1B shape, 1.24B parameters
-    vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
-    num_key_value_heads=8, max_position_embeddings=4096, tie_word_embeddings=True, rope_theta=500000.0,
+    vocab_size=128256,
+    hidden_size=2048,
+    intermediate_size=8192,
+    num_hidden_layers=16,
+    num_attention_heads=32,
+    num_key_value_heads=8,
+    max_position_embeddings=4096,
+    tie_word_embeddings=True,
+    rope_theta=500000.0,
 )
 TINY_MODEL = dict(
-    vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-    num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=True, rope_theta=10000.0,
+    vocab_size=512,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=256,
+    tie_word_embeddings=True,
+    rope_theta=10000.0,
 )
 
 _CPU = dict(
-    model=CPU_MODEL, tokenizer_words=8192 - 3, dtype="float32", prompt_tokens=(10, 100), response_tokens=(5, 125),
-    max_length=256, pairs_per_step=8, warmup_steps=3, timed_steps=10, gradient_checkpointing=False, lora=False,
+    model=CPU_MODEL,
+    tokenizer_words=8192 - 3,
+    dtype="float32",
+    prompt_tokens=(10, 100),
+    response_tokens=(5, 125),
+    max_length=256,
+    pairs_per_step=8,
+    warmup_steps=3,
+    timed_steps=10,
+    gradient_checkpointing=False,
+    lora=False,
 )
 _GPU = dict(
-    model=LLAMA_1B, tokenizer_words=4000, dtype="bfloat16", prompt_tokens=(40, 400), response_tokens=(20, 500),
-    max_length=1024, pairs_per_step=8, warmup_steps=3, timed_steps=10, gradient_checkpointing=False, lora=False,
+    model=LLAMA_1B,
+    tokenizer_words=4000,
+    dtype="bfloat16",
+    prompt_tokens=(40, 400),
+    response_tokens=(20, 500),
+    max_length=1024,
+    pairs_per_step=8,
+    warmup_steps=3,
+    timed_steps=10,
+    gradient_checkpointing=False,
+    lora=False,
 )
 PRESETS = {
     "cpu": _CPU,
@@ -65,8 +104,13 @@ PRESETS = {
     "gpu-lora": {**_GPU, "lora": True, "gradient_checkpointing": True},  # the anchor's LoRA row
 }
 TINY = dict(
-    model=TINY_MODEL, tokenizer_words=512 - 3, prompt_tokens=(4, 24), response_tokens=(2, 24), max_length=64,
-    warmup_steps=1, timed_steps=2,
+    model=TINY_MODEL,
+    tokenizer_words=512 - 3,
+    prompt_tokens=(4, 24),
+    response_tokens=(2, 24),
+    max_length=64,
+    warmup_steps=1,
+    timed_steps=2,
 )
 # Peak dense bf16 matrix-product TFLOP/s by device name: the anchor's measured H200 figure, H100's data sheet.
 PEAK_TFLOPS = {"H200": 790.0, "H100": 989.0}
@@ -96,14 +140,20 @@ def make_spec(preset: str, args) -> dict:
         spec["gradient_checkpointing"] = args.grad_ckpt == "on"
     if spec["timed_steps"] < 1 or spec["warmup_steps"] < 0 or spec["pairs_per_step"] < 1:
         raise SystemExit("--timed and --pairs must be >= 1, --warmup >= 0")
-    spec["prompt_tokens"], spec["response_tokens"] = list(spec["prompt_tokens"]), list(spec["response_tokens"])
+    spec["prompt_tokens"], spec["response_tokens"] = (
+        list(spec["prompt_tokens"]),
+        list(spec["response_tokens"]),
+    )
     longest = spec["prompt_tokens"][1] + spec["response_tokens"][1] + 1  # + EOS
     if longest > spec["max_length"]:
-        raise SystemExit(f"{preset}: the longest row ({longest} tokens) would be truncated at {spec['max_length']}")
+        raise SystemExit(
+            f"{preset}: the longest row ({longest} tokens) would be truncated at {spec['max_length']}"
+        )
     spec["seed"] = 0
     spec["rows"] = spec["pairs_per_step"] * (spec["warmup_steps"] + spec["timed_steps"])
     key = json.dumps([spec["model"], spec["dtype"], spec["tokenizer_words"]], sort_keys=True)
     spec["work_dir"] = str(Path(args.work_dir) / hashlib.sha1(key.encode()).hexdigest()[:10])
+    spec["threads"] = args.threads
     spec["ours_args"], spec["trl_args"] = args.ours_args, args.trl_args
     spec["preset"], spec["tiny"] = preset, args.tiny
     return spec
@@ -117,8 +167,11 @@ def run_child(argv: list[str], log_path: Path, timeout: float) -> tuple[dict | N
     with open(log_path, "w", encoding="utf-8") as log:
         try:
             code = subprocess.run(
-                [sys.executable, str(ARM_SCRIPT), *argv, str(result_path)], stdout=log, stderr=subprocess.STDOUT,
-                timeout=timeout, cwd=HERE.parent,
+                [sys.executable, str(ARM_SCRIPT), *argv, str(result_path)],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                timeout=timeout,
+                cwd=HERE.parent,
             ).returncode
         except subprocess.TimeoutExpired:
             code = "timeout"
@@ -131,6 +184,7 @@ def run_child(argv: list[str], log_path: Path, timeout: float) -> tuple[dict | N
 
 def busy_cores(seconds: float = 2.0) -> float | None:
     """Cores kept busy by any process over `seconds` (from /proc/stat), or None where there is no /proc."""
+
     def sample():
         fields = [int(x) for x in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
         return sum(fields), fields[3] + (fields[4] if len(fields) > 4 else 0)  # total, idle + iowait
@@ -144,7 +198,7 @@ def busy_cores(seconds: float = 2.0) -> float | None:
     return (1 - (idle1 - idle0) / max(total1 - total0, 1)) * (os.cpu_count() or 1)
 
 
-def wait_for_idle_cpu(limit_s: float, threshold: float = 0.5) -> float | None:
+def wait_for_idle_cpu(limit_s: float, threshold: float) -> float | None:
     """Wait up to `limit_s` until other processes use under `threshold` cores: on a shared CPU machine a run
     that competes for the cores measures the neighbour, not the trainer. Returns the last busy reading."""
     deadline = time.perf_counter() + limit_s
@@ -172,21 +226,38 @@ def add_flops(result: dict, spec: dict, params: int, override: float | None) -> 
     result["mfu"] = result["useful_tflops"] / peak if peak else None
     result["mfu_sequence_tokens"] = result["useful_tflops_sequence_tokens"] / peak if peak else None
     result["peak_mem_gib"] = (
-        result["cuda_max_allocated_gib"] if result["cuda_max_allocated_gib"] is not None else result["peak_rss_gib"]
+        result["cuda_max_allocated_gib"]
+        if result["cuda_max_allocated_gib"] is not None
+        else result["peak_rss_gib"]
     )
-    result["peak_mem_kind"] = "cuda_max_allocated" if result["cuda_max_allocated_gib"] is not None else "ru_maxrss"
+    result["peak_mem_kind"] = (
+        "cuda_max_allocated" if result["cuda_max_allocated_gib"] is not None else "ru_maxrss"
+    )
 
 
 CONTENDED = 0.85  # timed CPU utilization below this: the process did not have the cores to itself
 
 SUMMARY_KEYS = (
-    "step_s", "pairs_per_s", "real_tokens_per_s", "sequence_tokens_per_s", "useful_tflops", "mfu", "peak_mem_gib",
-    "init_s", "wall_s", "train_loss", "timed_cpu_utilization",
+    "step_s",
+    "pairs_per_s",
+    "real_tokens_per_s",
+    "sequence_tokens_per_s",
+    "useful_tflops",
+    "mfu",
+    "peak_mem_gib",
+    "init_s",
+    "wall_s",
+    "train_loss",
+    "timed_cpu_utilization",
 )
 
 
 def summarize(runs: list[dict]) -> dict:
-    out = {"runs": len(runs), "contended_runs": sum(bool(run.get("contended")) for run in runs), "layout": "/".join(sorted({str(run.get("layout")) for run in runs}))}
+    out = {
+        "runs": len(runs),
+        "contended_runs": sum(bool(run.get("contended")) for run in runs),
+        "layout": "/".join(sorted({str(run.get("layout")) for run in runs})),
+    }
     for key in SUMMARY_KEYS:
         values = [run[key] for run in runs if run.get(key) is not None]
         out[key] = statistics.median(values) if values else None
@@ -216,7 +287,9 @@ def print_table(blocks: list[tuple[str, dict, dict]]) -> None:
             )
         contended = sum(s["contended_runs"] for s in summaries.values())
         if contended:
-            print(f"{preset:<14} WARNING: {contended} run(s) had under {CONTENDED:.0%} of the cores: noisy numbers")
+            print(
+                f"{preset:<14} WARNING: {contended} run(s) had under {CONTENDED:.0%} of the cores: noisy numbers"
+            )
         if ratios:
             print(
                 f"{preset:<14} ours/TRL: pairs/s x{fmt(ratios['pairs_per_s'], '.2f')}, "
@@ -224,11 +297,30 @@ def print_table(blocks: list[tuple[str, dict, dict]]) -> None:
             )
 
 
+def checkout_info() -> dict:
+    """The commit of this checkout and whether `src/` differs from it (the `ours` arm runs `src/`)."""
+
+    def git(*argv):
+        try:
+            return subprocess.run(
+                ["git", *argv], cwd=HERE.parent, capture_output=True, text=True, timeout=30
+            ).stdout.strip()
+        except (OSError, subprocess.SubprocessError):
+            return None
+
+    return {
+        "commit": git("rev-parse", "HEAD"),
+        "src_modified": bool(git("status", "--porcelain", "--", "src")),
+    }
+
+
 def host_info() -> dict:
     info = {"platform": platform.platform(), "python": platform.python_version(), "cpus": os.cpu_count()}
     try:
         cpuinfo = Path("/proc/cpuinfo").read_text()
-        info["cpu"] = next(line.split(":", 1)[1].strip() for line in cpuinfo.splitlines() if line.startswith("model name"))
+        info["cpu"] = next(
+            line.split(":", 1)[1].strip() for line in cpuinfo.splitlines() if line.startswith("model name")
+        )
         meminfo = Path("/proc/meminfo").read_text().split()
         info["mem_gib"] = int(meminfo[meminfo.index("MemTotal:") + 1]) / 2**20
     except (OSError, StopIteration, ValueError):
@@ -237,26 +329,49 @@ def host_info() -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
-    parser.add_argument("--preset", default="cpu", help=f"one or more of {', '.join(PRESETS)}, comma-separated")
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter
+    )
+    parser.add_argument(
+        "--preset", default="cpu", help=f"one or more of {', '.join(PRESETS)}, comma-separated"
+    )
     parser.add_argument("--tiny", action="store_true", help="shrink model, lengths and steps: a smoke test")
-    parser.add_argument("--repeats", type=int, default=2, help="runs per arm, alternating ours/trl (default 2)")
+    parser.add_argument(
+        "--repeats", type=int, default=2, help="runs per arm, alternating ours/trl (default 2)"
+    )
     parser.add_argument("--arms", default="ours,trl", help="which arms, in the order they alternate")
     parser.add_argument("--warmup", type=int, help="untimed steps first (preset: cpu 3, gpu 3)")
     parser.add_argument("--timed", type=int, help="timed steps (preset: cpu 10, gpu 10)")
     parser.add_argument("--pairs", type=int, help="pairs per step (preset: 8)")
-    parser.add_argument("--grad-ckpt", choices=("on", "off"), help="override the preset's gradient checkpointing")
-    parser.add_argument("--ours-args", default="", help='key=value pairs set on our DPOConfig, e.g. "layout=packed"')
-    parser.add_argument("--trl-args", default="", help="key=value pairs set on TRL's DPOConfig")
-    parser.add_argument("--peak-tflops", type=float, help="peak TFLOP/s for MFU (default: H200 790, H100 989)")
-    parser.add_argument("--out", help="JSON lines file to append to (default benchmarks/results/<preset>-<date>.jsonl)")
-    parser.add_argument("--work-dir", default=str(HERE / "results" / "work"), help="model, tokenizer and rows")
     parser.add_argument(
-        "--wait-idle", type=float,
+        "--grad-ckpt", choices=("on", "off"), help="override the preset's gradient checkpointing"
+    )
+    parser.add_argument(
+        "--ours-args", default="", help='key=value pairs set on our DPOConfig, e.g. "layout=packed"'
+    )
+    parser.add_argument("--trl-args", default="", help="key=value pairs set on TRL's DPOConfig")
+    parser.add_argument("--threads", type=int, help="torch CPU threads per arm (default: torch's own choice)")
+    parser.add_argument(
+        "--peak-tflops", type=float, help="peak TFLOP/s for MFU (default: H200 790, H100 989)"
+    )
+    parser.add_argument(
+        "--out", help="JSON lines file to append to (default benchmarks/results/<preset>-<date>.jsonl)"
+    )
+    parser.add_argument(
+        "--log-dir", help="each child's log, spec and result (default: logs-<preset>-<time> beside --out)"
+    )
+    parser.add_argument(
+        "--work-dir", default=str(HERE / "results" / "work"), help="model, tokenizer and rows"
+    )
+    parser.add_argument(
+        "--wait-idle",
+        type=float,
         help="before each CPU-preset arm run, wait up to this many seconds for the other processes to leave the "
         "cores idle (default 120 for cpu, 0 for gpu presets)",
     )
-    parser.add_argument("--arm-timeout", type=float, default=1800, help="seconds before one arm run is killed")
+    parser.add_argument(
+        "--arm-timeout", type=float, default=1800, help="seconds before one arm run is killed"
+    )
     args = parser.parse_args(argv)
 
     presets = [name.strip() for name in args.preset.split(",") if name.strip()]
@@ -273,18 +388,29 @@ def main(argv: list[str] | None = None) -> int:
 
     started = datetime.datetime.now()
     run_id = started.strftime("%Y%m%dT%H%M%S")
-    label = "+".join(presets) + ("-tiny" if args.tiny else "")
+    label = "_".join(presets) + ("-tiny" if args.tiny else "")
     out = Path(args.out) if args.out else HERE / "results" / f"{label}-{started.date().isoformat()}.jsonl"
     out.parent.mkdir(parents=True, exist_ok=True)
-    log_dir = out.parent / f"logs-{label}-{run_id}"
+    log_dir = Path(args.log_dir) if args.log_dir else out.parent / f"logs-{label}-{run_id}"
     log_dir.mkdir(parents=True, exist_ok=True)
 
     def emit(record: dict) -> None:
         with open(out, "a", encoding="utf-8") as handle:
             handle.write(json.dumps({"run_id": run_id, **record}, default=str) + "\n")
 
-    emit({"type": "meta", "date": started.isoformat(timespec="seconds"), "command": [Path(sys.argv[0]).name, *sys.argv[1:]],
-          "host": host_info(), "presets": presets, "tiny": args.tiny, "repeats": args.repeats, "arms": arms})
+    emit(
+        {
+            "type": "meta",
+            "date": started.isoformat(timespec="seconds"),
+            "command": [Path(sys.argv[0]).name, *sys.argv[1:]],
+            "host": host_info(),
+            "checkout": checkout_info(),
+            "presets": presets,
+            "tiny": args.tiny,
+            "repeats": args.repeats,
+            "arms": arms,
+        }
+    )
     blocks, failures = [], 0
     t_all = time.perf_counter()
     for preset in presets:
@@ -292,22 +418,31 @@ def main(argv: list[str] | None = None) -> int:
         Path(spec["work_dir"]).mkdir(parents=True, exist_ok=True)
         spec_path = log_dir / f"{preset}-spec.json"
         spec_path.write_text(json.dumps(spec, indent=1))
-        print(f"[{preset}] preparing model, tokenizer and {spec['rows']} rows in {spec['work_dir']}", flush=True)
-        prepared, error, secs = run_child(["prepare", str(spec_path)], log_dir / f"{preset}-prepare.log", args.arm_timeout)
+        print(
+            f"[{preset}] preparing model, tokenizer and {spec['rows']} rows in {spec['work_dir']}", flush=True
+        )
+        prepared, error, secs = run_child(
+            ["prepare", str(spec_path)], log_dir / f"{preset}-prepare.log", args.arm_timeout
+        )
         if error:
             print(f"[{preset}] prepare failed: {error}", flush=True)
             emit({"type": "error", "preset": preset, "stage": "prepare", "error": error})
             failures += 1
             continue
-        print(f"[{preset}] {prepared['params']:,} parameters (model {'built' if prepared['model_built'] else 'reused'}, "
-              f"{secs:.0f}s); longest row {prepared['longest_sequence']} tokens <= max_length {spec['max_length']}",
-              flush=True)
+        print(
+            f"[{preset}] {prepared['params']:,} parameters (model {'built' if prepared['model_built'] else 'reused'}, "
+            f"{secs:.0f}s); longest row {prepared['longest_sequence']} tokens <= max_length {spec['max_length']}",
+            flush=True,
+        )
         emit({"type": "spec", "preset": preset, "spec": spec, "prepared": prepared})
         runs = {arm: [] for arm in arms}
         for repeat in range(args.repeats):
             for arm in arms:
                 wait = args.wait_idle if args.wait_idle is not None else (120 if preset == "cpu" else 0)
-                busy = wait_for_idle_cpu(wait) if wait > 0 else None
+                spare = (os.cpu_count() or 1) - (
+                    args.threads or os.cpu_count() or 1
+                )  # cores the arm leaves free
+                busy = wait_for_idle_cpu(wait, threshold=max(spare, 0) + 0.5) if wait > 0 else None
                 result, error, secs = run_child(
                     ["run", arm, str(spec_path)], log_dir / f"{preset}-{arm}-{repeat}.log", args.arm_timeout
                 )
@@ -319,7 +454,9 @@ def main(argv: list[str] | None = None) -> int:
                 add_flops(result, spec, prepared["params"], args.peak_tflops)
                 result["busy_cores_before"] = busy
                 util = result.get("timed_cpu_utilization")
-                result["contended"] = result["device"] == "cpu" and not args.tiny and util is not None and util < CONTENDED
+                result["contended"] = (
+                    result["device"] == "cpu" and not args.tiny and util is not None and util < CONTENDED
+                )
                 runs[arm].append(result)
                 emit({"type": "run", "preset": preset, "repeat": repeat, **result})
                 print(
