@@ -47,8 +47,9 @@ DATA_EXTENSIONS = (".jsonl", ".json", ".parquet")
 TINY_DEFAULTS = {
     "max_steps": "150",
     "per_device_train_batch_size": "16",
-    "per_device_eval_batch_size": "32",
-    "learning_rate": "2e-3",
+    "per_device_eval_batch_size": "128",
+    "learning_rate": "1e-4",
+    "beta": "2",
     "lr_scheduler_type": "cosine",
     "warmup_steps": "10",
     "logging_steps": "10",
@@ -57,7 +58,12 @@ TINY_DEFAULTS = {
     "save_steps": "50",
     "seed": "0",
 }
-TINY_SCRIPT_DEFAULTS = {"sft_max_steps": "300", "sft_learning_rate": "2e-3", "eval_prompts": "100"}
+TINY_SCRIPT_DEFAULTS = {
+    "sft_max_steps": "350",
+    "sft_learning_rate": "3e-3",
+    "full": "true",
+    "eval_prompts": "100",
+}
 
 
 @dataclass
