@@ -29,7 +29,7 @@ def hh():
 @pytest.fixture(scope="module")
 def finished_run(hh, tmp_path_factory):
     out = str(tmp_path_factory.mktemp("hh") / "run")
-    return out, hh.main(["--output_dir", out] + SHORT)
+    return out, hh.main(["--output_dir", out, "--full", "false"] + SHORT)  # LoRA, the default for real models
 
 
 def test_every_stage_runs_and_writes_the_run_folder(finished_run):
@@ -62,7 +62,7 @@ def test_a_rerun_resumes_instead_of_retraining(hh, finished_run, capsys):
     out, _ = finished_run
     adapter = os.path.join(out, "dpo", "final", "adapter_model.safetensors")
     stamp = os.path.getmtime(adapter)
-    hh.main(["--output_dir", out] + SHORT)
+    hh.main(["--output_dir", out, "--full", "false"] + SHORT)
     printed = capsys.readouterr().out
     assert "[sft] already done" in printed and "[dpo] already done" in printed
     assert os.path.getmtime(adapter) == stamp
