@@ -23,6 +23,22 @@ def train_losses(trainer):
     return [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
 
 
+def one_sgd_step(folder, make_model, tokenizer, rows, **overrides):
+    """One optimizer step of plain SGD from make_model(seed=3): (logged losses, weights by name)."""
+    args = config(
+        folder,
+        max_steps=1,
+        optim="sgd",
+        learning_rate=0.5,
+        max_grad_norm=0.0,
+        lr_scheduler_type="constant",
+        **overrides,
+    )
+    trainer = DPOTrainer(make_model(seed=3), args=args, train_dataset=rows, processing_class=tokenizer)
+    trainer.train()
+    return train_losses(trainer), {k: v.detach().clone() for k, v in trainer.model.named_parameters()}
+
+
 def test_step_zero_policy_equals_reference(tmp_path, make_model, tokenizer, pairs):
     trainer = DPOTrainer(
         make_model(),
@@ -145,30 +161,23 @@ def test_lora_moves_the_adapter_and_never_the_base(tmp_path, make_model, tokeniz
 def test_gradient_accumulation_matches_a_full_batch(tmp_path, make_model, tokenizer):
     rows = preference_rows(8, seed=5)
 
-    def run(batch, accumulation, name):
-        args = config(
-            tmp_path / name,
-            per_device_train_batch_size=batch,
-            gradient_accumulation_steps=accumulation,
-            max_steps=1,
-            optim="sgd",
-            learning_rate=0.5,
-            max_grad_norm=0.0,
-            lr_scheduler_type="constant",
-        )
-        trainer = DPOTrainer(make_model(seed=3), args=args, train_dataset=rows, processing_class=tokenizer)
-        trainer.train()
-        return train_losses(trainer), {k: v.detach().clone() for k, v in trainer.model.named_parameters()}
-
-    loss_full, weights_full = run(8, 1, "full")
-    loss_accum, weights_accum = run(2, 4, "accum")
+    loss_full, weights_full = one_sgd_step(
+        tmp_path / "full", make_model, tokenizer, rows, per_device_train_batch_size=8
+    )
+    loss_accum, weights_accum = one_sgd_step(
+        tmp_path / "accum",
+        make_model,
+        tokenizer,
+        rows,
+        per_device_train_batch_size=2,
+        gradient_accumulation_steps=4,
+    )
     assert loss_full == pytest.approx(loss_accum, rel=1e-5)
     # plain SGD: equal weights after one step means equal gradients
     for key, value in weights_full.items():
         torch.testing.assert_close(weights_accum[key], value, rtol=1e-5, atol=1e-6)
-    assert any(
-        not torch.equal(value, make_model(seed=3).state_dict()[key]) for key, value in weights_full.items()
-    )
+    initial = dict(make_model(seed=3).named_parameters())
+    assert any(not torch.equal(value, initial[key]) for key, value in weights_full.items())
 
 
 def test_resume_from_checkpoint_gives_the_same_losses(tmp_path, make_model, tokenizer):
@@ -481,20 +490,6 @@ def test_models_that_cannot_take_the_mask_fall_back_to_padded(tmp_path, make_mod
 def test_token_budget_batches_weigh_every_pair_alike(tmp_path, make_model, tokenizer):
     rows = preference_rows(8, seed=5)
 
-    def run(name, **overrides):
-        args = config(
-            tmp_path / name,
-            max_steps=1,
-            optim="sgd",
-            learning_rate=0.5,
-            max_grad_norm=0.0,
-            lr_scheduler_type="constant",
-            **overrides,
-        )
-        trainer = DPOTrainer(make_model(seed=3), args=args, train_dataset=rows, processing_class=tokenizer)
-        trainer.train()
-        return trainer, train_losses(trainer), [p.detach().clone() for p in trainer.model.parameters()]
-
     probe = DPOTrainer(
         make_model(seed=3),
         args=config(tmp_path / "probe", max_tokens_per_batch=70),
@@ -508,10 +503,17 @@ def test_token_budget_batches_weigh_every_pair_alike(tmp_path, make_model, token
         tokens = int((batch["doc_ids"] >= 0).sum())
         assert tokens <= 70 or batch["response_lengths"].shape[0] == 1
 
-    _, loss_full, weights_full = run("full", per_device_train_batch_size=8)
-    _, loss_budget, weights_budget = run(
-        "budget", max_tokens_per_batch=70, gradient_accumulation_steps=len(sizes)
+    loss_full, weights_full = one_sgd_step(
+        tmp_path / "full", make_model, tokenizer, rows, per_device_train_batch_size=8
+    )
+    loss_budget, weights_budget = one_sgd_step(
+        tmp_path / "budget",
+        make_model,
+        tokenizer,
+        rows,
+        max_tokens_per_batch=70,
+        gradient_accumulation_steps=len(sizes),
     )
     assert loss_budget == pytest.approx(loss_full, rel=1e-5)
-    for got, want in zip(weights_budget, weights_full):
-        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    for key, want in weights_full.items():
+        torch.testing.assert_close(weights_budget[key], want, rtol=1e-5, atol=1e-6)
