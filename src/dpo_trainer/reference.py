@@ -153,9 +153,10 @@ def compute_dataset_reference_logps(
     total: int | None,
     desc: str,
     disable_progress: bool = False,
+    num_responses: int = 2,
 ) -> torch.Tensor:
     """Run `logps_fn` over `batches` in order and stack the results: (rows, K) float32 on CPU."""
-    outputs = []
+    outputs = [torch.zeros(0, num_responses)]  # a process given no rows returns an empty (0, K)
     for batch in tqdm(batches, total=total, desc=desc, disable=disable_progress):
         outputs.append(logps_fn(batch).float().cpu())
     return torch.cat(outputs)

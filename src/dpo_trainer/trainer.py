@@ -21,6 +21,7 @@ from collections.abc import Mapping
 
 import pyarrow
 import torch
+from accelerate.utils import broadcast_object_list, gather_object
 from datasets import Dataset
 from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, set_seed
@@ -338,14 +339,17 @@ class DPOTrainer(Trainer):
             if dataset is None or "ref_logps" in dataset.column_names:
                 continue
             path = cache_path(self.args.ref_logps_cache_dir, model_key, rows_fingerprint(dataset), settings)
-            with self.args.main_process_first(desc=f"reference log-probs of {name}"):
+            # The main process decides for all: either every process loads the cache, or all compute.
+            cached_on_main = [self.is_world_process_zero() and load_cached(path, len(dataset)) is not None]
+            broadcast_object_list(cached_on_main)
+            if cached_on_main[0]:
                 values = load_cached(path, len(dataset))
-                if values is None:
-                    values = self._compute_reference_column(dataset, name)
-                    if self.is_world_process_zero():
-                        save_cached(path, values)
-                else:
-                    logger.info("Loaded reference log-probs of %s from %s", name, path)
+                logger.info("Loaded reference log-probs of %s from %s", name, path)
+            else:
+                values = self._compute_reference_column(dataset, name)
+                if self.is_world_process_zero():
+                    save_cached(path, values)
+            self.accelerator.wait_for_everyone()
             results[name] = dataset.add_column("ref_logps", values.tolist())
         self.train_dataset = results.get("train", self.train_dataset)
         if isinstance(self.eval_dataset, Mapping):
@@ -355,8 +359,12 @@ class DPOTrainer(Trainer):
         self.ref_model = None  # the values are in the data now; free the memory
 
     def _compute_reference_column(self, dataset: Dataset, name: str) -> torch.Tensor:
+        """(rows, K) reference log-probs: each process scores a contiguous share, gathered back in order."""
+        share = -(-len(dataset) // self.accelerator.num_processes)
+        start = min(len(dataset), self.accelerator.process_index * share)
+        rows = dataset.select(range(start, min(len(dataset), start + share)))
         loader = torch.utils.data.DataLoader(
-            dataset.select_columns(["prompt_ids", "response_ids"]),
+            rows.select_columns(["prompt_ids", "response_ids"]),
             batch_size=self.args.per_device_eval_batch_size,
             shuffle=False,
             collate_fn=self.data_collator,
@@ -365,15 +373,19 @@ class DPOTrainer(Trainer):
         self.model.eval()  # a full-fine-tuning policy is its own reference before training: no dropout
         try:
             with self.compute_loss_context_manager():
-                return compute_dataset_reference_logps(
+                values = compute_dataset_reference_logps(
                     (self._prepare_inputs(batch) for batch in loader),
                     self._initial_reference_logps,
                     total=len(loader),
                     desc=f"Reference log-probs ({name})",
-                    disable_progress=self.args.disable_tqdm,
+                    disable_progress=self.args.disable_tqdm or not self.is_local_process_zero(),
+                    num_responses=len(dataset[0]["response_ids"]),
                 )
         finally:
             self.model.train(was_training)
+        if self.accelerator.num_processes == 1:
+            return values
+        return torch.tensor([row for part in gather_object([values.tolist()]) for row in part])
 
     # ------------------------------------------------------------------ hooks for subclasses
 
