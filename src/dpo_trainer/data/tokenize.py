@@ -45,7 +45,6 @@ def tokenize_example(
     Returns:
         ``{"prompt_ids": list[int] (P,), "response_ids": list of K list[int] (R_k,)}``.
     """
-    check_truncation_settings(max_length, max_prompt_length, truncation_mode)
     eos_id = tokenizer.eos_token_id
     if eos_id is None:
         raise ValueError("the tokenizer has no eos_token_id; responses must end with EOS")
