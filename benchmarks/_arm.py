@@ -286,7 +286,10 @@ def run(arm: str, spec: dict) -> dict:
         dataloader_num_workers=0,
         seed=spec["seed"],
         disable_tqdm=True,
-        model_init_kwargs={"dtype": spec["dtype"], "attn_implementation": "sdpa"},
+        model_init_kwargs={
+            "dtype": spec["dtype"],
+            "attn_implementation": spec.get("ours_attn", "sdpa") if arm == "ours" else "sdpa",
+        },
     )
     if "train_sampling_strategy" in TrainingArguments.__dataclass_fields__:
         options["train_sampling_strategy"] = "sequential"  # both arms see the same rows in the same steps
@@ -305,6 +308,14 @@ def run(arm: str, spec: dict) -> dict:
         from peft import LoraConfig
 
         peft_config = LoraConfig(r=16, lora_alpha=32, target_modules="all-linear", task_type="CAUSAL_LM")
+
+    quantization = {}
+    if spec.get("qlora"):
+        from transformers import BitsAndBytesConfig
+
+        quantization["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=getattr(torch, spec["dtype"])
+        )
 
     meter = WorkMeter()
 
@@ -336,6 +347,7 @@ def run(arm: str, spec: dict) -> dict:
         processing_class=tok,
         peft_config=peft_config,
         callbacks=[Clock()],
+        **quantization,
     )
     init_s = time.perf_counter() - init0
     if "train_sampling_strategy" not in TrainingArguments.__dataclass_fields__:
@@ -413,6 +425,8 @@ def run(arm: str, spec: dict) -> dict:
             getattr(m, "gradient_checkpointing", False) is True for m in trainer.model.modules()
         ),
         "model_dtype": str(next(trainer.model.parameters()).dtype),
+        "trainable_dtype": str(next(p.dtype for p in trainer.model.parameters() if p.requires_grad)),
+        "attn_implementation": getattr(trainer.model.config, "_attn_implementation", None),
         "trainer_args_overridden_by_user": overridden,
         "user_args": user,
         "truncation_check": truncation,

@@ -83,6 +83,7 @@ _CPU = dict(
     timed_steps=10,
     gradient_checkpointing=False,
     lora=False,
+    qlora=False,
 )
 _GPU = dict(
     model=LLAMA_1B,
@@ -96,12 +97,15 @@ _GPU = dict(
     timed_steps=10,
     gradient_checkpointing=False,
     lora=False,
+    qlora=False,
 )
 PRESETS = {
     "cpu": _CPU,
     "gpu-full": _GPU,
     "gpu-full-ckpt": {**_GPU, "gradient_checkpointing": True},
     "gpu-lora": {**_GPU, "lora": True, "gradient_checkpointing": True},  # the anchor's LoRA row
+    # the anchor's QLoRA row: 4-bit NF4 base (bitsandbytes, bf16 compute) + LoRA r=16, checkpointing on
+    "gpu-qlora": {**_GPU, "lora": True, "qlora": True, "gradient_checkpointing": True},
 }
 TINY = dict(
     model=TINY_MODEL,
@@ -155,6 +159,7 @@ def make_spec(preset: str, args) -> dict:
     spec["work_dir"] = str(Path(args.work_dir) / hashlib.sha1(key.encode()).hexdigest()[:10])
     spec["threads"] = args.threads
     spec["ours_args"], spec["trl_args"] = args.ours_args, args.trl_args
+    spec["ours_attn"] = args.ours_attn
     spec["preset"], spec["tiny"] = preset, args.tiny
     return spec
 
@@ -350,6 +355,11 @@ def main(argv: list[str] | None = None) -> int:
         "--ours-args", default="", help='key=value pairs set on our DPOConfig, e.g. "layout=packed"'
     )
     parser.add_argument("--trl-args", default="", help="key=value pairs set on TRL's DPOConfig")
+    parser.add_argument(
+        "--ours-attn",
+        default="sdpa",
+        help="attention implementation our arm loads the model with (TRL's arm: sdpa), e.g. flex_attention",
+    )
     parser.add_argument("--threads", type=int, help="torch CPU threads per arm (default: torch's own choice)")
     parser.add_argument(
         "--peak-tflops", type=float, help="peak TFLOP/s for MFU (default: H200 790, H100 989)"

@@ -71,6 +71,20 @@ def grouped_layout_unsupported(model: nn.Module) -> str | None:
     return None
 
 
+def _quantized_compute_dtype(model: nn.Module) -> torch.dtype | None:
+    """The compute dtype of a bitsandbytes-quantized model, or None when the model is not quantized."""
+    inner = unwrap(model)
+    if not (getattr(inner, "is_loaded_in_4bit", False) or getattr(inner, "is_loaded_in_8bit", False)):
+        return None
+    config = getattr(inner.config, "quantization_config", None)
+    dtype = getattr(config, "bnb_4bit_compute_dtype", None)
+    if isinstance(config, Mapping):
+        dtype = config.get("bnb_4bit_compute_dtype")
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype.removeprefix("torch."), None)
+    return dtype if isinstance(dtype, torch.dtype) else None
+
+
 def _named(dataset_name: str, function, *args, **kwargs):
     """Call `function`, prefixing the data errors it raises with the dataset's name."""
     try:
@@ -94,6 +108,9 @@ class DPOTrainer(Trainer):
             one of the formats of `dpo_trainer.data.formats`.
         processing_class: the tokenizer; loaded from `model` when that is a name or path.
         peft_config: a `peft.PeftConfig`; the model is wrapped with `get_peft_model`.
+        quantization_config: a `transformers.BitsAndBytesConfig` applied when `model` (and `ref_model`) is
+            loaded from a name or path, e.g. 4-bit NF4 for QLoRA (with `peft_config`). The adapter weights
+            are then kept in the config's compute dtype (`bnb_4bit_compute_dtype`), as in the QLoRA paper.
         data_collator, callbacks, optimizers: as in `transformers.Trainer`.
     """
 
@@ -110,12 +127,24 @@ class DPOTrainer(Trainer):
         callbacks=None,
         optimizers=(None, None),
         compute_metrics=None,
+        quantization_config=None,
     ):
         args = args if args is not None else DPOConfig(output_dir="dpo_output")
         if not isinstance(args, DPOConfig):
             raise TypeError(f"args must be a DPOConfig, got {type(args).__name__}.")
         model_name = model if isinstance(model, str) else None
-        model = self._load_model(model, args)
+        if quantization_config is not None:
+            if "quantization_config" in (args.model_init_kwargs or {}):
+                raise ValueError(
+                    "quantization_config is set both as a trainer argument and in DPOConfig.model_init_kwargs; "
+                    "set it in one place."
+                )
+            if not isinstance(model, str):
+                raise ValueError(
+                    "quantization_config applies when the model is loaded from a name or path; quantize an "
+                    "already-built model when you load it (from_pretrained(..., quantization_config=...))."
+                )
+        model = self._load_model(model, args, quantization_config)
         if processing_class is None:
             if model_name is None:
                 raise ValueError(
@@ -131,9 +160,18 @@ class DPOTrainer(Trainer):
 
             set_seed(args.seed)  # the adapter's random init follows args.seed, like the rest of the run
             model = get_peft_model(model, peft_config)
+            compute_dtype = _quantized_compute_dtype(model)
+            if compute_dtype is not None:  # QLoRA: adapters in the compute dtype, not peft's float32
+                for param in model.parameters():
+                    if param.requires_grad:
+                        param.data = param.data.to(compute_dtype)
+        if is_peft_model(model) and args.gradient_checkpointing:
+            # Checkpointed blocks of a frozen base see no input that requires grad: let the embeddings'
+            # output require it, so the adapters inside the blocks get their gradients.
+            model.enable_input_require_grads()
 
         if isinstance(ref_model, str):
-            ref_model = self._load_model(ref_model, args)
+            ref_model = self._load_model(ref_model, args, quantization_config)
         if ref_model is not None and ref_model is model:
             raise ValueError(
                 "ref_model must not be the policy itself; pass ref_model=None to get a frozen copy."
@@ -187,9 +225,12 @@ class DPOTrainer(Trainer):
     # ------------------------------------------------------------------ set-up helpers
 
     @staticmethod
-    def _load_model(model, args: DPOConfig) -> nn.Module:
+    def _load_model(model, args: DPOConfig, quantization_config=None) -> nn.Module:
         if isinstance(model, str):
-            return AutoModelForCausalLM.from_pretrained(model, **(args.model_init_kwargs or {}))
+            kwargs = dict(args.model_init_kwargs or {})
+            if quantization_config is not None:
+                kwargs["quantization_config"] = quantization_config
+            return AutoModelForCausalLM.from_pretrained(model, **kwargs)
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a name, a path or a torch module, got {type(model).__name__}.")
         return model
