@@ -1,7 +1,7 @@
 """Side-by-side DPO benchmark: this project's `DPOTrainer` against TRL's, on identical work, in one run.
 
     python benchmarks/bench_dpo.py --preset cpu
-    python benchmarks/bench_dpo.py --preset gpu-full,gpu-full-ckpt,gpu-lora --out $OUT/gpu.jsonl
+    python benchmarks/bench_dpo.py --preset gpu-full,gpu-full-ckpt,gpu-lora,gpu-qlora --out $OUT/gpu.jsonl
     python benchmarks/bench_dpo.py --preset cpu --tiny --repeats 1          # smoke test, seconds
     python benchmarks/bench_dpo.py --preset cpu --ours-args "layout=shared_prompt max_tokens_per_batch=4096"
 

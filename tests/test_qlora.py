@@ -41,3 +41,50 @@ def test_qlora_trains_the_adapter_on_a_frozen_4bit_base(tmp_path, make_model, to
     assert all(
         not torch.equal(p.detach(), adapter[n]) for n, p in trainer.model.named_parameters() if n in adapter
     )
+
+
+def test_quantization_config_loads_4bit_and_keeps_adapters_in_the_compute_dtype(
+    tmp_path, make_model, tokenizer
+):
+    path = str(tmp_path / "base")
+    make_model(hidden_size=64).save_pretrained(path)
+    quantization = BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16
+    )
+    trainer = DPOTrainer(
+        path,
+        args=dpo_config(tmp_path, learning_rate=1e-2, max_steps=2, gradient_checkpointing=True),
+        train_dataset=preference_rows(8, seed=1),
+        processing_class=tokenizer,
+        peft_config=LoraConfig(r=4, target_modules="all-linear"),
+        quantization_config=quantization,
+    )
+    base = trainer.model.get_base_model()
+    assert isinstance(base.model.layers[0].mlp.up_proj.base_layer, bnb.nn.Linear4bit)
+    trainable = {n: p for n, p in trainer.model.named_parameters() if p.requires_grad}
+    assert trainable and all("lora_" in n for n in trainable)
+    assert {p.dtype for p in trainable.values()} == {torch.bfloat16}
+    before = {n: p.detach().clone() for n, p in trainable.items() if "lora_B" in n}
+    trainer.train()  # checkpointed blocks of a frozen base still give the adapters gradients
+    assert all(not torch.equal(trainable[n].detach(), value) for n, value in before.items())
+
+
+def test_quantization_config_errors(tmp_path, make_model, tokenizer):
+    quantization = BitsAndBytesConfig(load_in_4bit=True)
+    rows = preference_rows(4, seed=0)
+    with pytest.raises(ValueError, match="loaded from a name or path"):
+        DPOTrainer(
+            make_model(),
+            args=dpo_config(tmp_path),
+            train_dataset=rows,
+            processing_class=tokenizer,
+            quantization_config=quantization,
+        )
+    with pytest.raises(ValueError, match="both as a trainer argument and in DPOConfig.model_init_kwargs"):
+        DPOTrainer(
+            "some/model",
+            args=dpo_config(tmp_path, model_init_kwargs={"quantization_config": quantization}),
+            train_dataset=rows,
+            processing_class=tokenizer,
+            quantization_config=quantization,
+        )

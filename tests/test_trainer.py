@@ -459,6 +459,38 @@ def test_every_layout_trains_the_same(tmp_path, make_model, tokenizer, pairs):
             torch.testing.assert_close(got, want, rtol=1e-4, atol=2e-5)  # Adam amplifies float noise
 
 
+@pytest.mark.parametrize(
+    "setting,device,impl,expected",
+    [
+        (None, "cuda", "sdpa", "flex_attention"),  # auto: SDPA's dense mask -> BlockMask on CUDA
+        (None, "cpu", "sdpa", "sdpa"),  # auto keeps SDPA on CPU (FlexAttention is uncompiled there)
+        (None, "cuda", "eager", "eager"),  # auto never overrides an explicit non-SDPA choice
+        (False, "cuda", "sdpa", "sdpa"),
+        (True, "cpu", "sdpa", "flex_attention"),
+        (True, "cpu", "eager", "flex_attention"),
+    ],
+)
+def test_flex_attention_choice(tmp_path, make_model, setting, device, impl, expected):
+    policy, reference = make_model(attn_implementation=impl), make_model(attn_implementation=impl)
+    args = config(tmp_path, flex_attention=setting)
+    DPOTrainer._choose_attention(args, [policy, reference, None], device)
+    assert policy.config._attn_implementation == expected
+    assert reference.config._attn_implementation == expected
+
+
+def test_flex_attention_reaches_the_base_model_of_a_peft_policy(tmp_path, make_model):
+    from peft import get_peft_model
+
+    policy = get_peft_model(make_model(), LoraConfig(r=2, target_modules=["q_proj"]))
+    DPOTrainer._choose_attention(config(tmp_path), [policy, None], "cuda")
+    assert policy.get_base_model().config._attn_implementation == "flex_attention"
+
+
+def test_flex_attention_setting_is_validated(tmp_path):
+    with pytest.raises(ValueError, match="DPOConfig.flex_attention"):
+        config(tmp_path, flex_attention="yes")
+
+
 def test_auto_layout_and_trl_padding_free_name(tmp_path, make_model, tokenizer, pairs):
     auto = DPOTrainer(make_model(), args=config(tmp_path), train_dataset=pairs, processing_class=tokenizer)
     assert auto.layout == "shared_prompt"

@@ -194,6 +194,8 @@ class DPOTrainer(Trainer):
         else:
             eval_dataset = self.prepare_dataset(eval_dataset, processing_class, args, "eval_dataset")
         self.layout = self._resolve_layout(args, model, ref_model)
+        if self.layout != "padded":
+            self._choose_attention(args, [model, ref_model], args.device.type)
         if data_collator is None:
             if self.layout == "padded":
                 data_collator = PaddedCollator(processing_class.pad_token_id, args.pad_to_multiple_of)
@@ -333,6 +335,42 @@ class DPOTrainer(Trainer):
                 logger.warning("Layout %r is not available (%s); using 'padded'.", args.layout, reason)
                 return "padded"
         return "shared_prompt" if args.layout == "auto" else args.layout
+
+    @staticmethod
+    def _choose_attention(args: DPOConfig, models, device_type: str) -> None:
+        """Switch SDPA models to FlexAttention for the grouped layouts where `args.flex_attention` asks."""
+        wanted = args.flex_attention if args.flex_attention is not None else device_type == "cuda"
+        if not wanted:
+            return
+        for candidate in models:
+            inner = None if candidate is None else unwrap(candidate)
+            current = getattr(getattr(inner, "config", None), "_attn_implementation", None)
+            if inner is None or current == "flex_attention":
+                continue
+            if current != "sdpa" and args.flex_attention is None:
+                continue  # auto only replaces SDPA; eager (or a kernel) was the user's explicit choice
+            try:
+                inner.set_attn_implementation("flex_attention")
+            except (ValueError, ImportError, AttributeError) as error:
+                if args.flex_attention:
+                    raise ValueError(
+                        f"DPOConfig.flex_attention=True, but {type(inner).__name__} cannot use FlexAttention: "
+                        f"{error}"
+                    ) from error
+                logger.warning(
+                    "Keeping %s attention (FlexAttention is not available for %s: %s).",
+                    current,
+                    type(inner).__name__,
+                    error,
+                )
+                continue
+            if getattr(inner.config, "_attn_implementation", None) == "flex_attention":
+                logger.info("Layout %r: %s now uses FlexAttention.", args.layout, type(inner).__name__)
+            elif args.flex_attention:
+                raise ValueError(
+                    f"DPOConfig.flex_attention=True, but {type(inner).__name__} does not support switching its "
+                    "attention implementation."
+                )
 
     def _get_num_items_in_batch(self, batch_samples, device):
         # Pairs (examples) in the optimizer step, summed over processes: the training loss's denominator.
