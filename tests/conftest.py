@@ -1,4 +1,5 @@
-"""Shared fixtures: an offline tokenizer, tiny models built from configs, and small preference datasets."""
+"""Shared fixtures: an offline tokenizer, tiny models built from configs, small preference datasets, and
+runs of the distributed training script (tests/dist_scripts/train_dpo.py)."""
 
 import os
 
@@ -7,10 +8,15 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("WANDB_DISABLED", "true")
 
+import json  # noqa: E402
 import random  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
 
+import dpo_trainer  # noqa: E402
 from dpo_trainer import DPOConfig  # noqa: E402
 from dpo_trainer.tiny import tiny_causal_lm, train_tokenizer  # noqa: E402
 
@@ -81,3 +87,90 @@ def make_model(tokenizer):
 @pytest.fixture
 def pairs():
     return preference_rows(16, seed=0)
+
+
+# ---------------------------------------------------------------- runs of tests/dist_scripts/train_dpo.py
+
+TESTS = Path(__file__).resolve().parent
+DIST_SCRIPT = TESTS / "dist_scripts" / "train_dpo.py"
+DIST_TIMEOUT_S = 300
+TORCHRUN_TWO_PROCESSES = [
+    sys.executable,
+    "-m",
+    "torch.distributed.run",
+    "--standalone",
+    "--nproc_per_node",
+    "2",
+]
+# Launcher variables of an outer distributed run would make the single-process run join it.
+LAUNCHER_VARIABLES = (
+    "RANK",
+    "LOCAL_RANK",
+    "WORLD_SIZE",
+    "LOCAL_WORLD_SIZE",
+    "GROUP_RANK",
+    "MASTER_ADDR",
+    "MASTER_PORT",
+)
+
+
+def dist_env() -> dict:
+    env = {
+        k: v for k, v in os.environ.items() if k not in LAUNCHER_VARIABLES and not k.startswith("ACCELERATE_")
+    }
+    src = str(Path(dpo_trainer.__file__).resolve().parent.parent)  # the dpo_trainer this pytest imports
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (src, str(TESTS), env.get("PYTHONPATH")) if p)
+    env.update(
+        HF_HUB_OFFLINE="1",
+        HF_DATASETS_OFFLINE="1",
+        TOKENIZERS_PARALLELISM="false",
+        WANDB_DISABLED="true",
+        OMP_NUM_THREADS="1",  # two processes on a small CPU: no oversubscription, deterministic kernels
+    )
+    return env
+
+
+def launch_dist_script(
+    launcher: list[str], out: Path, per_device_batch: int, modes: str, engine="ddp"
+) -> dict:
+    """Run train_dpo.py under `launcher`; {mode: what rank 0 wrote, plus `out`}. Fails the test on error."""
+    cmd = [
+        *launcher,
+        str(DIST_SCRIPT),
+        "--out",
+        str(out),
+        "--work",
+        str(out / "work"),
+        "--per-device-batch",
+        str(per_device_batch),
+        "--modes",
+        modes,
+        "--engine",
+        engine,
+    ]
+    try:
+        proc = subprocess.run(
+            cmd, env=dist_env(), cwd=str(out), capture_output=True, text=True, timeout=DIST_TIMEOUT_S
+        )
+    except subprocess.TimeoutExpired as error:
+        stderr = (
+            error.stderr.decode(errors="replace") if isinstance(error.stderr, bytes) else (error.stderr or "")
+        )
+        pytest.fail(f"{' '.join(cmd)} timed out after {DIST_TIMEOUT_S}s; stderr tail:\n{stderr[-8000:]}")
+    if proc.returncode != 0:
+        pytest.fail(
+            f"{' '.join(cmd)} exited with {proc.returncode}\n--- stdout tail:\n{proc.stdout[-3000:]}\n"
+            f"--- stderr tail:\n{proc.stderr[-8000:]}"
+        )
+    results = {}
+    for mode in modes.split(","):
+        with open(out / f"{mode}.json") as handle:
+            results[mode] = json.load(handle)
+        results[mode]["out"] = out
+    return results
+
+
+@pytest.fixture(scope="session")
+def one_process_runs(tmp_path_factory):
+    """train_dpo.py in one plain process, batch 4: the `live` and `lora` runs every launch is compared to."""
+    return launch_dist_script([sys.executable], tmp_path_factory.mktemp("one_process"), 4, "live,lora")

@@ -6,7 +6,7 @@ from torch import nn
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
 from dpo_trainer.data import PaddedCollator
-from dpo_trainer.logprobs import auto_chunk_size, head_token_logps, sequence_logps
+from dpo_trainer.logprobs import auto_chunk_size, fused_linear_head, head_token_logps, sequence_logps
 
 VOCAB = 50
 
@@ -53,6 +53,45 @@ def test_module_head_fallback_matches_naive():
     torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-5)
     for got, want in zip(ours_grads, ref_grads):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("softcap", [None, 5.0])
+def test_sharded_head_runs_through_its_module_like_the_fused_path(softcap):
+    # Outside its forward a ZeRO-3 head holds an empty partition (its parameters carry `ds_id`) and an
+    # FSDP2 head may hold DTensor shards: such a head is called per chunk, so the engine's hooks gather
+    # the weight, in the forward and again in the backward's recomputation. Same values and gradients.
+    torch.manual_seed(2)
+    head = nn.Linear(8, VOCAB)
+    hidden = torch.randn(9, 8, requires_grad=True)
+    targets = torch.randint(0, VOCAB, (9,))
+    assert fused_linear_head(head)
+    fused = head_token_logps(hidden, head, targets, chunk_size=4, softcap=softcap, scale=0.5)
+    fused_grads = torch.autograd.grad(fused.sum(), [hidden, head.weight, head.bias])
+
+    calls = []
+    head.register_forward_pre_hook(lambda module, args: calls.append(args[0].shape[0]))
+    head.weight.ds_id = 7  # what ZeRO-3 sets on a partitioned parameter
+    assert not fused_linear_head(head)
+    through_module = head_token_logps(hidden, head, targets, chunk_size=4, softcap=softcap, scale=0.5)
+    assert calls == [4, 4, 1]  # one call per chunk
+    through_module.sum().backward()  # (the reentrant checkpoint that ZeRO-3 needs takes no autograd.grad)
+    assert sorted(calls[3:]) == [1, 4, 4]  # and again when the backward pass recomputes each chunk
+    grads = [hidden.grad, head.weight.grad, head.bias.grad]
+    torch.testing.assert_close(through_module, fused, rtol=1e-6, atol=1e-6)
+    for got, want in zip(grads, fused_grads):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_sharded_head_still_gets_its_gradient_when_nothing_upstream_trains():
+    # The reentrant checkpoint used for ZeRO-3 heads passes gradients only through inputs that require
+    # them; with a frozen body the head's chunks run without it and the head still learns.
+    torch.manual_seed(3)
+    head = nn.Linear(8, VOCAB)
+    hidden, targets = torch.randn(6, 8), torch.randint(0, VOCAB, (6,))
+    want = torch.autograd.grad(head_token_logps(hidden, head, targets, chunk_size=4).sum(), head.weight)[0]
+    head.weight.ds_id = 7
+    head_token_logps(hidden, head, targets, chunk_size=4).sum().backward()
+    torch.testing.assert_close(head.weight.grad, want, rtol=1e-5, atol=1e-6)
 
 
 def test_empty_selection_gives_empty_result_with_graph():

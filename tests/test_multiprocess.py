@@ -11,24 +11,17 @@ global batch, gathered from both processes), the final weights, and the eval met
 with a repeated example that must not be counted).
 """
 
-import json
 import math
 import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-import dpo_trainer
+from conftest import TORCHRUN_TWO_PROCESSES, launch_dist_script
 
 pytestmark = pytest.mark.slow
 
-TESTS = Path(__file__).resolve().parent
-SCRIPT = TESTS / "dist_scripts" / "train_dpo.py"
-TIMEOUT_S = 300
 MODES = ("live", "precompute")
 DPO_METRICS = (
     "rewards/chosen",
@@ -38,80 +31,18 @@ DPO_METRICS = (
     "logps/chosen",
     "logps/rejected",
 )
-# Launcher variables of an outer distributed run would make the single-process run join it.
-LAUNCHER_VARIABLES = (
-    "RANK",
-    "LOCAL_RANK",
-    "WORLD_SIZE",
-    "LOCAL_WORLD_SIZE",
-    "GROUP_RANK",
-    "MASTER_ADDR",
-    "MASTER_PORT",
-)
-
-
-def _env() -> dict:
-    env = {
-        k: v for k, v in os.environ.items() if k not in LAUNCHER_VARIABLES and not k.startswith("ACCELERATE_")
-    }
-    src = str(Path(dpo_trainer.__file__).resolve().parent.parent)  # the dpo_trainer this pytest imports
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (src, str(TESTS), env.get("PYTHONPATH")) if p)
-    env.update(
-        HF_HUB_OFFLINE="1",
-        HF_DATASETS_OFFLINE="1",
-        TOKENIZERS_PARALLELISM="false",
-        WANDB_DISABLED="true",
-        OMP_NUM_THREADS="1",  # two processes on a small CPU: no oversubscription, deterministic kernels
-    )
-    return env
-
-
-def _launch(launcher: list[str], out: Path, per_device_batch: int, modes: str) -> dict:
-    cmd = [
-        *launcher,
-        str(SCRIPT),
-        "--out",
-        str(out),
-        "--work",
-        str(out / "work"),
-        "--per-device-batch",
-        str(per_device_batch),
-        "--modes",
-        modes,
-    ]
-    try:
-        proc = subprocess.run(
-            cmd, env=_env(), cwd=str(out), capture_output=True, text=True, timeout=TIMEOUT_S
-        )
-    except subprocess.TimeoutExpired as error:
-        stderr = (
-            error.stderr.decode(errors="replace") if isinstance(error.stderr, bytes) else (error.stderr or "")
-        )
-        pytest.fail(f"{' '.join(cmd)} timed out after {TIMEOUT_S}s; stderr tail:\n{stderr[-8000:]}")
-    if proc.returncode != 0:
-        pytest.fail(
-            f"{' '.join(cmd)} exited with {proc.returncode}\n--- stdout tail:\n{proc.stdout[-3000:]}\n"
-            f"--- stderr tail:\n{proc.stderr[-8000:]}"
-        )
-    results = {}
-    for mode in modes.split(","):
-        with open(out / f"{mode}.json") as handle:
-            results[mode] = json.load(handle)
-        results[mode]["out"] = out
-    return results
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory):
+def runs(one_process_runs, tmp_path_factory):
     """{"one": {"live": ...}, "two": {"live": ..., "precompute": ...}}: what rank 0 wrote, plus `out`."""
-    one = _launch([sys.executable], tmp_path_factory.mktemp("one_process"), per_device_batch=4, modes="live")
-    two = _launch(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"],
+    two = launch_dist_script(
+        TORCHRUN_TWO_PROCESSES,
         tmp_path_factory.mktemp("two_processes"),
         per_device_batch=2,
         modes=",".join(MODES),
     )
-    return {"one": one, "two": two}
+    return {"one": one_process_runs, "two": two}
 
 
 def _weights(run: dict, rank: int) -> dict[str, torch.Tensor]:

@@ -3,8 +3,10 @@
 The model runs up to its last hidden layer; only the hidden states named by the batch's scoring plan go
 through the LM head, a chunk at a time. For a plain `nn.Linear` head a custom autograd function keeps only
 one chunk of logits alive, in the forward pass and in the backward pass (which recomputes them), and
-stores a single float32 log-normaliser per token. Other heads (a LoRA-wrapped or quantized head) run the
-same chunks under activation checkpointing.
+stores a single float32 log-normaliser per token. Other heads (a LoRA-wrapped or quantized head), and a
+head whose weight an engine keeps sharded outside the module's own forward (a DeepSpeed ZeRO-3 partition,
+an FSDP2 DTensor), run the same chunks through the module under activation checkpointing, so the
+engine's hooks gather the weight for each call and again for the recomputation in the backward pass.
 
     log p(y | x) = sum_t [ z_t[y_t] - logsumexp(z_t) ],   z_t = head(h_t)       (paper Eq. 7, log π(y|x))
 """
@@ -90,6 +92,38 @@ class _LinearHeadLogProbs(torch.autograd.Function):
         return grad_hidden, grad_weight, grad_bias, None, None, None, None
 
 
+def _is_sharded(tensor: torch.Tensor) -> bool:
+    """Whether `tensor` is only this process's piece of a parameter: a DTensor (FSDP2) or a ZeRO-3 partition."""
+    if hasattr(tensor, "ds_id"):  # DeepSpeed ZeRO-3 marks its partitioned parameters
+        return True
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # a torch build without distributed support
+        return False
+    return isinstance(tensor, DTensor)
+
+
+def fused_linear_head(head: nn.Module) -> bool:
+    """Whether the fused path may read `head.weight` directly: a plain `nn.Linear` whose weight is whole here.
+
+    FSDP2 turns the head into a subclass of its own class (`FSDPLinear`); after the model's forward a
+    parameter group that is not resharded (accelerate's group of final norm and head) holds plain tensors,
+    which the fused path may use; a resharded one holds DTensors, which it may not.
+    """
+    cls = type(head)
+    if cls is not nn.Linear and not (_is_fsdp_module(head) and nn.Linear in cls.__bases__):
+        return False  # subclasses of nn.Linear (LoRA, bitsandbytes) compute something else in forward
+    return not any(_is_sharded(p) for p in (head.weight, head.bias) if p is not None)
+
+
+def _is_fsdp_module(module: nn.Module) -> bool:
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:
+        return False
+    return isinstance(module, FSDPModule)
+
+
 def _module_chunk_logps(head: nn.Module, hidden, targets, softcap, scale):
     logits = head(hidden).float() * scale
     if softcap is not None:
@@ -110,7 +144,8 @@ def head_token_logps(
 
     Args:
         hidden: (N, H) hidden states, one per scored token (the position that predicts it).
-        head: the LM head; an exact `nn.Linear` takes the fused path, anything else is called per chunk.
+        head: the LM head; a plain `nn.Linear` with a whole weight takes the fused path (`fused_linear_head`),
+            anything else is called per chunk.
         targets: (N,) long, the token ids whose log-probabilities are wanted.
         chunk_size: rows per chunk; None chooses from the vocabulary size.
         softcap: Gemma-style final logit soft-capping `c * tanh(z / c)`, or None.
@@ -121,7 +156,7 @@ def head_token_logps(
     """
     if hidden.shape[0] == 0:
         return hidden.new_zeros(0, dtype=torch.float32) + 0 * hidden.sum()
-    if type(head) is nn.Linear:
+    if fused_linear_head(head):
         size = chunk_size or auto_chunk_size(head.out_features)
         return _LinearHeadLogProbs.apply(hidden, head.weight, head.bias, targets, size, softcap, scale)
     vocab = getattr(head, "out_features", None) or 32768
@@ -129,9 +164,15 @@ def head_token_logps(
     parts = []
     for start in range(0, hidden.shape[0], size):
         h, t = hidden[start : start + size], targets[start : start + size]
-        if torch.is_grad_enabled():
+        if not torch.is_grad_enabled():
+            parts.append(_module_chunk_logps(head, h, t, softcap, scale))
+        elif not any(hasattr(p, "ds_id") for p in head.parameters()):
             parts.append(checkpoint(_module_chunk_logps, head, h, t, softcap, scale, use_reentrant=False))
-        else:
+        elif h.requires_grad:
+            # ZeRO-3 gathers the weight in the module's forward hooks, which the non-reentrant recomputation
+            # does not run again (it would see the empty partition); the reentrant one runs a real forward.
+            parts.append(checkpoint(_module_chunk_logps, head, h, t, softcap, scale, use_reentrant=True))
+        else:  # nothing upstream trains: the reentrant checkpoint would drop the head's own gradients
             parts.append(_module_chunk_logps(head, h, t, softcap, scale))
     return torch.cat(parts)
 

@@ -12,7 +12,7 @@ import contextlib
 import hashlib
 import json
 import os
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -102,7 +102,7 @@ def model_fingerprint(model: nn.Module) -> str:
     (4096 evenly spaced values per tensor, plus their sum) changes whenever training touches the tensor.
     """
     digest = hashlib.sha256()
-    for name, tensor in unwrap(model).state_dict().items():
+    for name, tensor in _whole_state(model):
         if "lora_" in name:
             continue
         flat = tensor.detach().reshape(-1)
@@ -111,6 +111,27 @@ def model_fingerprint(model: nn.Module) -> str:
         digest.update(f"{name}|{tuple(tensor.shape)}|{tensor.dtype}|{flat.float().sum().item():.8e}".encode())
         digest.update(sample.numpy().tobytes())
     return digest.hexdigest()[:24]
+
+
+def _whole_state(model: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
+    """(name, tensor) of `model`'s state dict with every tensor whole on every process.
+
+    A ZeRO-3 partition is gathered for the moment it is read, an FSDP2 DTensor assembled; both are
+    collectives, so every process must walk the same model. Other tensors are yielded as they are.
+    """
+    module = unwrap(model)
+    parameters = dict(module.named_parameters())
+    for name, tensor in module.state_dict().items():
+        parameter = parameters.get(name)
+        if parameter is not None and hasattr(parameter, "ds_id"):  # DeepSpeed ZeRO-3
+            import deepspeed
+
+            with deepspeed.zero.GatheredParameters([parameter]):
+                yield name, parameter.detach().clone()
+        elif hasattr(tensor, "full_tensor"):  # torch.distributed.tensor.DTensor (FSDP2)
+            yield name, tensor.full_tensor()
+        else:
+            yield name, tensor
 
 
 def rows_fingerprint(rows: Iterable[Mapping]) -> str:

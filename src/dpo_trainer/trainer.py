@@ -12,7 +12,7 @@ Hooks meant for subclassing (e.g. in a notebook):
 
 from __future__ import annotations
 
-import copy
+import contextlib
 import inspect
 import logging
 import os
@@ -31,6 +31,7 @@ from .config import DPOConfig
 from .data import PaddedCollator, detect_format, to_example, tokenize_example
 from .data.batching import TokenBudgetBatchSampler, example_tokens
 from .data.layouts import GroupedCollator
+from .engines import frozen_copy, policy_as_reference, prepare_reference, release_reference
 from .logprobs import sequence_logps, unwrap
 from .losses import plackett_luce_loss, preference_loss
 from .reference import (
@@ -177,7 +178,7 @@ class DPOTrainer(Trainer):
                 "ref_model must not be the policy itself; pass ref_model=None to get a frozen copy."
             )
         if ref_model is None and not is_peft_model(model) and not args.precompute_ref_log_probs:
-            ref_model = copy.deepcopy(model)  # π_ref = the policy's weights now, not a reload from disk
+            ref_model = frozen_copy(model)  # π_ref = the policy's weights now, not a reload from disk
         if args.disable_dropout:
             disable_dropout(model)
         if ref_model is not None:
@@ -220,7 +221,9 @@ class DPOTrainer(Trainer):
         self.model_accepts_loss_kwargs = True
         self._metrics = {"train": defaultdict(lambda: [0.0, 0]), "eval": defaultdict(lambda: [0.0, 0])}
         if self.ref_model is not None:
-            self.ref_model.to(self.args.device)
+            # Placed like the policy: a DeepSpeed inference engine (partitioned under ZeRO-3), FSDP2 shards,
+            # else the device with the run's autocast. Never given to an optimizer.
+            self.ref_model = prepare_reference(self.ref_model, self.accelerator)
         if args.precompute_ref_log_probs:
             self._precompute_reference()
 
@@ -405,7 +408,13 @@ class DPOTrainer(Trainer):
             self._signature_columns = ["prompt_ids", "response_ids", "ref_logps"]
 
     def _precompute_reference(self) -> None:
-        """Add a `ref_logps` column to every dataset (cached on disk), then drop the reference model."""
+        """Add a `ref_logps` column to every dataset (cached on disk), then drop the reference model.
+
+        Runs when the trainer is built, before `Trainer` prepares the policy for its engine: a separate
+        reference is already prepared (`prepare_reference`), and the policy, when it is its own reference,
+        is scored through `policy_as_reference` (a DeepSpeed inference engine, a sharded copy under FSDP),
+        never through weights that ZeRO-3 has partitioned away.
+        """
         model_key = model_fingerprint(self.ref_model if self.ref_model is not None else self.model)
         settings = {"bf16": self.args.bf16, "fp16": self.args.fp16, "dtype": str(unwrap(self.model).dtype)}
         datasets = [("train", self.train_dataset)]
@@ -413,7 +422,7 @@ class DPOTrainer(Trainer):
             datasets += [(f"eval[{key}]", value) for key, value in self.eval_dataset.items()]
         else:
             datasets.append(("eval", self.eval_dataset))
-        results = {}
+        values, pending = {}, []
         for name, dataset in datasets:
             if dataset is None or "ref_logps" in dataset.column_names:
                 continue
@@ -422,46 +431,90 @@ class DPOTrainer(Trainer):
             cached_on_main = [self.is_world_process_zero() and load_cached(path, len(dataset)) is not None]
             broadcast_object_list(cached_on_main)
             if cached_on_main[0]:
-                values = load_cached(path, len(dataset))
+                values[name] = load_cached(path, len(dataset))
                 logger.info("Loaded reference log-probs of %s from %s", name, path)
             else:
-                values = self._compute_reference_column(dataset, name)
-                if self.is_world_process_zero():
-                    save_cached(path, values)
-            self.accelerator.wait_for_everyone()
-            results[name] = dataset.add_column("ref_logps", values.tolist())
+                pending.append((name, dataset, path))
+        if pending:  # the reference is prepared only when something is left to compute
+            with self._reference_scorer() as score:
+                for name, dataset, path in pending:
+                    values[name] = self._compute_reference_column(dataset, name, score)
+                    if self.is_world_process_zero():
+                        save_cached(path, values[name])
+        self.accelerator.wait_for_everyone()
+        results = {
+            name: dataset.add_column("ref_logps", values[name].tolist())
+            for name, dataset in datasets
+            if name in values
+        }
         self.train_dataset = results.get("train", self.train_dataset)
         if isinstance(self.eval_dataset, Mapping):
             self.eval_dataset = {k: results.get(f"eval[{k}]", v) for k, v in self.eval_dataset.items()}
         else:
             self.eval_dataset = results.get("eval", self.eval_dataset)
+        release_reference(self.ref_model)
         self.ref_model = None  # the values are in the data now; free the memory
 
-    def _compute_reference_column(self, dataset: Dataset, name: str) -> torch.Tensor:
-        """(rows, K) reference log-probs: each process scores a contiguous share, gathered back in order."""
+    @contextlib.contextmanager
+    def _reference_scorer(self):
+        """batch -> (B, K) reference log-probs for precomputation, with the models prepared to compute them."""
+        if self.ref_model is not None:
+            yield self.reference_logps
+            return
+        with policy_as_reference(self.model, self.accelerator) as policy:
+            if is_peft_model(unwrap_to_peft(policy)):  # the base model: the adapter disabled
+                if policy is self.model:
+                    yield self.reference_logps
+                else:
+                    yield lambda batch: _reference_logps(
+                        policy, None, batch, chunk_size=self.args.logprob_chunk_size
+                    )
+                return
+
+            def score(batch):
+                with torch.no_grad():
+                    return sequence_logps(policy, batch, chunk_size=self.args.logprob_chunk_size)
+
+            was_training = policy.training
+            policy.eval()  # a full-fine-tuning policy is its own reference before training: no dropout
+            try:
+                yield score
+            finally:
+                policy.train(was_training)
+
+    def _compute_reference_column(self, dataset: Dataset, name: str, score) -> torch.Tensor:
+        """(rows, K) reference log-probs: each process scores a contiguous share, gathered back in order.
+
+        Every process runs the same number of forward passes (a process whose share ends early scores a
+        filler batch and drops it): a sharded reference (ZeRO-3, FSDP) gathers weights with collectives.
+        """
+        batch_size = self.args.per_device_eval_batch_size
         share = -(-len(dataset) // self.accelerator.num_processes)
         start = min(len(dataset), self.accelerator.process_index * share)
         rows = dataset.select(range(start, min(len(dataset), start + share)))
         loader = torch.utils.data.DataLoader(
             rows.select_columns(["prompt_ids", "response_ids"]),
-            batch_size=self.args.per_device_eval_batch_size,
+            batch_size=batch_size,
             shuffle=False,
             collate_fn=self.data_collator,
         )
-        was_training = self.model.training
-        self.model.eval()  # a full-fine-tuning policy is its own reference before training: no dropout
-        try:
-            with self.compute_loss_context_manager():
-                values = compute_dataset_reference_logps(
-                    (self._prepare_inputs(batch) for batch in loader),
-                    self._initial_reference_logps,
-                    total=len(loader),
-                    desc=f"Reference log-probs ({name})",
-                    disable_progress=self.args.disable_tqdm or not self.is_local_process_zero(),
-                    num_responses=len(dataset[0]["response_ids"]),
+        with self.compute_loss_context_manager():
+            values = compute_dataset_reference_logps(
+                (self._prepare_inputs(batch) for batch in loader),
+                score,
+                total=len(loader),
+                desc=f"Reference log-probs ({name})",
+                disable_progress=self.args.disable_tqdm or not self.is_local_process_zero(),
+                num_responses=len(dataset[0]["response_ids"]),
+            )
+            fillers = -(-share // batch_size) - len(loader)
+            if fillers > 0:
+                columns = dataset.select(range(min(batch_size, len(dataset)))).select_columns(
+                    ["prompt_ids", "response_ids"]
                 )
-        finally:
-            self.model.train(was_training)
+                filler = self._prepare_inputs(self.data_collator(list(columns)))
+                for _ in range(fillers):
+                    score(filler)
         if self.accelerator.num_processes == 1:
             return values
         return torch.tensor([row for part in gather_object([values.tolist()]) for row in part])
@@ -475,12 +528,6 @@ class DPOTrainer(Trainer):
     def reference_logps(self, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
         """(B, K) summed log-probs of each response under π_ref: precomputed, or computed without gradient."""
         return _reference_logps(self.model, self.ref_model, batch, chunk_size=self.args.logprob_chunk_size)
-
-    def _initial_reference_logps(self, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
-        if self.ref_model is None and not is_peft_model(unwrap_to_peft(self.model)):
-            with torch.no_grad():  # precomputing with the policy itself, before it is trained
-                return sequence_logps(self.model, batch, chunk_size=self.args.logprob_chunk_size)
-        return self.reference_logps(batch)
 
     def dpo_loss(self, policy_logps: torch.Tensor, reference_logps: torch.Tensor):
         """Per-example losses (B,) and detached implicit rewards β·log(π/π_ref) (B, K).

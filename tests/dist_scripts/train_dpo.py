@@ -1,11 +1,20 @@
-"""Train DPOTrainer on a tiny model and dump what it logged; launched by tests/test_multiprocess.py.
+"""Train DPOTrainer on a tiny model and dump what it logged; launched by tests/test_multiprocess.py and
+tests/test_engines.py.
 
-Run it with one process (``python train_dpo.py ...``) or data-parallel on CPU
-(``python -m torch.distributed.run --standalone --nproc_per_node 2 train_dpo.py ...``, gloo backend).
+Run it with one process (``python train_dpo.py ...``) or on two CPU processes
+(``python -m torch.distributed.run --standalone --nproc_per_node 2 train_dpo.py ...``, gloo backend), as
+plain DDP (``--engine ddp``), FSDP2 (``--engine fsdp2``) or DeepSpeed (``--engine zero2`` / ``zero3``).
 For every mode in ``--modes`` it trains a fresh model, evaluates it on a held-out set, and writes, from
 rank 0, ``<out>/<mode>.json``: the per-step train logs (loss and DPO metrics), the eval metrics, the
-examples of each global batch (gathered from all ranks) and, when precomputed, the reference log-probs.
-Every rank saves its final weights to ``<out>/<mode>-rank<r>.safetensors``.
+examples of each global batch (gathered from all ranks), when precomputed the reference log-probs, and
+what the engine made of the models (parameter types, the reference's wrapper). Modes: ``live`` (a frozen
+copy of the policy as the reference), ``precompute`` (reference log-probs computed before training),
+``lora`` (a LoRA adapter; the reference is the policy with its adapter disabled), and ``zero_init`` (ZeRO-3
+only: ``live`` with the policy built after its DPOConfig, so partitioned by ``deepspeed.zero.Init``). Each rank saves its final
+weights to ``<out>/<mode>-rank<r>.safetensors``; under FSDP2 and ZeRO-3 only rank 0, which gathers them.
+
+accelerate turns FSDP and DeepSpeed on only for accelerator devices (with ``use_cpu`` it silently runs
+DDP), so ``engine_arguments`` nudges its state on CPU: see there.
 """
 
 import argparse
@@ -76,9 +85,85 @@ class RecordingDPOTrainer(DPOTrainer):
         return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
 
 
+def _fsdp_on_cpu() -> None:
+    """Make accelerate honour an FSDP plugin on CPU processes (it keeps them MULTI_CPU, i.e. plain DDP).
+
+    `AcceleratorState` only switches to FSDP for accelerator devices; torch's `fully_shard` itself runs
+    on CPU with gloo. After the state is built as usual, the plugin and the distributed type are set as
+    they would be on GPUs. The trainer under test is not touched.
+    """
+    from accelerate.state import AcceleratorState, PartialState
+    from accelerate.utils import DistributedType
+
+    build = AcceleratorState.__init__
+
+    def init(self, *args, fsdp_plugin=None, **kwargs):
+        build(self, *args, fsdp_plugin=fsdp_plugin, **kwargs)
+        if fsdp_plugin is not None and self.distributed_type == DistributedType.MULTI_CPU:
+            self.fsdp_plugin = fsdp_plugin
+            self.distributed_type = DistributedType.FSDP
+            PartialState._shared_state["distributed_type"] = DistributedType.FSDP
+
+    AcceleratorState.__init__ = init
+
+
+def engine_arguments(engine: str) -> dict:
+    """DPOConfig settings for `engine` on CPU processes."""
+    if engine == "ddp":
+        return {"use_cpu": True}
+    if engine == "fsdp2":
+        _fsdp_on_cpu()
+        # Sharded along the decoder layers, as examples/accelerate/fsdp2.yaml does on GPUs.
+        return {
+            "use_cpu": True,
+            "fsdp": True,
+            "fsdp_config": {"fsdp_version": 2, "transformer_layer_cls_to_wrap": ["LlamaDecoderLayer"]},
+        }
+    if engine in ("zero2", "zero3"):
+        # DeepSpeed needs `use_cpu=False`; without a GPU, transformers would then start it with no backend
+        # (one process). A state made beforehand with gloo and DeepSpeed on is used instead.
+        from accelerate.state import AcceleratorState, PartialState
+
+        os.environ["ACCELERATE_USE_DEEPSPEED"] = "true"
+        AcceleratorState._reset_state()  # a previous mode's Accelerator holds its DeepSpeed plugin
+        PartialState(backend="gloo")
+        zero = {"stage": int(engine[-1])}
+        if engine == "zero3":
+            # Partition even these tiny tensors (the default keeps those under 100k values whole), and
+            # gather them when the weights are saved.
+            zero.update(stage3_param_persistence_threshold=0, stage3_gather_16bit_weights_on_model_save=True)
+        return {
+            "use_cpu": False,
+            "accelerator_config": {"use_configured_state": True},
+            "deepspeed": {
+                "train_micro_batch_size_per_gpu": "auto",
+                "gradient_accumulation_steps": "auto",
+                "gradient_clipping": "auto",
+                "zero_allow_untested_optimizer": True,  # the Trainer's torch SGD
+                "zero_optimization": zero,
+            },
+        }
+    raise ValueError(f"unknown engine {engine!r}")
+
+
 def run(mode: str, opts) -> None:
     tokenizer = make_tokenizer()
-    model = tiny_causal_lm(tokenizer, hidden_size=32, num_layers=2, num_heads=4, seed=3)
+    # A ZeRO-3 DPOConfig makes transformers build every later model inside `deepspeed.zero.Init`
+    # (partitioned at construction, with other initial values); each mode starts from the same plain
+    # model, except `zero_init`, which is built after its DPOConfig on purpose.
+    from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+    unset_hf_deepspeed_config()
+    model = None
+    if mode != "zero_init":
+        model = tiny_causal_lm(tokenizer, hidden_size=32, num_layers=2, num_heads=4, seed=3)
+    peft_config = None
+    if mode == "lora":
+        from peft import LoraConfig
+
+        peft_config = LoraConfig(
+            r=4, target_modules=["q_proj", "v_proj"], lora_dropout=0.0, init_lora_weights=False
+        )
     args = DPOConfig(
         output_dir=os.path.join(opts.work, mode, "out"),
         ref_logps_cache_dir=os.path.join(opts.work, mode, "cache"),
@@ -96,35 +181,57 @@ def run(mode: str, opts) -> None:
         save_strategy="no",
         eval_strategy="no",
         report_to="none",
-        use_cpu=True,
         ddp_backend="gloo" if int(os.environ.get("WORLD_SIZE", "1")) > 1 else None,
         disable_tqdm=True,
         seed=0,
         dataloader_num_workers=0,
+        **engine_arguments(opts.engine),
     )
     assert args.world_size * opts.per_device_batch == GLOBAL_BATCH, (args.world_size, opts.per_device_batch)
+    if model is None:
+        model = tiny_causal_lm(tokenizer, hidden_size=32, num_layers=2, num_heads=4, seed=3)
+    partitioned_at_construction = any(hasattr(p, "ds_id") for p in model.parameters())
     trainer = RecordingDPOTrainer(
         model,
         args=args,
         train_dataset=noisy_rows(TRAIN_ROWS, seed=0),
         eval_dataset=noisy_rows(EVAL_ROWS, seed=99),  # 7 rows: the last eval batch is uneven
         processing_class=tokenizer,
+        peft_config=peft_config,
     )
+    reference = None
+    if trainer.ref_model is not None:
+        reference_parameters = list(trainer.accelerator.unwrap_model(trainer.ref_model).named_parameters())
+        reference = {
+            "wrapper": type(trainer.ref_model).__name__,
+            "training": trainer.accelerator.unwrap_model(trainer.ref_model).training,
+            "requires_grad": any(p.requires_grad for _, p in reference_parameters),
+            "parameter_types": sorted({type(p).__name__ for _, p in reference_parameters}),
+            "zero3_partitioned": sorted(
+                n for n, p in reference_parameters if getattr(p, "ds_numel", 0) > p.numel()
+            ),
+        }
     trainer.seen_batches = []
     trainer.train()
     eval_metrics = trainer.evaluate()
 
     rank = trainer.args.process_index
-    weights = {
-        k: v.detach().cpu().contiguous()
-        for k, v in trainer.accelerator.unwrap_model(trainer.model).state_dict().items()
-    }
-    save_file(weights, os.path.join(opts.out, f"{mode}-rank{rank}.safetensors"))
+    sharded = opts.engine in ("fsdp2", "zero3")
+    policy = trainer.model_wrapped if opts.engine.startswith("zero") else trainer.model
+    state = trainer.accelerator.get_state_dict(policy)  # gathered on rank 0 when sharded
+    if not sharded or rank == 0:
+        weights = {k: v.detach().cpu().contiguous() for k, v in state.items()}
+        save_file(weights, os.path.join(opts.out, f"{mode}-rank{rank}.safetensors"))
+    parameters = list(trainer.accelerator.unwrap_model(policy).named_parameters())
     if trainer.is_world_process_zero():
         result = {
             "mode": mode,
             "world_size": trainer.args.world_size,
             "distributed_type": str(trainer.accelerator.distributed_type),
+            "reference": reference,
+            "partitioned_at_construction": partitioned_at_construction,
+            "parameter_types": sorted({type(p).__name__ for _, p in parameters}),
+            "zero3_partitioned": sorted(n for n, p in parameters if getattr(p, "ds_numel", 0) > p.numel()),
             "global_step": trainer.state.global_step,
             "train_logs": [entry for entry in trainer.state.log_history if "loss" in entry],
             "eval": eval_metrics,
@@ -142,7 +249,8 @@ def main():
     parser.add_argument("--out", required=True)
     parser.add_argument("--work", required=True)
     parser.add_argument("--per-device-batch", type=int, required=True)
-    parser.add_argument("--modes", default="live", help="comma-separated: live, precompute")
+    parser.add_argument("--modes", default="live", help="comma-separated: live, precompute, lora, zero_init")
+    parser.add_argument("--engine", default="ddp", choices=("ddp", "fsdp2", "zero2", "zero3"))
     parser.add_argument("--lr", type=float, default=0.2)
     parser.add_argument("--beta", type=float, default=0.1)
     opts = parser.parse_args()
