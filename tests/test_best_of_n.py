@@ -89,3 +89,51 @@ def test_with_a_rule_judge(make_model, tokenizer):
     samples = sample_responses(model, tokenizer, PROMPTS, num_samples=3, **kwargs)
     assert best == [min(responses, key=len) for responses in samples]
     assert scores == [[-float(len(response)) for response in responses] for responses in samples]
+
+
+# ------------------------------------------------------------- preference pairs from samples
+
+
+def test_preference_pairs_take_best_against_worst_and_skip_uninformative_prompts():
+    from dpo_trainer.evaluation.best_of_n import preference_pairs
+
+    prompts = ["p0", "p1", "p2", "p3"]
+    samples = [
+        [" mid", "best ", " worst"],  # scored 1, 3, 0: best vs worst, whitespace normalised
+        [" a", " b"],  # equal scores: no preference
+        [" same", "same "],  # different scores, same text once stripped: no preference
+        ["x", "y", "z"],  # the first of equal maxima / minima wins
+    ]
+    scores = [[1.0, 3.0, 0.0], [2.0, 2.0], [1.0, 0.0], [5.0, 5.0, -1.0]]
+    rows = preference_pairs(prompts, samples, scores)
+    assert rows == [
+        {"prompt": "p0", "chosen": " best", "rejected": " worst", "chosen_score": 3.0, "rejected_score": 0.0},
+        {"prompt": "p3", "chosen": " x", "rejected": " z", "chosen_score": 5.0, "rejected_score": -1.0},
+    ]
+    with pytest.raises(ValueError, match="at least 2 samples"):
+        preference_pairs(["p"], [["only"]], [[1.0]])
+
+
+def test_sampled_preference_pairs_train_dpo(make_model, tokenizer, tmp_path):
+    from dpo_trainer import DPOTrainer
+    from dpo_trainer.evaluation.best_of_n import sample_and_score, sampled_preference_pairs
+
+    from conftest import dpo_config
+
+    model = make_model()
+    kwargs = dict(temperature=1.0, max_new_tokens=10, seed=2, disable_progress=True)
+    rows = sampled_preference_pairs(model, tokenizer, PROMPTS * 3, LengthScorer(), n=3, **kwargs)
+    samples, scores = sample_and_score(model, tokenizer, PROMPTS * 3, LengthScorer(), n=3, **kwargs)
+    assert rows  # lengths of 3 random samples rarely all agree
+    for row in rows:
+        index = next(i for i, s in enumerate(samples) if row["chosen"].strip() in [x.strip() for x in s])
+        assert row["chosen_score"] == max(scores[index]) and row["rejected_score"] == min(scores[index])
+        assert len(row["chosen"].strip()) > len(row["rejected"].strip())
+    with pytest.raises(ValueError, match="n must be >= 2"):
+        sampled_preference_pairs(model, tokenizer, PROMPTS, LengthScorer(), n=1, **kwargs)
+    # the rows are a dataset the trainer takes as it is (the score columns ride along)
+    trainer = DPOTrainer(
+        model, args=dpo_config(tmp_path, max_steps=1), train_dataset=rows, processing_class=tokenizer
+    )
+    assert len(trainer.train_dataset) == len(rows)
+    trainer.train()

@@ -25,6 +25,9 @@ from .winrate import WinRate, win_rate
 _LAZY = {
     "sample_responses": "sampling",
     "best_of_n": "best_of_n",
+    "sample_and_score": "best_of_n",
+    "preference_pairs": "best_of_n",
+    "sampled_preference_pairs": "best_of_n",
     "plot_win_rates": "plots",
     "plot_training_curves": "plots",
 }

@@ -1,7 +1,12 @@
-"""The Best-of-N baseline (Rafailov et al. 2023, arXiv 2305.18290, App. D.1).
+"""The Best-of-N baseline (Rafailov et al. 2023, arXiv 2305.18290, App. D.1), and preference pairs made
+the same way.
 
-Sample N responses per prompt from a model (the SFT model in the paper) and keep the one a scorer (the
-paper's reward model, or any scoring judge) rates highest.
+`best_of_n`: sample N responses per prompt from a model (the SFT model in the paper) and keep the one a
+scorer (the paper's reward model, or any scoring judge) rates highest.
+
+`sampled_preference_pairs`: the highest- and lowest-scoring of N samples as a (chosen, rejected) row,
+i.e. preferences over the model's own responses, labelled by the scorer, as in the paper's controlled
+sentiment experiment (Sec. 6.1: pairs of SFT samples labelled by a sentiment classifier).
 """
 
 from __future__ import annotations
@@ -40,6 +45,43 @@ def best_of_n(
     same response as plain sampling with the same seed. The scorer is called once, with each prompt
     repeated ``n`` times alongside its samples.
     """
+    samples, scores = sample_and_score(
+        model,
+        tokenizer,
+        prompts,
+        scorer,
+        n=n,
+        temperature=temperature,
+        max_new_tokens=max_new_tokens,
+        batch_size=batch_size,
+        seed=seed,
+        disable_progress=disable_progress,
+    )
+    # max() keeps the first of equal maxima: ties go to the earlier sample.
+    best = [
+        responses[max(range(n), key=row_scores.__getitem__)] for responses, row_scores in zip(samples, scores)
+    ]
+    return best, scores
+
+
+def sample_and_score(
+    model,
+    tokenizer,
+    prompts: Sequence[str],
+    scorer: Scorer,
+    *,
+    n: int = 16,
+    temperature: float = 1.0,
+    max_new_tokens: int = 64,
+    batch_size: int = 16,
+    seed: int = 0,
+    disable_progress: bool = False,
+) -> tuple[list[list[str]], list[list[float]]]:
+    """``n`` sampled responses to each prompt (`sample_responses`) and their scores, in sampling order.
+
+    The scorer is called once, with each prompt repeated ``n`` times alongside its samples; a wrong
+    number of scores or a NaN score is an error naming the prompt and sample.
+    """
     if n < 1:
         raise ValueError(f"n must be >= 1, got {n}")
     samples = sample_responses(
@@ -63,10 +105,68 @@ def best_of_n(
     for position, score in enumerate(flat_scores):
         if math.isnan(score):
             raise ValueError(f"the scorer returned NaN for sample {position % n} of prompt {position // n}")
-
     scores = [flat_scores[start : start + n] for start in range(0, len(flat_scores), n)]
-    # max() keeps the first of equal maxima: ties go to the earlier sample.
-    best = [
-        responses[max(range(n), key=row_scores.__getitem__)] for responses, row_scores in zip(samples, scores)
-    ]
-    return best, scores
+    return samples, scores
+
+
+def preference_pairs(
+    prompts: Sequence[str], samples: Sequence[Sequence[str]], scores: Sequence[Sequence[float]]
+) -> list[dict]:
+    """One `{"prompt", "chosen", "rejected", "chosen_score", "rejected_score"}` row per prompt: its
+    highest- against its lowest-scoring sample (the first sampled among equals).
+
+    A prompt is skipped when its best and worst samples score alike or are the same text (after
+    stripping whitespace): such a pair says nothing. Responses are stripped and given the one leading
+    space that replies after an ``"Assistant:"`` turn have, so they tokenize as the model produced them.
+    """
+    rows = []
+    for prompt, responses, row_scores in zip(prompts, samples, scores, strict=True):
+        if len(responses) < 2:
+            raise ValueError("a preference pair needs at least 2 samples per prompt")
+        best = max(range(len(responses)), key=row_scores.__getitem__)
+        worst = min(range(len(responses)), key=row_scores.__getitem__)
+        chosen, rejected = responses[best].strip(), responses[worst].strip()
+        if row_scores[best] == row_scores[worst] or chosen == rejected:
+            continue
+        rows.append(
+            {
+                "prompt": prompt,
+                "chosen": " " + chosen,
+                "rejected": " " + rejected,
+                "chosen_score": float(row_scores[best]),
+                "rejected_score": float(row_scores[worst]),
+            }
+        )
+    return rows
+
+
+def sampled_preference_pairs(
+    model,
+    tokenizer,
+    prompts: Sequence[str],
+    scorer: Scorer,
+    *,
+    n: int = 2,
+    temperature: float = 1.0,
+    max_new_tokens: int = 64,
+    batch_size: int = 16,
+    seed: int = 0,
+    disable_progress: bool = False,
+) -> list[dict]:
+    """Preference rows over ``model``'s own samples: ``n`` per prompt, best against worst by ``scorer``
+    (see `preference_pairs`; prompts whose samples all score alike are skipped)."""
+    if n < 2:
+        raise ValueError(f"n must be >= 2 to make a pair, got {n}")
+    samples, scores = sample_and_score(
+        model,
+        tokenizer,
+        prompts,
+        scorer,
+        n=n,
+        temperature=temperature,
+        max_new_tokens=max_new_tokens,
+        batch_size=batch_size,
+        seed=seed,
+        disable_progress=disable_progress,
+    )
+    return preference_pairs(prompts, samples, scores)
