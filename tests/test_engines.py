@@ -5,7 +5,10 @@
 runs shared with test_multiprocess.py. Modes: `live` (a frozen copy of the policy as a separate reference,
 which the trainer shards like the policy), `precompute` (reference log-probs computed before training,
 through a DeepSpeed inference engine or a sharded copy of the policy), `lora` (the reference is the
-policy with its adapter disabled) and, under ZeRO-3, `zero_init` (the policy partitioned when built).
+policy with its adapter disabled), under ZeRO-3 `zero_init` (the policy partitioned when built) and under
+FSDP2 `ram_efficient` (`cpu_ram_efficient_loading`, as examples/accelerate/fsdp2.yaml sets it: only rank
+0's weights count; the other rank's are zeroed, so anything not sent from rank 0 shows in the losses).
+Every run also evaluates before training, as examples/hh.py does.
 
 accelerate turns FSDP on only for accelerator devices, and DeepSpeed's launch path assumes one; the
 script nudges accelerate's state so the real engines run on CPU (`engine_arguments` there), and the first
@@ -27,7 +30,7 @@ pytestmark = pytest.mark.slow
 HAS_DEEPSPEED = importlib.util.find_spec("deepspeed") is not None
 needs_deepspeed = pytest.mark.skipif(not HAS_DEEPSPEED, reason="deepspeed is not installed")
 ENGINE_MODES = {
-    "fsdp2": ("live", "precompute", "lora"),
+    "fsdp2": ("live", "precompute", "lora", "ram_efficient"),
     "zero3": ("live", "precompute", "lora", "zero_init"),
     "zero2": ("live", "precompute"),
 }
@@ -83,7 +86,7 @@ def test_the_engine_really_runs_and_shards(engine_runs, engine):
     for mode, run in runs.items():
         assert run["world_size"] == 2, mode
         assert run["global_step"] == 4, mode
-        if mode in ("live", "zero_init"):
+        if mode in ("live", "zero_init", "ram_efficient"):
             reference = run["reference"]  # a separate frozen model: eval mode, nothing to train
             assert reference["training"] is False and reference["requires_grad"] is False, mode
         else:
@@ -142,6 +145,27 @@ def test_eval_metrics_match_one_process(engine_runs, one_process_runs, engine, m
     one, two = _baseline(one_process_runs, mode)["eval"], engine_runs(engine)[mode]["eval"]
     for key in ("eval_loss", *(f"eval_{name}" for name in DPO_METRICS)):
         assert two[key] == pytest.approx(one[key], rel=1e-4, abs=1e-5), key
+
+
+@pytest.mark.parametrize(("engine", "mode"), CASES)
+def test_evaluation_before_training_matches_one_process(engine_runs, one_process_runs, engine, mode):
+    # examples/hh.py evaluates before training. Trainer alone cannot there: ZeRO 1-2 refuse to build an
+    # inference engine, ZeRO-3's is then reused for training without optimizer, FSDP2 refuses to shard a
+    # model without its optimizer. DPOTrainer evaluates through a temporary prepared view instead.
+    one, two = _baseline(one_process_runs, mode)["before"], engine_runs(engine)[mode]["before"]
+    if mode != "lora":
+        assert one["before_loss"] == pytest.approx(math.log(2), abs=1e-6)  # policy == reference
+    for key in ("before_loss", *(f"before_{name}" for name in DPO_METRICS)):
+        assert two[key] == pytest.approx(one[key], rel=1e-4, abs=1e-5), key
+
+
+def test_fsdp2_ram_efficient_loading_takes_every_weight_from_rank0(engine_runs):
+    # Rank 1 zeroed its copy before the trainer existed; the policy, its frozen copy and the temporary
+    # view that evaluates before training all match one process (test above), so all got rank 0's.
+    run = engine_runs("fsdp2")["ram_efficient"]
+    rank0, rank1 = run["checksums_at_construction"]
+    assert rank0 > 0 and rank1 == 0
+    assert run["before"]["before_loss"] == pytest.approx(math.log(2), abs=1e-6)
 
 
 @needs_deepspeed

@@ -8,7 +8,9 @@ trains twice, with a live frozen reference and with `precompute_ref_log_probs=Tr
 single process with a live reference: per-step loss and DPO metrics (means over the 4 examples of the
 global batch, gathered from both processes), the final weights, and the eval metrics on a held-out set of
 7 rows, whose last batch is split unevenly (3 examples over 2 processes of batch 2, so accelerate pads it
-with a repeated example that must not be counted).
+with a repeated example that must not be counted). Every run also evaluates before training, as
+examples/hh.py does; Trainer alone then marks the policy prepared and never wraps it in DDP, so the
+processes would train on unsynchronised gradients (the grad norm and weight checks below catch that).
 """
 
 import math

@@ -111,12 +111,12 @@ def fused_linear_head(head: nn.Module) -> bool:
     which the fused path may use; a resharded one holds DTensors, which it may not.
     """
     cls = type(head)
-    if cls is not nn.Linear and not (_is_fsdp_module(head) and nn.Linear in cls.__bases__):
+    if cls is not nn.Linear and not (is_fsdp_module(head) and nn.Linear in cls.__bases__):
         return False  # subclasses of nn.Linear (LoRA, bitsandbytes) compute something else in forward
     return not any(_is_sharded(p) for p in (head.weight, head.bias) if p is not None)
 
 
-def _is_fsdp_module(module: nn.Module) -> bool:
+def is_fsdp_module(module: nn.Module) -> bool:
     try:
         from torch.distributed.fsdp import FSDPModule
     except ImportError:

@@ -105,6 +105,11 @@ def model_fingerprint(model: nn.Module) -> str:
     for name, tensor in _whole_state(model):
         if "lora_" in name:
             continue
+        if (
+            tensor.is_meta
+        ):  # not loaded on this process (FSDP's cpu_ram_efficient_loading): rank 0's key is used
+            digest.update(f"{name}|{tuple(tensor.shape)}|{tensor.dtype}|meta".encode())
+            continue
         flat = tensor.detach().reshape(-1)
         step = max(1, flat.numel() // 4096)
         sample = flat[::step].float().cpu()

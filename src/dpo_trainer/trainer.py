@@ -32,7 +32,7 @@ from .data import PaddedCollator, detect_format, to_example, tokenize_example
 from .data.batching import TokenBudgetBatchSampler, example_tokens
 from .data.layouts import GroupedCollator
 from .engines import frozen_copy, policy_as_reference, prepare_reference, release_reference
-from .logprobs import sequence_logps, unwrap
+from .logprobs import is_fsdp_module, sequence_logps, unwrap
 from .losses import plackett_luce_loss, preference_loss
 from .reference import (
     cache_path,
@@ -415,7 +415,10 @@ class DPOTrainer(Trainer):
         is scored through `policy_as_reference` (a DeepSpeed inference engine, a sharded copy under FSDP),
         never through weights that ZeRO-3 has partitioned away.
         """
-        model_key = model_fingerprint(self.ref_model if self.ref_model is not None else self.model)
+        # Every process walks the weights (gathering shards is collective); rank 0's key names the cache.
+        model_key = [model_fingerprint(self.ref_model if self.ref_model is not None else self.model)]
+        broadcast_object_list(model_key)
+        model_key = model_key[0]
         settings = {"bf16": self.args.bf16, "fp16": self.args.fp16, "dtype": str(unwrap(self.model).dtype)}
         datasets = [("train", self.train_dataset)]
         if isinstance(self.eval_dataset, Mapping):
@@ -556,6 +559,10 @@ class DPOTrainer(Trainer):
         policy = self.policy_logps(model, inputs)
         reference = self.reference_logps(inputs).to(policy.device)
         losses, rewards = self.dpo_loss(policy, reference)
+        if self.args.rpo_alpha:
+            # + alpha x the chosen response's mean token NLL (an emptied response counts one token)
+            tokens = inputs["response_lengths"][:, 0].clamp_min(1).to(policy.dtype)
+            losses = losses - self.args.rpo_alpha * policy[:, 0] / tokens
         self._record_metrics("train" if model.training else "eval", policy.detach(), rewards, losses.detach())
         if model.training and num_items_in_batch is not None:
             # the mean over the step's pairs; DDP averages gradients over processes, hence the factor
@@ -563,6 +570,39 @@ class DPOTrainer(Trainer):
         else:
             loss = losses.mean()
         return (loss, {"policy_logps": policy.detach(), "rewards": rewards}) if return_outputs else loss
+
+    def evaluate(
+        self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval"
+    ) -> dict[str, float]:
+        # Before train(), Trainer prepares the policy for evaluation in ways training cannot start from: with
+        # several processes accelerate then marks the policy prepared and train() never wraps it in DDP
+        # (gradients are not synchronised); ZeRO 1-2 refuse to build an inference engine; ZeRO-3 leaves
+        # one without optimizer that train() reuses; FSDP2 refuses a model without its optimizer. The
+        # policy is evaluated through a temporary view instead: itself (with the run's autocast), a
+        # DeepSpeed inference engine whose hooks are removed after, or a sharded copy under FSDP.
+        if self.is_in_train or self._policy_prepared():
+            return super().evaluate(eval_dataset, ignore_keys, metric_key_prefix)
+        policy, models = self.model, list(self.accelerator._models)
+        with policy_as_reference(policy, self.accelerator) as view, self.accelerator.autocast():
+            # evaluation_loop calls `self.model` (the module inside a DeepSpeed engine, whose hooks stay on
+            # it) and takes a non-empty `_models` / a set `deepspeed` for "already prepared".
+            self.model, self.model_wrapped = self.accelerator.unwrap_model(view), view
+            self.accelerator._models[:] = [view]
+            self.deepspeed = view if self.is_deepspeed_enabled else None
+            try:
+                return super().evaluate(eval_dataset, ignore_keys, metric_key_prefix)
+            finally:
+                self.model = self.model_wrapped = policy
+                self.accelerator._models[:] = models
+                self.deepspeed = None
+
+    def _policy_prepared(self) -> bool:
+        """Whether Trainer has prepared the policy for training (engine, DDP, device and autocast)."""
+        if self.is_deepspeed_enabled:
+            return self.deepspeed is not None  # Trainer keeps the engine there once it has built it
+        if self.is_fsdp_enabled:
+            return is_fsdp_module(self.model)
+        return self.model_wrapped is not self.model or getattr(self.model, "_is_accelerate_prepared", False)
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
         # Trainer's default expects logits and labels; evaluation here is the loss plus reward metrics.

@@ -4,13 +4,15 @@ tests/test_engines.py.
 Run it with one process (``python train_dpo.py ...``) or on two CPU processes
 (``python -m torch.distributed.run --standalone --nproc_per_node 2 train_dpo.py ...``, gloo backend), as
 plain DDP (``--engine ddp``), FSDP2 (``--engine fsdp2``) or DeepSpeed (``--engine zero2`` / ``zero3``).
-For every mode in ``--modes`` it trains a fresh model, evaluates it on a held-out set, and writes, from
-rank 0, ``<out>/<mode>.json``: the per-step train logs (loss and DPO metrics), the eval metrics, the
+For every mode in ``--modes`` it evaluates a fresh model on a held-out set, trains it, evaluates it again,
+and writes, from rank 0, ``<out>/<mode>.json``: the per-step train logs (loss and DPO metrics), the eval metrics, the
 examples of each global batch (gathered from all ranks), when precomputed the reference log-probs, and
 what the engine made of the models (parameter types, the reference's wrapper). Modes: ``live`` (a frozen
 copy of the policy as the reference), ``precompute`` (reference log-probs computed before training),
-``lora`` (a LoRA adapter; the reference is the policy with its adapter disabled), and ``zero_init`` (ZeRO-3
-only: ``live`` with the policy built after its DPOConfig, so partitioned by ``deepspeed.zero.Init``). Each rank saves its final
+``lora`` (a LoRA adapter; the reference is the policy with its adapter disabled), ``zero_init`` (ZeRO-3
+only: ``live`` with the policy built after its DPOConfig, so partitioned by ``deepspeed.zero.Init``) and
+``ram_efficient`` (FSDP2 only: ``live`` with ``cpu_ram_efficient_loading``: only rank 0's weights count,
+sharding sends them to the others; the other ranks' copies are zeroed to prove it). Each rank saves its final
 weights to ``<out>/<mode>-rank<r>.safetensors``; under FSDP2 and ZeRO-3 only rank 0, which gathers them.
 
 accelerate turns FSDP and DeepSpeed on only for accelerator devices (with ``use_cpu`` it silently runs
@@ -34,6 +36,7 @@ try:
 except ImportError:  # running from a checkout without an install
     sys.path.insert(0, os.path.join(os.path.dirname(TESTS), "src"))
 
+import torch  # noqa: E402
 from accelerate.utils import gather_object  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
 
@@ -107,7 +110,7 @@ def _fsdp_on_cpu() -> None:
     AcceleratorState.__init__ = init
 
 
-def engine_arguments(engine: str) -> dict:
+def engine_arguments(engine: str, mode: str) -> dict:
     """DPOConfig settings for `engine` on CPU processes."""
     if engine == "ddp":
         return {"use_cpu": True}
@@ -117,7 +120,11 @@ def engine_arguments(engine: str) -> dict:
         return {
             "use_cpu": True,
             "fsdp": True,
-            "fsdp_config": {"fsdp_version": 2, "transformer_layer_cls_to_wrap": ["LlamaDecoderLayer"]},
+            "fsdp_config": {
+                "fsdp_version": 2,
+                "transformer_layer_cls_to_wrap": ["LlamaDecoderLayer"],
+                "cpu_ram_efficient_loading": mode == "ram_efficient",
+            },
         }
     if engine in ("zero2", "zero3"):
         # DeepSpeed needs `use_cpu=False`; without a GPU, transformers would then start it with no backend
@@ -155,7 +162,12 @@ def run(mode: str, opts) -> None:
 
     unset_hf_deepspeed_config()
     model = None
-    if mode != "zero_init":
+    pretrained = os.path.join(opts.work, "pretrained")
+    if mode == "ram_efficient" and int(os.environ.get("RANK", "0")) == 0:
+        tiny_causal_lm(tokenizer, hidden_size=32, num_layers=2, num_heads=4, seed=3).save_pretrained(
+            pretrained
+        )
+    elif mode not in ("zero_init", "ram_efficient"):
         model = tiny_causal_lm(tokenizer, hidden_size=32, num_layers=2, num_heads=4, seed=3)
     peft_config = None
     if mode == "lora":
@@ -185,12 +197,26 @@ def run(mode: str, opts) -> None:
         disable_tqdm=True,
         seed=0,
         dataloader_num_workers=0,
-        **engine_arguments(opts.engine),
+        **engine_arguments(opts.engine, mode),
     )
     assert args.world_size * opts.per_device_batch == GLOBAL_BATCH, (args.world_size, opts.per_device_batch)
-    if model is None:
+    if mode == "ram_efficient":
+        # Loaded after the FSDP config: with cpu_ram_efficient_loading only rank 0 reads the weights.
+        from transformers import AutoModelForCausalLM
+
+        args.distributed_state.wait_for_everyone()  # rank 0 has saved them
+        # as `accelerate launch` sets them for examples/accelerate/fsdp2.yaml, before the script starts
+        os.environ.update(ACCELERATE_USE_FSDP="true", FSDP_CPU_RAM_EFFICIENT_LOADING="true")
+        model = AutoModelForCausalLM.from_pretrained(pretrained)
+        if args.process_index != 0:  # stand for weights this rank did not read: only rank 0's may count
+            with torch.no_grad():
+                for parameter in model.parameters():
+                    parameter.zero_()
+    elif model is None:
         model = tiny_causal_lm(tokenizer, hidden_size=32, num_layers=2, num_heads=4, seed=3)
     partitioned_at_construction = any(hasattr(p, "ds_id") for p in model.parameters())
+    with torch.no_grad():  # per rank: what each process holds before the trainer exists
+        checksums = gather_object([sum(p.double().abs().sum().item() for p in model.parameters())])
     trainer = RecordingDPOTrainer(
         model,
         args=args,
@@ -212,6 +238,7 @@ def run(mode: str, opts) -> None:
             ),
         }
     trainer.seen_batches = []
+    before = trainer.evaluate(metric_key_prefix="before")  # as examples/hh.py does, before any training
     trainer.train()
     eval_metrics = trainer.evaluate()
 
@@ -230,10 +257,12 @@ def run(mode: str, opts) -> None:
             "distributed_type": str(trainer.accelerator.distributed_type),
             "reference": reference,
             "partitioned_at_construction": partitioned_at_construction,
+            "checksums_at_construction": checksums,
             "parameter_types": sorted({type(p).__name__ for _, p in parameters}),
             "zero3_partitioned": sorted(n for n, p in parameters if getattr(p, "ds_numel", 0) > p.numel()),
             "global_step": trainer.state.global_step,
             "train_logs": [entry for entry in trainer.state.log_history if "loss" in entry],
+            "before": before,
             "eval": eval_metrics,
             "batches": trainer.seen_batches,
             "ref_logps": list(trainer.train_dataset["ref_logps"]) if mode == "precompute" else None,
@@ -249,7 +278,9 @@ def main():
     parser.add_argument("--out", required=True)
     parser.add_argument("--work", required=True)
     parser.add_argument("--per-device-batch", type=int, required=True)
-    parser.add_argument("--modes", default="live", help="comma-separated: live, precompute, lora, zero_init")
+    parser.add_argument(
+        "--modes", default="live", help="comma-separated: live, precompute, lora, zero_init, ram_efficient"
+    )
     parser.add_argument("--engine", default="ddp", choices=("ddp", "fsdp2", "zero2", "zero3"))
     parser.add_argument("--lr", type=float, default=0.2)
     parser.add_argument("--beta", type=float, default=0.1)
