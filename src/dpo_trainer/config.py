@@ -28,6 +28,9 @@ class DPOConfig(TrainingArguments):
             (paper App. A.3), which requires `sigmoid`.
         label_smoothing: Assumed rate ε of flipped preference labels, in [0, 0.5). With `sigmoid` it gives
             conservative DPO, with `robust` the unbiased robust loss; `ipo` and `hinge` do not use it.
+        rpo_alpha: Add `rpo_alpha` x the chosen response's mean token negative log-likelihood under the
+            policy to each pair's loss (TRL's `rpo_alpha`; Pang et al. 2024). It keeps the chosen responses
+            likely while DPO widens the margin, against the drift of both log-probs downwards. None: off.
         max_length: Longest prompt + response in tokens, or None for no truncation.
         max_prompt_length: Longest prompt kept when a row is longer than `max_length` (must be smaller than
             `max_length`), or None to cut the prompt only as far as `max_length` requires.
@@ -69,6 +72,9 @@ class DPOConfig(TrainingArguments):
     beta: float = field(default=0.1, metadata={"help": "KL penalty strength β; must be > 0."})
     loss_type: str = field(default="sigmoid", metadata={"help": "Loss name from dpo_trainer.losses."})
     label_smoothing: float = field(default=0.0, metadata={"help": "Label-flip rate ε in [0, 0.5)."})
+    rpo_alpha: float | None = field(
+        default=None, metadata={"help": "Weight of the chosen response's NLL added to the loss (TRL's name)."}
+    )
     max_length: int | None = field(default=512, metadata={"help": "Max prompt + response tokens."})
     max_prompt_length: int | None = field(
         default=256, metadata={"help": "Max prompt tokens when truncating."}
@@ -105,6 +111,8 @@ class DPOConfig(TrainingArguments):
             )
         if not 0.0 <= self.label_smoothing < 0.5:
             raise ValueError(f"DPOConfig.label_smoothing must be in [0, 0.5), got {self.label_smoothing}.")
+        if self.rpo_alpha is not None and not self.rpo_alpha >= 0:
+            raise ValueError(f"DPOConfig.rpo_alpha must be >= 0 or None, got {self.rpo_alpha}.")
         if self.label_smoothing > 0 and self.loss_type in ("ipo", "hinge"):
             raise ValueError(
                 f"DPOConfig.label_smoothing applies to the sigmoid and robust losses, not {self.loss_type!r}; "
