@@ -103,7 +103,9 @@ class DPOTrainer(Trainer):
         ref_model: the reference π_ref (id, path or model). None picks the cheapest exact reference:
             the policy with its adapter disabled when training a PEFT adapter, the policy's own log-probs
             before training when `args.precompute_ref_log_probs`, else a frozen copy of the policy's
-            weights as they are when the trainer is built.
+            weights as they are when the trainer is built. A separate reference is placed like the policy:
+            a DeepSpeed inference engine (partitioned under ZeRO-3), FSDP2 shards, else the device with the
+            run's autocast (`dpo_trainer.engines`; examples/accelerate/README.md).
         args: a `DPOConfig`.
         train_dataset, eval_dataset: `datasets.Dataset` or list of dicts (eval: also a dict of them) in
             one of the formats of `dpo_trainer.data.formats`.
