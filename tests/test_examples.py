@@ -115,3 +115,43 @@ def test_runs_under_accelerate_launch(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     assert "DPO vs SFT" in result.stdout
     assert os.path.exists(os.path.join(out, "summary.json"))
+
+
+def test_dpo_on_pairs_of_sft_samples(hh, tmp_path, capsys):
+    out = str(tmp_path / "pairs")
+    argv = ["--output_dir", out, "--sft_samples_per_prompt", "3", "--pair_prompts", "12", "--skip_eval"]
+    hh.main(argv + SHORT)
+    with open(os.path.join(out, "pairs", "train.jsonl")) as handle:
+        pairs = [json.loads(line) for line in handle]
+    rule = hh.bundled_rule_score()
+    assert 0 < len(pairs) <= 12
+    for pair in pairs:
+        assert pair["prompt"].endswith("\n\nAssistant:") and pair["chosen"].startswith(" ")
+        assert rule(pair["prompt"], pair["chosen"]) == pair["chosen_score"]
+        assert pair["chosen_score"] > pair["rejected_score"] == rule(pair["prompt"], pair["rejected"])
+    with open(os.path.join(out, "pairs", "done.json")) as handle:
+        assert json.load(handle)["pairs"] == len(pairs)
+    assert os.path.exists(os.path.join(out, "dpo", "final", "model.safetensors"))
+    capsys.readouterr()
+    hh.main(argv + SHORT)  # resumes: the pairs are read back, not sampled again
+    assert "[pairs] already done" in capsys.readouterr().out
+
+
+def test_pairs_need_a_scoring_judge_and_two_samples(hh, tmp_path):
+    base = ["--output_dir", str(tmp_path / "x"), "--skip_eval"] + SHORT
+    with pytest.raises(SystemExit, match="at least 2"):
+        hh.main(base + ["--sft_samples_per_prompt", "1", "--skip_sft"])
+    with pytest.raises(SystemExit, match="scores responses"):
+        hh.main(
+            base
+            + [
+                "--sft_samples_per_prompt",
+                "2",
+                "--skip_sft",
+                "--judge",
+                "llm",
+                "--judge_url",
+                "http://127.0.0.1:9",
+            ]
+            + ["--judge_model", "m"]
+        )

@@ -77,12 +77,31 @@ def test_lengths_and_multi_turn_mix(rows):
 
 def test_rule_prefers_chosen(rows):
     for split, split_rows in rows.items():
-        wins = 0
-        for row in split_rows:
+        for i, row in enumerate(split_rows):
             prompt, chosen = _split(row["chosen"])
             _, rejected = _split(row["rejected"])
-            wins += gen.rule_score(prompt, chosen) > gen.rule_score(prompt, rejected)
-        assert wins / len(split_rows) >= 0.95, split
+            assert gen.rule_score(prompt, chosen) > gen.rule_score(prompt, rejected), (split, i)
+
+
+def test_both_replies_come_from_one_assistant_so_chosen_is_sometimes_vague(rows):
+    vague = {
+        reply.format(item=item, Item=item[0].upper() + item[1:])
+        for reply in gen.VAGUE_REPLIES
+        for spec in gen.TOPICS.values()
+        for item, _, _ in spec["items"]
+    }
+    chosen = [_split(row["chosen"])[1].strip() for row in rows["train"]]
+    rejected = [_split(row["rejected"])[1].strip() for row in rows["train"]]
+    share = sum(reply in vague for reply in chosen) / len(chosen)
+    assert 0.15 < share < 0.35  # what the SFT model learns to say at times, and DPO to avoid
+    assert sum(reply in vague for reply in rejected) / len(rejected) > 0.3
+    prompt = "\n\nHuman: How do I make rice?\n\nAssistant:"
+    helpful = gen.TOPICS["cooking"]["items"][0][2]
+    assert (
+        0
+        < gen.rule_score(prompt, gen.VAGUE_REPLIES[0].format(item="rice", Item="Rice"))
+        < gen.rule_score(prompt, helpful)
+    )
 
 
 def test_no_test_prompt_in_train(rows):

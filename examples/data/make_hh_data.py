@@ -4,10 +4,12 @@
 
 Each JSONL row is ``{"chosen": transcript, "rejected": transcript}`` with transcripts
 ``"\\n\\nHuman: ...\\n\\nAssistant: ..."``. Both share everything up to the last ``"\\n\\nAssistant:"``
-(earlier turns of multi-turn rows included) and differ only in the final reply: the chosen reply is a
-helpful, on-topic answer from a small knowledge base; the rejected reply is evasive, rude, or a helpful
-answer about a different topic. ``rule_score`` checks the preference, and the examples import this
-file by path (``examples/`` is not a package) to reuse ``rule_score`` and ``TOPICS`` as a rule judge.
+(earlier turns of multi-turn rows included) and differ only in the final reply. As in Anthropic HH, both
+replies come from one assistant and the better one is marked chosen: each reply is drawn from
+``REPLY_MIX`` (a helpful, on-topic answer from a small knowledge base, a polite but vague reply, a
+helpful answer about another topic, an evasive or a rude reply) and ``rule_score`` picks the chosen one, so a chosen reply is not
+always a good one (two poor replies make a poor chosen one). The examples import this file by path
+(``examples/`` is not a package) to reuse ``rule_score`` and ``TOPICS`` as a rule judge.
 
 Standard library only; the same arguments give byte-identical files.
 """
@@ -597,6 +599,13 @@ EVASIVE_REPLIES = (
     "Not my problem, honestly. Look it up.",
     "Whatever works for you, I guess. I don't know.",
 )
+# Polite and on topic, but with nothing the asker can act on: the generic reply a weak assistant falls back on.
+VAGUE_REPLIES = (
+    "Good question. {Item} takes some practice, so start small and be patient with yourself.",
+    "Sure! There are many ways to approach {item}, and with a little patience you will get there.",
+    "Happy to help. {Item} is easier than it looks once you get started, so just give it a try.",
+    "Of course. Everyone handles {item} a bit differently, so try a few things and see what suits you.",
+)
 RUDE_REPLIES = (
     "That's a stupid question.",
     "Ugh, {item}? Even a child knows that. Stop wasting my time.",
@@ -663,7 +672,9 @@ def _topic_text(spec: dict) -> str:
 
 def _keywords() -> dict[str, frozenset[str]]:
     """Words that appear in one topic's text and in no other topic's text or shared wording."""
-    generic = GENERIC_QUESTIONS + PREAMBLES + CLOSERS + OPENERS + EVASIVE_REPLIES + RUDE_REPLIES
+    generic = (
+        GENERIC_QUESTIONS + PREAMBLES + CLOSERS + OPENERS + EVASIVE_REPLIES + RUDE_REPLIES + VAGUE_REPLIES
+    )
     shared = set(_words(" ".join(generic).replace("{item}", " ").replace("{Item}", " "))) | _COMMON_WORDS
     vocab = {name: set(_words(_topic_text(spec) + " " + name)) for name, spec in TOPICS.items()}
     keywords = {}
@@ -732,15 +743,26 @@ def _helpful(rng: random.Random, topic: str, entry: tuple[str, str, str]) -> str
     return " ".join(parts)
 
 
-def _rejected(rng: random.Random, topic: str, item: str) -> str:
-    """An evasive, rude or off-topic reply; evasive and rude ones sometimes take two sentences."""
-    kind = rng.choice(("evasive", "rude", "off_topic"))
-    if kind in ("evasive", "rude"):
-        pool = EVASIVE_REPLIES if kind == "evasive" else RUDE_REPLIES
-        replies = rng.sample(pool, 2) if rng.random() < 0.4 else [rng.choice(pool)]
-        return " ".join(replies).format(item=item, Item=item[0].upper() + item[1:])
-    other = rng.choice([name for name in TOPICS if name != topic])
-    return _helpful(rng, other, rng.choice(TOPICS[other]["items"]))
+# How the assistant that wrote both replies of a row behaves: HH's two replies come from the same model,
+# and the human marks the better one, so the chosen reply is itself often flawed. Here each reply is
+# drawn from this mix, and the rule picks the better one as chosen.
+REPLY_MIX = {"helpful": 0.4, "vague": 0.35, "off_topic": 0.05, "evasive": 0.1, "rude": 0.1}
+
+
+def _reply(rng: random.Random, topic: str, entry: tuple[str, str, str]) -> str:
+    """One reply of the assistant: helpful, vague, a helpful answer about another topic, evasive or rude."""
+    kind = rng.choices(list(REPLY_MIX), weights=list(REPLY_MIX.values()))[0]
+    if kind == "helpful":
+        return _helpful(rng, topic, entry)
+    if kind == "vague":
+        return rng.choice(VAGUE_REPLIES).format(item=entry[0], Item=entry[0][0].upper() + entry[0][1:])
+    if kind == "off_topic":
+        other = rng.choice([name for name in TOPICS if name != topic])
+        return _helpful(rng, other, rng.choice(TOPICS[other]["items"]))
+    item = entry[0]
+    pool = EVASIVE_REPLIES if kind == "evasive" else RUDE_REPLIES
+    replies = rng.sample(pool, 2) if rng.random() < 0.4 else [rng.choice(pool)]
+    return " ".join(replies).format(item=item, Item=item[0].upper() + item[1:])
 
 
 def _row(rng: random.Random, question: str, topic: str, entry: tuple[str, str, str]) -> dict[str, str]:
@@ -753,8 +775,15 @@ def _row(rng: random.Random, question: str, topic: str, entry: tuple[str, str, s
         if len(f"{prompt} {question}".split()) > MAX_PROMPT_WORDS:
             prompt = ""
     prompt += f"\n\nHuman: {question}\n\nAssistant:"
-    chosen = _helpful(rng, topic, entry)
-    return {"chosen": f"{prompt} {chosen}", "rejected": f"{prompt} {_rejected(rng, topic, entry[0])}"}
+    # Two replies from the same assistant, the better one by the rule chosen (a tie draws the second again).
+    first = _reply(rng, topic, entry)
+    while True:
+        second = _reply(rng, topic, entry)
+        first_score, second_score = rule_score(prompt, first), rule_score(prompt, second)
+        if first_score != second_score:
+            break
+    chosen, rejected = (first, second) if first_score > second_score else (second, first)
+    return {"chosen": f"{prompt} {chosen}", "rejected": f"{prompt} {rejected}"}
 
 
 def make_rows(n_train: int, n_test: int, seed: int) -> tuple[list[dict[str, str]], list[dict[str, str]]]:
