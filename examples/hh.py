@@ -11,7 +11,10 @@ Stages, each resumable (run the same command again: finished stages are skipped,
 resumes from its last checkpoint) and skippable (`--skip_sft`, `--skip_dpo`, `--skip_eval`):
 
 1. **sft**: fine-tune on the chosen responses (the paper's Preferred-FT baseline and DPO's start).
-2. **dpo**: DPO against the SFT model (LoRA by default; `--full` trains every weight, `--qlora` a 4-bit base).
+2. **dpo**: DPO against the SFT model (LoRA by default; `--full` trains every weight, `--qlora` a 4-bit base),
+   on the dataset's pairs, or with `--sft_samples_per_prompt N` on pairs of the SFT model's own samples
+   (N per training prompt, best against worst by the judge, as in the paper's Sec. 6.1 experiment;
+   stage `pairs`).
 3. **eval**: sample held-out prompts at several temperatures from the DPO policy, the SFT model and
    Best-of-N over SFT samples (App. D.1); judge them against the data set's chosen response and DPO
    against SFT; write `summary.json`, a table, and plots.
