@@ -174,3 +174,14 @@ def launch_dist_script(
 def one_process_runs(tmp_path_factory):
     """train_dpo.py in one plain process, batch 4: the `live` and `lora` runs every launch is compared to."""
     return launch_dist_script([sys.executable], tmp_path_factory.mktemp("one_process"), 4, "live,lora")
+
+
+# TRL's metric names, logged by the trainer (eval_-prefixed in evaluation)
+DPO_METRICS = (
+    "rewards/chosen",
+    "rewards/rejected",
+    "rewards/accuracies",
+    "rewards/margins",
+    "logps/chosen",
+    "logps/rejected",
+)

@@ -23,7 +23,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import TORCHRUN_TWO_PROCESSES, launch_dist_script
+from conftest import DPO_METRICS, TORCHRUN_TWO_PROCESSES, launch_dist_script
 
 pytestmark = pytest.mark.slow
 
@@ -46,14 +46,6 @@ CASES = [
     for mode in ENGINE_MODES[engine]
     if mode != "zero_init"
 ]
-DPO_METRICS = (
-    "rewards/chosen",
-    "rewards/rejected",
-    "rewards/accuracies",
-    "rewards/margins",
-    "logps/chosen",
-    "logps/rejected",
-)
 BASE_PARAMETERS = 21  # tiny Llama of 2 layers: embeddings, 9 per layer, final norm, untied head
 
 

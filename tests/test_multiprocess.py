@@ -20,19 +20,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import TORCHRUN_TWO_PROCESSES, launch_dist_script
+from conftest import DPO_METRICS, TORCHRUN_TWO_PROCESSES, launch_dist_script
 
 pytestmark = pytest.mark.slow
 
 MODES = ("live", "precompute")
-DPO_METRICS = (
-    "rewards/chosen",
-    "rewards/rejected",
-    "rewards/accuracies",
-    "rewards/margins",
-    "logps/chosen",
-    "logps/rejected",
-)
 
 
 @pytest.fixture(scope="module")

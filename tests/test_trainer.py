@@ -12,7 +12,7 @@ from dpo_trainer import DPOTrainer
 from dpo_trainer.data import PaddedCollator
 from dpo_trainer.logprobs import sequence_logps
 
-from conftest import dpo_config, preference_rows
+from conftest import DPO_METRICS, dpo_config, preference_rows
 
 
 def config(tmp_path, **overrides):
@@ -105,14 +105,7 @@ def test_training_logs_reward_metrics_and_never_touches_the_reference(tmp_path, 
     trainer.train()
     logged = [entry for entry in trainer.state.log_history if "loss" in entry]
     assert len(logged) == 3
-    for name in (
-        "rewards/chosen",
-        "rewards/rejected",
-        "rewards/accuracies",
-        "rewards/margins",
-        "logps/chosen",
-        "logps/rejected",
-    ):
+    for name in DPO_METRICS:
         assert all(name in entry for entry in logged)
     assert not reference.training
     assert all(torch.equal(before[k], v) for k, v in reference.state_dict().items())
