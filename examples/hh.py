@@ -40,6 +40,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, HfArgumentParser, 
 from transformers.trainer_utils import get_last_checkpoint
 
 from dpo_trainer import DPOConfig, DPOTrainer
+from dpo_trainer.checkpoints import last_complete_checkpoint
 from dpo_trainer.data import split_hh_transcript
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -209,8 +210,10 @@ def stage_done(folder: str) -> dict | None:
 
 def mark_done(folder: str, info: dict, config: DPOConfig) -> None:
     if config.process_index == 0:
-        with open(os.path.join(folder, "done.json"), "w") as handle:
+        path = os.path.join(folder, "done.json")
+        with open(f"{path}.tmp", "w") as handle:  # written whole or not at all: a kill leaves no half file
             json.dump(info, handle, indent=2)
+        os.replace(f"{path}.tmp", path)
     wait_for_everyone()
 
 
@@ -254,7 +257,7 @@ def run_sft(script_args: ScriptArguments, config: DPOConfig, base: str, train, t
         max_length=config.max_length,
         max_prompt_length=config.max_prompt_length,
     )
-    trainer.train(resume_from_checkpoint=get_last_checkpoint(folder))
+    trainer.train(resume_from_checkpoint=last_complete_checkpoint(folder))
     metrics = trainer.evaluate()
     trainer.save_model(final)
     save_history(trainer, folder, config)
@@ -346,7 +349,7 @@ def run_dpo(script_args: ScriptArguments, config: DPOConfig, sft: str, train, te
         peft_config=peft_config(script_args),
     )
     before = trainer.evaluate(metric_key_prefix="before")
-    trainer.train(resume_from_checkpoint=get_last_checkpoint(folder))
+    trainer.train(resume_from_checkpoint=last_complete_checkpoint(folder))
     after = trainer.evaluate()
     trainer.save_model(final)
     save_history(trainer, folder, config)

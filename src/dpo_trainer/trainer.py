@@ -27,6 +27,7 @@ from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, set_seed
 
 from . import __version__
+from .checkpoints import last_complete_checkpoint
 from .config import DPOConfig
 from .data import PaddedCollator, detect_format, to_example, tokenize_example
 from .data.batching import TokenBudgetBatchSampler, example_tokens
@@ -376,6 +377,22 @@ class DPOTrainer(Trainer):
                     f"DPOConfig.flex_attention=True, but {type(inner).__name__} does not support switching its "
                     "attention implementation."
                 )
+
+    def train(self, resume_from_checkpoint: str | bool | None = None, trial=None, ignore_keys_for_eval=None):
+        # `resume_from_checkpoint=True` takes the newest *complete* checkpoint, where Trainer would take the
+        # newest folder even when a kill left it half-written (`dpo_trainer.checkpoints`).
+        if resume_from_checkpoint is True:
+            found = [last_complete_checkpoint(self.args.output_dir) if self.is_world_process_zero() else None]
+            if self.accelerator.num_processes > 1:
+                broadcast_object_list(found)  # every process resumes from rank 0's choice
+            if found[0] is None:
+                raise ValueError(
+                    f"resume_from_checkpoint=True, but {self.args.output_dir} holds no complete checkpoint-N "
+                    "folder (see the warnings above for those skipped)."
+                )
+            resume_from_checkpoint = found[0]
+            logger.info("Resuming from %s", resume_from_checkpoint)
+        return super().train(resume_from_checkpoint, trial, ignore_keys_for_eval)
 
     def _get_num_items_in_batch(self, batch_samples, device):
         # Pairs (examples) in the optimizer step, summed over processes: the training loss's denominator.

@@ -1,0 +1,161 @@
+"""Which `checkpoint-N` folder a run may resume from: the newest complete one, never a half-written one.
+
+`transformers.Trainer` picks the highest-numbered `checkpoint-N` folder whatever it holds, so a run killed
+while writing a checkpoint (an empty folder, no `trainer_state.json`, a truncated weights file) fails on
+every rerun until the folder is deleted by hand. `last_complete_checkpoint` skips such folders and logs why.
+
+A checkpoint is complete when `trainer_state.json` parses (Trainer writes it last), the model or adapter
+weights are there (safetensors whose header parses and whose size matches it, every shard of a sharded
+index, a readable `torch.save` archive, or a DeepSpeed / FSDP state folder), and every `torch.save` file that
+is present (optimizer, scheduler, RNG state, scaler) is a readable archive. The checks read headers and zip
+directories only, never whole tensors.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import struct
+import zipfile
+
+logger = logging.getLogger(__name__)
+
+CHECKPOINT_NAME = re.compile(r"^checkpoint-(\d+)$")
+TRAINER_STATE = "trainer_state.json"
+WEIGHT_FILES = ("model.safetensors", "adapter_model.safetensors", "pytorch_model.bin", "adapter_model.bin")
+WEIGHT_INDEXES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
+TORCH_FILES = ("optimizer.pt", "scheduler.pt", "scaler.pt", "rng_state.pth")
+MAX_SAFETENSORS_HEADER = 100 * 1024 * 1024  # the format's own limit on the JSON header
+
+
+def safetensors_problem(path: str) -> str | None:
+    """Why `path` is not a whole safetensors file (header unreadable, size not what the header says), or None."""
+    try:
+        size = os.path.getsize(path)
+        with open(path, "rb") as handle:
+            prefix = handle.read(8)
+            if len(prefix) < 8:
+                return f"{os.path.basename(path)} is truncated ({size} bytes)"
+            (header_len,) = struct.unpack("<Q", prefix)
+            if header_len > min(MAX_SAFETENSORS_HEADER, size - 8):
+                return f"{os.path.basename(path)} is truncated (header of {header_len} bytes, file {size})"
+            header = json.loads(handle.read(header_len))
+    except (OSError, ValueError, UnicodeDecodeError) as error:
+        return f"{os.path.basename(path)} cannot be read ({error})"
+    if not isinstance(header, dict):
+        return f"{os.path.basename(path)} has no safetensors header"
+    end = 0
+    for name, entry in header.items():
+        if name == "__metadata__":
+            continue
+        offsets = entry.get("data_offsets") if isinstance(entry, dict) else None
+        if not (isinstance(offsets, list) and len(offsets) == 2):
+            return f"{os.path.basename(path)}: tensor {name!r} has no data offsets"
+        end = max(end, int(offsets[1]))
+    expected = 8 + header_len + end
+    if size != expected:
+        return f"{os.path.basename(path)} holds {size} bytes where its header describes {expected}"
+    return None
+
+
+def torch_file_problem(path: str) -> str | None:
+    """Why `path` is not a readable `torch.save` archive (a truncated zip loses its directory), or None."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            size = os.path.getsize(path)
+            for info in archive.infolist():
+                if info.header_offset + info.compress_size > size:
+                    return f"{os.path.basename(path)} is truncated"
+    except (OSError, zipfile.BadZipFile) as error:
+        return f"{os.path.basename(path)} is not a readable torch archive ({error})"
+    return None
+
+
+def _weights_problem(path: str) -> str | None:
+    names = set(os.listdir(path))
+    for index_name in WEIGHT_INDEXES:
+        if index_name in names:
+            try:
+                with open(os.path.join(path, index_name), encoding="utf-8") as handle:
+                    shards = sorted(set(json.load(handle)["weight_map"].values()))
+            except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:
+                return f"{index_name} cannot be read ({error})"
+            for shard in shards:
+                if shard not in names:
+                    return f"shard {shard} listed in {index_name} is missing"
+                problem = _file_problem(os.path.join(path, shard))
+                if problem:
+                    return problem
+            return None
+    present = [name for name in WEIGHT_FILES if name in names]
+    for name in present:
+        problem = _file_problem(os.path.join(path, name))
+        if problem:
+            return problem
+    if present:
+        return None
+    # DeepSpeed (`global_stepN/`) and FSDP (`pytorch_model_fsdp_0/`) keep the weights in a folder of their own
+    engine_folders = [
+        name
+        for name in names
+        if os.path.isdir(os.path.join(path, name))
+        and (name.startswith("global_step") or name.startswith("pytorch_model_fsdp"))
+    ]
+    if any(os.listdir(os.path.join(path, name)) for name in engine_folders):
+        return None
+    return "no model or adapter weights"
+
+
+def _file_problem(path: str) -> str | None:
+    if os.path.getsize(path) == 0:
+        return f"{os.path.basename(path)} is empty"
+    if path.endswith(".safetensors"):
+        return safetensors_problem(path)
+    return torch_file_problem(path)
+
+
+def checkpoint_problem(path: str) -> str | None:
+    """Why the checkpoint folder `path` cannot be resumed from, or None when it is complete."""
+    if not os.path.isdir(path):
+        return "not a folder"
+    if not os.listdir(path):
+        return "empty folder"
+    state_path = os.path.join(path, TRAINER_STATE)
+    if not os.path.isfile(state_path):
+        return f"no {TRAINER_STATE} (the checkpoint was not finished)"
+    try:
+        with open(state_path, encoding="utf-8") as handle:
+            state = json.load(handle)
+        int(state["global_step"])
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        return f"{TRAINER_STATE} cannot be read ({type(error).__name__}: {error})"
+    problem = _weights_problem(path)
+    if problem:
+        return problem
+    for name in TORCH_FILES:
+        file = os.path.join(path, name)
+        if os.path.isfile(file):
+            problem = _file_problem(file)
+            if problem:
+                return problem
+    return None
+
+
+def list_checkpoints(folder: str) -> list[str]:
+    """The `checkpoint-N` folders in `folder`, newest (highest N) first."""
+    if not os.path.isdir(folder):
+        return []
+    found = [(int(m.group(1)), name) for name in os.listdir(folder) if (m := CHECKPOINT_NAME.match(name))]
+    return [os.path.join(folder, name) for _, name in sorted(found, reverse=True)]
+
+
+def last_complete_checkpoint(folder: str) -> str | None:
+    """The newest complete `checkpoint-N` in `folder` (None if none), logging each newer one skipped and why."""
+    for path in list_checkpoints(folder):
+        problem = checkpoint_problem(path)
+        if problem is None:
+            return path
+        logger.warning("Skipping checkpoint %s: %s.", path, problem)
+    return None

@@ -1,0 +1,166 @@
+"""Resume picks the newest complete checkpoint; folders a kill -9 left half-written are skipped and named.
+
+A kill during `Trainer._save_checkpoint` leaves the newest `checkpoint-N` in one of these states, which the
+tests write by hand: an empty folder, weights without `trainer_state.json` (Trainer writes it last), a
+truncated safetensors file, a truncated `optimizer.pt`.
+"""
+
+import json
+import logging
+import os
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from dpo_trainer import DPOTrainer
+from dpo_trainer.checkpoints import (
+    checkpoint_problem,
+    last_complete_checkpoint,
+    list_checkpoints,
+    safetensors_problem,
+)
+
+from conftest import dpo_config, preference_rows
+
+ROWS = preference_rows(16, seed=11)
+SETTINGS = dict(max_steps=4, per_device_train_batch_size=2, save_strategy="steps", save_steps=2)
+
+
+def losses(trainer) -> dict[int, float]:
+    return {entry["step"]: entry["loss"] for entry in trainer.state.log_history if "loss" in entry}
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory, tokenizer):
+    """A 4-step run that saved checkpoint-2 and checkpoint-4, and its per-step losses."""
+    from dpo_trainer.tiny import tiny_causal_lm
+
+    tmp = tmp_path_factory.mktemp("run")
+    trainer = DPOTrainer(
+        tiny_causal_lm(tokenizer, hidden_size=32, num_layers=2, num_heads=4, seed=5),
+        args=dpo_config(tmp, **SETTINGS),
+        train_dataset=ROWS,
+        processing_class=tokenizer,
+    )
+    trainer.train()
+    return trainer.args.output_dir, losses(trainer)
+
+
+@pytest.fixture
+def run_dir(finished_run, tmp_path):
+    """A copy of the finished run's output folder, free to damage."""
+    out = tmp_path / "out"
+    shutil.copytree(finished_run[0], out)
+    return out
+
+
+def truncate(path, keep_fraction=0.5):
+    size = os.path.getsize(path)
+    with open(path, "r+b") as handle:
+        handle.truncate(int(size * keep_fraction))
+
+
+def damage(run_dir, how: str) -> str:
+    """Write checkpoint-6 as a kill during its save would leave it; returns its path."""
+    partial = run_dir / "checkpoint-6"
+    if how == "empty folder":
+        partial.mkdir()
+    elif how == "no trainer_state.json":
+        partial.mkdir()
+        shutil.copy(run_dir / "checkpoint-4" / "model.safetensors", partial / "model.safetensors")
+    else:
+        shutil.copytree(run_dir / "checkpoint-4", partial)
+        if how == "truncated safetensors":
+            truncate(partial / "model.safetensors")
+        elif how == "truncated optimizer":
+            truncate(partial / "optimizer.pt")
+        elif how == "unreadable trainer_state.json":
+            (partial / "trainer_state.json").write_text('{"global_step": ')
+        else:
+            raise AssertionError(how)
+    return str(partial)
+
+
+def test_a_finished_run_has_only_complete_checkpoints(finished_run):
+    out, _ = finished_run
+    assert [os.path.basename(p) for p in list_checkpoints(out)] == ["checkpoint-4", "checkpoint-2"]
+    assert [checkpoint_problem(p) for p in list_checkpoints(out)] == [None, None]
+    assert last_complete_checkpoint(out) == os.path.join(out, "checkpoint-4")
+
+
+@pytest.mark.parametrize(
+    "how, reason",
+    [
+        ("empty folder", "empty folder"),
+        ("no trainer_state.json", "no trainer_state.json"),
+        ("unreadable trainer_state.json", "trainer_state.json cannot be read"),
+        ("truncated safetensors", "model.safetensors"),
+        ("truncated optimizer", "optimizer.pt"),
+    ],
+)
+def test_half_written_checkpoints_are_skipped_and_named(run_dir, how, reason, caplog):
+    partial = damage(run_dir, how)
+    assert reason in checkpoint_problem(partial)
+    with caplog.at_level(logging.WARNING, logger="dpo_trainer.checkpoints"):
+        assert last_complete_checkpoint(str(run_dir)) == str(run_dir / "checkpoint-4")
+    assert partial in caplog.text and reason in caplog.text
+
+
+def test_the_newest_is_used_when_every_older_one_is_broken_too(run_dir):
+    truncate(run_dir / "checkpoint-4" / "model.safetensors", 0.99)  # one byte short is enough
+    assert last_complete_checkpoint(str(run_dir)) == str(run_dir / "checkpoint-2")
+    shutil.rmtree(run_dir / "checkpoint-2")
+    (run_dir / "checkpoint-2").mkdir()
+    assert last_complete_checkpoint(str(run_dir)) is None
+
+
+def test_safetensors_check_compares_the_header_with_the_size(tmp_path):
+    path = str(tmp_path / "w.safetensors")
+    save_file({"a": torch.ones(10), "b": torch.zeros(3, 4)}, path)
+    assert safetensors_problem(path) is None
+    with open(path, "ab") as handle:  # extra bytes: not what the header describes either
+        handle.write(b"\0" * 8)
+    assert "header describes" in safetensors_problem(path)
+    with open(path, "wb") as handle:
+        handle.write(b"\x05")
+    assert "truncated" in safetensors_problem(path)
+
+
+def test_sharded_weights_need_every_shard(run_dir):
+    folder = run_dir / "checkpoint-4"
+    os.replace(folder / "model.safetensors", folder / "model-00001-of-00002.safetensors")
+    index = {"weight_map": {"a": "model-00001-of-00002.safetensors", "b": "model-00002-of-00002.safetensors"}}
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index))
+    assert "model-00002-of-00002.safetensors" in checkpoint_problem(str(folder))
+    shutil.copy(folder / "model-00001-of-00002.safetensors", folder / "model-00002-of-00002.safetensors")
+    assert checkpoint_problem(str(folder)) is None
+
+
+@pytest.mark.parametrize("how", ["empty folder", "truncated safetensors"])
+def test_train_resumes_from_the_newest_complete_checkpoint(finished_run, run_dir, how, tokenizer, make_model):
+    # Trainer alone picks checkpoint-6 and fails ("Can't find a valid checkpoint" / a safetensors error).
+    damage(run_dir, how)
+    shutil.rmtree(run_dir / "checkpoint-4")  # resume from step 2: two steps to compare
+    args = dpo_config(run_dir.parent, **SETTINGS)
+    assert args.output_dir == str(run_dir)
+    # other initial weights (same reference): steps 3-4 match only if checkpoint-2's weights were loaded
+    trainer = DPOTrainer(
+        make_model(seed=99), make_model(seed=5), args=args, train_dataset=ROWS, processing_class=tokenizer
+    )
+    trainer.train(resume_from_checkpoint=True)
+    resumed, straight = losses(trainer), finished_run[1]
+    assert sorted(resumed) == [1, 2, 3, 4]  # 1-2 from checkpoint-2's trainer_state.json
+    for step in (3, 4):
+        assert resumed[step] == pytest.approx(straight[step], rel=1e-5), step
+
+
+def test_train_without_any_complete_checkpoint_says_so(run_dir, tokenizer, make_model):
+    for folder in ("checkpoint-2", "checkpoint-4"):
+        shutil.rmtree(run_dir / folder)
+    damage(run_dir, "empty folder")
+    args = dpo_config(run_dir.parent, **SETTINGS)
+    trainer = DPOTrainer(make_model(seed=5), args=args, train_dataset=ROWS, processing_class=tokenizer)
+    with pytest.raises(ValueError, match="no complete checkpoint"):
+        trainer.train(resume_from_checkpoint=True)
