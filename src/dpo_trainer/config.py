@@ -63,6 +63,10 @@ class DPOConfig(TrainingArguments):
             step cost. Batches then hold different numbers of pairs; the loss of an optimizer step is the
             mean over all its pairs (across accumulation steps and processes), and metrics are per-pair
             means, so nothing is weighted by batch.
+        on_nonfinite: What a non-finite loss or gradient norm does to training (`dpo_trainer.guards`):
+            `raise` (default) stops with an error naming the step, before the optimizer applies anything;
+            `skip` drops that step's gradients (no optimizer update) and goes on, counting the skipped steps
+            in the logs (`nonfinite_skipped_steps`). Invalid reference log-probs always raise.
         model_init_kwargs: Keyword arguments for `AutoModelForCausalLM.from_pretrained` when `model` (or
             `ref_model`) is given as a name or path, e.g. `{"dtype": "bfloat16"}`.
     """
@@ -98,6 +102,9 @@ class DPOConfig(TrainingArguments):
         default=None, metadata={"help": "FlexAttention for packed/shared_prompt (None: on CUDA)."}
     )
     max_tokens_per_batch: int | None = field(default=None, metadata={"help": "Token budget per batch."})
+    on_nonfinite: str = field(
+        default="raise", metadata={"help": "raise or skip on a non-finite loss or gradient norm."}
+    )
     model_init_kwargs: dict[str, Any] | None = field(
         default=None, metadata={"help": "from_pretrained kwargs."}
     )
@@ -158,4 +165,6 @@ class DPOConfig(TrainingArguments):
             )
         if self.dataset_num_proc is not None and self.dataset_num_proc < 1:
             raise ValueError(f"DPOConfig.dataset_num_proc must be >= 1 or None, got {self.dataset_num_proc}.")
+        if self.on_nonfinite not in ("raise", "skip"):
+            raise ValueError(f"DPOConfig.on_nonfinite must be 'raise' or 'skip', got {self.on_nonfinite!r}.")
         super().__post_init__()

@@ -33,6 +33,7 @@ from .data import PaddedCollator, detect_format, to_example, tokenize_example
 from .data.batching import TokenBudgetBatchSampler, example_tokens
 from .data.layouts import GroupedCollator
 from .engines import frozen_copy, policy_as_reference, prepare_reference, release_reference
+from .guards import NonFiniteError, invalid_reference, nonfinite_parameters
 from .logprobs import is_fsdp_module, sequence_logps, unwrap
 from .losses import plackett_luce_loss, preference_loss
 from .reference import (
@@ -223,6 +224,7 @@ class DPOTrainer(Trainer):
         # so batch 8 x 1 step, batch 2 x 4 steps and token-budget batches of any size weigh every pair alike.
         self.model_accepts_loss_kwargs = True
         self._metrics = {"train": defaultdict(lambda: [0.0, 0]), "eval": defaultdict(lambda: [0.0, 0])}
+        self._guard_flags, self._skipped_steps = {}, 0  # the divergence guard's state (`_guard_optimizer_step`)
         if self.ref_model is not None:
             # Placed like the policy: a DeepSpeed inference engine (partitioned under ZeRO-3), FSDP2 shards,
             # else the device with the run's autocast. Never given to an optimizer.
@@ -381,6 +383,11 @@ class DPOTrainer(Trainer):
     def train(self, resume_from_checkpoint: str | bool | None = None, trial=None, ignore_keys_for_eval=None):
         # `resume_from_checkpoint=True` takes the newest *complete* checkpoint, where Trainer would take the
         # newest folder even when a kill left it half-written (`dpo_trainer.checkpoints`).
+        if self.args.on_nonfinite == "skip" and self.is_deepspeed_enabled:
+            raise ValueError(
+                "DPOConfig.on_nonfinite='skip' is not available under DeepSpeed, whose engine applies the "
+                "gradients itself; use on_nonfinite='raise'."
+            )
         if resume_from_checkpoint is True:
             found = [last_complete_checkpoint(self.args.output_dir) if self.is_world_process_zero() else None]
             if self.accelerator.num_processes > 1:
@@ -582,6 +589,7 @@ class DPOTrainer(Trainer):
             # + alpha x the chosen response's mean token NLL (an emptied response counts one token)
             tokens = inputs["response_lengths"][:, 0].clamp_min(1).to(policy.dtype)
             losses = losses - self.args.rpo_alpha * policy[:, 0] / tokens
+        self._flag_step("train" if model.training else "eval", losses, reference)
         self._record_metrics("train" if model.training else "eval", policy.detach(), rewards, losses.detach())
         if model.training and num_items_in_batch is not None:
             # the mean over the step's pairs; DDP averages gradients over processes, hence the factor
@@ -589,6 +597,65 @@ class DPOTrainer(Trainer):
         else:
             loss = losses.mean()
         return (loss, {"policy_logps": policy.detach(), "rewards": rewards}) if return_outputs else loss
+
+    def _flag_step(self, mode: str, losses: torch.Tensor, reference: torch.Tensor) -> None:
+        """OR this micro-step's problems into device flags [loss non-finite, reference invalid]: no host sync."""
+        flags = torch.stack([~torch.isfinite(losses.detach()).all(), invalid_reference(reference)])
+        current = self._guard_flags.get(mode)
+        self._guard_flags[mode] = flags if current is None else current | flags
+
+    def _get_grad_norm(self, model, grad_norm=None):
+        # Trainer calls this once the step's gradients are final, just before the optimizer step: the place
+        # for the divergence guard (`dpo_trainer.guards`).
+        grad_norm = super()._get_grad_norm(model, grad_norm)
+        self._guard_optimizer_step(model, grad_norm)
+        return grad_norm
+
+    def _guard_optimizer_step(self, model: nn.Module, grad_norm) -> None:
+        """Raise, or drop the gradients (`on_nonfinite="skip"`), when the step's loss or grad norm is not finite.
+
+        One host sync per optimizer step (the flags of all micro-steps and the grad norm, summed over the
+        processes so that every process decides alike).
+        """
+        flags = self._guard_flags.pop("train", None)
+        norm = torch.as_tensor(0.0 if grad_norm is None else grad_norm, dtype=torch.float32).reshape(1)
+        device = flags.device if flags is not None else self.args.device
+        flags = torch.zeros(2, dtype=torch.bool, device=device) if flags is None else flags
+        values = torch.cat([flags.float(), (~torch.isfinite(norm.to(device))).float()])
+        if self.accelerator.num_processes > 1:
+            values = self.accelerator.reduce(values, reduction="sum")
+        loss_bad, reference_bad, norm_bad = (value > 0 for value in values.tolist())
+        step = self.state.global_step + 1
+        if reference_bad:
+            raise NonFiniteError(
+                f"Step {step}: reference log-probs that are not finite or above 0 (a log-probability is <= 0); "
+                "the reference model or the precomputed values are broken."
+            )
+        if not (loss_bad or norm_bad):
+            return
+        what = " and ".join(
+            name for name, bad in (("loss", loss_bad), (f"gradient norm ({float(norm)})", norm_bad)) if bad
+        )
+        if self.args.on_nonfinite == "raise":
+            raise NonFiniteError(
+                f"Training diverged at step {step}: non-finite {what}. The optimizer did not apply this step, so "
+                f"the weights (and every checkpoint) are those of step {step - 1}. Lower the learning rate, or "
+                "set DPOConfig(on_nonfinite='skip') to skip such steps."
+            )
+        for parameter in model.parameters():
+            parameter.grad = None  # the optimizer skips parameters without a gradient: no update, no state change
+        self._skipped_steps += 1
+        logger.warning("Step %d: non-finite %s; step skipped (no optimizer update).", step, what)
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False):
+        # Never write a checkpoint or a model from NaN / inf weights (this process's shards, if sharded).
+        bad = nonfinite_parameters(self.model)
+        if bad:
+            raise NonFiniteError(
+                f"Refusing to save to {output_dir or self.args.output_dir} at step {self.state.global_step}: "
+                f"non-finite weights in {', '.join(bad)}."
+            )
+        return super().save_model(output_dir, _internal_call)
 
     def evaluate(
         self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval"
@@ -666,6 +733,11 @@ class DPOTrainer(Trainer):
         else:
             loss_keys = [key for key in logs if key.endswith("_loss")]
             mode, prefix = "eval", loss_keys[0][: -len("loss")] if loss_keys else None
+        if mode == "eval" and prefix is not None and "eval" in self._guard_flags:
+            if bool(self._guard_flags.pop("eval")[1]):
+                raise NonFiniteError("Evaluation: reference log-probs that are not finite or above 0.")
+        if mode == "train" and prefix is not None and self._skipped_steps:
+            logs["nonfinite_skipped_steps"] = self._skipped_steps
         if prefix is not None:
             for name, (total, count) in self._metrics[mode].items():
                 if count:
