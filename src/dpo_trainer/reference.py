@@ -11,7 +11,10 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import logging
 import os
+import socket
+import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 
 import torch
@@ -19,9 +22,15 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
 
+from .guards import reference_problem
 from .logprobs import sequence_logps, unwrap
 
-CACHE_FORMAT_VERSION = 1
+logger = logging.getLogger(__name__)
+
+CACHE_FORMAT_VERSION = 2  # 2: the key covers the model config and the tokenizer
+# config fields that name or place a model without changing what it computes
+_UNHASHED_CONFIG_KEYS = ("_name_or_path", "transformers_version", "_commit_hash", "use_cache", "architectures")
+STALE_TEMPORARY_S = 3600  # a cache temporary this old was left by a killed process
 
 
 def is_peft_model(model: nn.Module) -> bool:
@@ -95,13 +104,24 @@ def unwrap_to_peft(model: nn.Module) -> nn.Module:
 # ---------------------------------------------------------------- precomputation and its cache
 
 
-def model_fingerprint(model: nn.Module) -> str:
-    """A hash of the reference weights: names, shapes, dtypes and a strided sample of every tensor's values.
+def model_fingerprint(model: nn.Module, tokenizer=None) -> str:
+    """A hash of the reference: its config, the tokenizer, and the weights' names, shapes, dtypes and values.
 
-    Adapter weights (names containing `lora_`) are left out: the reference is the base model. The sample
-    (4096 evenly spaced values per tensor, plus their sum) changes whenever training touches the tensor.
+    The config counts (the same weights with another `rope_theta` or activation compute other log-probs),
+    except fields that only name the model (`_UNHASHED_CONFIG_KEYS`). The tokenizer's vocabulary and
+    special tokens count when `tokenizer` is given. Adapter weights (names containing `lora_`) are left
+    out: the reference is the base model. Values are sampled (4096 evenly spaced values per tensor, plus
+    their sum), which changes whenever training touches the tensor.
     """
     digest = hashlib.sha256()
+    config = getattr(unwrap(model), "config", None)
+    if config is not None:
+        fields = {k: v for k, v in config.to_dict().items() if k not in _UNHASHED_CONFIG_KEYS}
+        digest.update(json.dumps(fields, sort_keys=True, default=str).encode())
+    if tokenizer is not None:
+        vocab = sorted(tokenizer.get_vocab().items())
+        special = sorted(map(str, getattr(tokenizer, "all_special_tokens", [])))
+        digest.update(json.dumps([type(tokenizer).__name__, vocab, special]).encode())
     for name, tensor in _whole_state(model):
         if "lora_" in name:
             continue
@@ -158,18 +178,73 @@ def cache_path(cache_dir: str | None, model_key: str, data_key: str, settings: M
     return os.path.join(cache_dir or default_cache_dir(), name)
 
 
-def load_cached(path: str, num_rows: int) -> torch.Tensor | None:
+def load_cached(path: str, num_rows: int, num_responses: int | None = None) -> torch.Tensor | None:
+    """The cached (num_rows, K) float32 reference log-probs at `path`, or None to compute them.
+
+    A file that cannot be read or holds unusable values (another shape or dtype, NaN or inf, a
+    log-probability above 0) is named in a warning and deleted, so that it is recomputed and rewritten.
+    """
     if not os.path.exists(path):
         return None
-    values = load_file(path)["ref_logps"]
-    return values if values.shape[0] == num_rows else None
+    try:
+        values = load_file(path)["ref_logps"]
+    except Exception as error:  # safetensors raises its own error types for a corrupt file
+        return _discard(path, f"it cannot be read ({type(error).__name__}: {error})")
+    expected = (num_rows, num_responses if num_responses is not None else values.shape[-1])
+    if values.dim() != 2 or tuple(values.shape) != expected:
+        return _discard(path, f"it holds shape {tuple(values.shape)} where {expected} is expected")
+    if values.dtype != torch.float32:
+        return _discard(path, f"it holds {values.dtype} where float32 is expected")
+    problem = reference_problem(values)
+    if problem:
+        return _discard(path, problem)
+    return values
 
 
-def save_cached(path: str, values: torch.Tensor) -> None:
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = f"{path}.tmp-{os.getpid()}"
-    save_file({"ref_logps": values.contiguous()}, tmp)
-    os.replace(tmp, path)  # never leaves a half-written cache file under the real name
+def _discard(path: str, reason: str) -> None:
+    logger.warning("Reference log-prob cache %s is unusable (%s): deleting it and recomputing.", path, reason)
+    with contextlib.suppress(FileNotFoundError):  # another process may have deleted it first
+        os.remove(path)
+    return None
+
+
+def cache_dir_problem(cache_dir: str) -> str | None:
+    """Why reference log-probs cannot be cached in `cache_dir` (created if missing), or None.
+
+    Also deletes temporaries that killed processes left there (older than `STALE_TEMPORARY_S`).
+    """
+    try:
+        os.makedirs(cache_dir, exist_ok=True)
+        probe = os.path.join(cache_dir, f".probe-{socket.gethostname()}-{os.getpid()}")
+        with open(probe, "wb") as handle:
+            handle.write(b"0")
+        os.remove(probe)
+    except OSError as error:
+        return f"{cache_dir} is not writable ({error})"
+    now = time.time()
+    for name in os.listdir(cache_dir):
+        path = os.path.join(cache_dir, name)
+        if ".tmp-" in name:
+            with contextlib.suppress(OSError):
+                if now - os.path.getmtime(path) > STALE_TEMPORARY_S:
+                    os.remove(path)
+    return None
+
+
+def save_cached(path: str, values: torch.Tensor) -> bool:
+    """Write `values` to `path` atomically; on failure warn, leave no temporary behind and return False."""
+    tmp = f"{path}.tmp-{socket.gethostname()}-{os.getpid()}"
+    try:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        save_file({"ref_logps": values.float().contiguous()}, tmp)
+        os.replace(tmp, path)  # never leaves a half-written cache file under the real name
+        return True
+    except OSError as error:
+        logger.warning("Could not cache reference log-probs at %s (%s); training goes on without.", path, error)
+        return False
+    finally:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
 
 
 def compute_dataset_reference_logps(

@@ -33,12 +33,14 @@ from .data import PaddedCollator, detect_format, to_example, tokenize_example
 from .data.batching import TokenBudgetBatchSampler, example_tokens
 from .data.layouts import GroupedCollator
 from .engines import frozen_copy, policy_as_reference, prepare_reference, release_reference
-from .guards import NonFiniteError, invalid_reference, nonfinite_parameters
+from .guards import NonFiniteError, invalid_reference, nonfinite_parameters, reference_problem
 from .logprobs import is_fsdp_module, sequence_logps, unwrap
 from .losses import plackett_luce_loss, preference_loss
 from .reference import (
+    cache_dir_problem,
     cache_path,
     compute_dataset_reference_logps,
+    default_cache_dir,
     disable_dropout,
     freeze,
     is_peft_model,
@@ -442,7 +444,8 @@ class DPOTrainer(Trainer):
         never through weights that ZeRO-3 has partitioned away.
         """
         # Every process walks the weights (gathering shards is collective); rank 0's key names the cache.
-        model_key = [model_fingerprint(self.ref_model if self.ref_model is not None else self.model)]
+        reference = self.ref_model if self.ref_model is not None else self.model
+        model_key = [model_fingerprint(reference, self.processing_class)]
         broadcast_object_list(model_key)
         model_key = model_key[0]
         settings = {"bf16": self.args.bf16, "fp16": self.args.fp16, "dtype": str(unwrap(self.model).dtype)}
@@ -451,16 +454,26 @@ class DPOTrainer(Trainer):
             datasets += [(f"eval[{key}]", value) for key, value in self.eval_dataset.items()]
         else:
             datasets.append(("eval", self.eval_dataset))
+        cache_dir = self.args.ref_logps_cache_dir or default_cache_dir()
+        # The first process of each node writes the cache (no shared filesystem assumed), if it can: checked
+        # before the precompute, so a read-only folder costs a warning, never the computed values.
+        writer = self.is_local_process_zero()
+        if writer and (problem := cache_dir_problem(cache_dir)):
+            logger.warning("Not caching reference log-probs: %s.", problem)
+            writer = False
         values, pending = {}, []
         for name, dataset in datasets:
-            if dataset is None or "ref_logps" in dataset.column_names:
+            if dataset is None:
                 continue
-            path = cache_path(self.args.ref_logps_cache_dir, model_key, rows_fingerprint(dataset), settings)
-            # The main process decides for all: either every process loads the cache, or all compute.
-            cached_on_main = [self.is_world_process_zero() and load_cached(path, len(dataset)) is not None]
-            broadcast_object_list(cached_on_main)
-            if cached_on_main[0]:
-                values[name] = load_cached(path, len(dataset))
+            if "ref_logps" in dataset.column_names:  # given by the user: checked like computed ones
+                self._check_reference_column(name, torch.tensor(dataset["ref_logps"]))
+                continue
+            path = cache_path(cache_dir, model_key, rows_fingerprint(dataset), settings)
+            # Every process reads (and validates) its own view of the cache, e.g. per-node folders; all load
+            # only when every process has valid values, else all compute.
+            loaded = load_cached(path, len(dataset), len(dataset[0]["response_ids"]))
+            if all(gather_object([loaded is not None])):
+                values[name] = loaded
                 logger.info("Loaded reference log-probs of %s from %s", name, path)
             else:
                 pending.append((name, dataset, path))
@@ -468,7 +481,8 @@ class DPOTrainer(Trainer):
             with self._reference_scorer() as score:
                 for name, dataset, path in pending:
                     values[name] = self._compute_reference_column(dataset, name, score)
-                    if self.is_world_process_zero():
+                    self._check_reference_column(name, values[name])
+                    if writer:
                         save_cached(path, values[name])
         self.accelerator.wait_for_everyone()
         results = {
@@ -483,6 +497,13 @@ class DPOTrainer(Trainer):
             self.eval_dataset = results.get("eval", self.eval_dataset)
         release_reference(self.ref_model)
         self.ref_model = None  # the values are in the data now; free the memory
+
+    @staticmethod
+    def _check_reference_column(name: str, values: torch.Tensor) -> None:
+        """Reference log-probs must be finite and <= 0, wherever they come from (`dpo_trainer.guards`)."""
+        problem = reference_problem(values)
+        if problem:
+            raise NonFiniteError(f"Reference log-probs of {name}: {problem}.")
 
     @contextlib.contextmanager
     def _reference_scorer(self):

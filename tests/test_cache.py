@@ -1,0 +1,139 @@
+"""The reference log-prob cache: keyed by config, tokenizer, weights and data; validated on load; a bad file
+is named, deleted and recomputed; an unwritable folder costs a warning, never the computed values."""
+
+import logging
+import os
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from dpo_trainer import DPOTrainer
+from dpo_trainer.reference import (
+    STALE_TEMPORARY_S,
+    cache_dir_problem,
+    load_cached,
+    model_fingerprint,
+    save_cached,
+)
+from dpo_trainer.tiny import tiny_causal_lm, train_tokenizer
+
+from conftest import dpo_config, preference_rows
+
+ROWS = preference_rows(10, seed=21)
+
+
+def precompute(tmp_path, make_model, tokenizer, cache_dir, name="run"):
+    args = dpo_config(tmp_path / name, precompute_ref_log_probs=True, ref_logps_cache_dir=str(cache_dir))
+    trainer = DPOTrainer(make_model(seed=2), args=args, train_dataset=ROWS, processing_class=tokenizer)
+    return torch.tensor(trainer.train_dataset["ref_logps"])
+
+
+@pytest.fixture
+def fresh(tmp_path, make_model, tokenizer):
+    """Values computed with no cache, and the folder holding their single cache file."""
+    cache = tmp_path / "cache"
+    values = precompute(tmp_path, make_model, tokenizer, cache, "fresh")
+    (path,) = [cache / name for name in os.listdir(cache)]
+    return values, path
+
+
+def test_the_key_covers_config_and_tokenizer_not_only_weights(tokenizer):
+    model = tiny_causal_lm(tokenizer, hidden_size=32, seed=1)
+    same = tiny_causal_lm(tokenizer, hidden_size=32, seed=1)
+    rope = tiny_causal_lm(tokenizer, hidden_size=32, seed=1, rope_theta=500.0)
+    act = tiny_causal_lm(tokenizer, hidden_size=32, seed=1, hidden_act="gelu")
+    for other in (rope, act):  # the very same weights, computing other log-probs
+        for a, b in zip(model.state_dict().values(), other.state_dict().values()):
+            assert torch.equal(a, b)
+    key = model_fingerprint(model, tokenizer)
+    assert model_fingerprint(same, tokenizer) == key
+    assert model_fingerprint(rope, tokenizer) != key
+    assert model_fingerprint(act, tokenizer) != key
+    other_tokenizer = train_tokenizer(["completely different text " * 20, "more words here"], vocab_size=400)
+    assert model_fingerprint(model, other_tokenizer) != key
+
+
+@pytest.mark.parametrize(
+    "damage, reason",
+    [
+        ("garbage", "cannot be read"),
+        ("nan", "non-finite"),
+        ("positive", "above 0"),
+        ("float16", "float16"),
+        ("three responses", "shape"),
+        ("fewer rows", "shape"),
+    ],
+)
+def test_an_unusable_cache_file_is_named_deleted_and_recomputed(
+    tmp_path, make_model, tokenizer, fresh, damage, reason, caplog
+):
+    values, path = fresh
+    if damage == "garbage":
+        path.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json")
+    else:
+        bad = {
+            "nan": values.clone().index_put_(
+                (torch.tensor([3]), torch.tensor([1])), torch.tensor(float("nan"))
+            ),
+            "positive": values.abs() + 1.0,
+            "float16": values.half(),
+            "three responses": torch.cat([values, values[:, :1]], dim=1),
+            "fewer rows": values[:-1],
+        }[damage]
+        save_file({"ref_logps": bad.contiguous()}, str(path))
+    with caplog.at_level(logging.WARNING):
+        again = precompute(tmp_path, make_model, tokenizer, path.parent, "again")
+    assert str(path) in caplog.text and reason in caplog.text
+    torch.testing.assert_close(again, values)
+    torch.testing.assert_close(load_file(str(path))["ref_logps"], values)  # rewritten with good values
+
+
+def test_a_valid_cache_is_used_as_it_is(tmp_path, make_model, tokenizer, fresh, monkeypatch):
+    values, path = fresh
+
+    def fail(*args, **kwargs):
+        raise AssertionError("the cache should have been used")
+
+    monkeypatch.setattr(DPOTrainer, "_compute_reference_column", fail)
+    assert torch.equal(precompute(tmp_path, make_model, tokenizer, path.parent, "again"), values)
+
+
+def test_an_unwritable_cache_folder_keeps_the_computed_values(tmp_path, make_model, tokenizer, fresh, caplog):
+    values, _ = fresh
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a folder")  # makedirs under a file fails, whoever runs the test
+    with caplog.at_level(logging.WARNING):
+        computed = precompute(tmp_path, make_model, tokenizer, blocker / "cache", "blocked")
+    assert "Not caching reference log-probs" in caplog.text and str(blocker) in caplog.text
+    torch.testing.assert_close(computed, values)
+
+
+def test_a_failed_save_leaves_no_temporary(tmp_path, monkeypatch):
+    path = tmp_path / "values.safetensors"
+
+    def refuse(src, dst):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(os, "replace", refuse)
+    assert save_cached(str(path), -torch.ones(4, 2)) is False
+    assert os.listdir(tmp_path) == []
+
+
+def test_stale_temporaries_are_removed_fresh_ones_kept(tmp_path):
+    stale, fresh = tmp_path / "x.safetensors.tmp-host-1", tmp_path / "y.safetensors.tmp-host-2"
+    stale.write_bytes(b"0")
+    fresh.write_bytes(b"0")
+    old = time.time() - STALE_TEMPORARY_S - 10
+    os.utime(stale, (old, old))
+    assert cache_dir_problem(str(tmp_path)) is None
+    assert sorted(os.listdir(tmp_path)) == [fresh.name]
+
+
+def test_load_cached_round_trip_and_missing_file(tmp_path):
+    values = -torch.rand(5, 2) * 10
+    path = str(tmp_path / "v.safetensors")
+    assert load_cached(path, 5) is None
+    assert save_cached(path, values)
+    assert torch.equal(load_cached(path, 5, 2), values)
