@@ -9,11 +9,19 @@ Formats (see :func:`detect_format`):
   message but the final assistant turn, which is the response.
 - ``ranked``: ``prompt`` and ``responses`` (two or more, best first), strings or message lists.
 
-Every bad row raises ``ValueError`` (``TypeError`` for a value of the wrong type) naming the row and field.
+Conversational rows may hold tool calls, as TRL 1.16 accepts them: assistant messages with ``tool_calls``
+(``content`` then optional), ``tool`` messages, an optional ``tools`` column (a list of tool schemas or
+its JSON string) and an optional ``chat_template_kwargs`` column (a dict, e.g. ``{"enable_thinking":
+False}``); both are passed to ``tokenizer.apply_chat_template``.
+
+Every bad row raises ``ValueError`` (``TypeError`` for a value of the wrong type) naming the row and field:
+``bytes`` values, strings with lone surrogates (not valid Unicode), messages that are not dicts or lack a
+role, unknown roles, and chat templates that fail on the row.
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -26,6 +34,21 @@ FORMAT_COLUMNS = {
 }
 MIN_RESPONSES = 2
 
+# Optional columns of conversational rows, passed to the chat template (as TRL 1.16 does).
+TEMPLATE_COLUMNS = ("tools", "chat_template_kwargs")
+# Roles of the published chat templates (Llama 3.1 names tool results "ipython"; OpenAI's "developer" and
+# "function"); anything else is most likely a typo that a template would render verbatim or reject.
+KNOWN_ROLES = ("system", "developer", "user", "assistant", "tool", "ipython", "function")
+# apply_chat_template arguments the trainer sets itself; a row may not override them.
+_RESERVED_TEMPLATE_KWARGS = (
+    "conversation",
+    "tokenize",
+    "add_generation_prompt",
+    "continue_final_message",
+    "return_dict",
+    "return_assistant_tokens_mask",
+)
+
 
 @dataclass(frozen=True)
 class Example:
@@ -35,7 +58,8 @@ class Example:
         prompt: the text the model sees before each response.
         responses: the responses, best first; at least two (pairs are ``(chosen, rejected)``).
         templated: True when a chat template rendered the text, which then already holds any special
-            tokens: tokenize it without adding special tokens.
+            tokens: tokenize it without adding special tokens, and end each response as the template
+            ends the assistant turn.
     """
 
     prompt: str
@@ -92,6 +116,24 @@ def split_hh_transcript(text: str, *, row: int, field: str) -> tuple[str, str]:
     return text[:cut], text[cut:]
 
 
+def check_row_text(row: Mapping, index: int, fmt: str) -> None:
+    """Raise for text Arrow or a tokenizer cannot take, naming the row and the field.
+
+    The format's columns and :data:`TEMPLATE_COLUMNS` must hold no ``bytes`` (``TypeError``); no string
+    in any column may hold a lone surrogate (``ValueError``). Cheap enough to run on every row before a
+    list of rows becomes an Arrow table, which would otherwise fail on (or silently convert) the whole
+    column without naming the row.
+
+    >>> check_row_text({"prompt": "Q\\ud800", "chosen": " a", "rejected": " b"}, 3, "standard")
+    Traceback (most recent call last):
+    ...
+    ValueError: row 3, field 'prompt': lone surrogate U+D800 at character 1, which is not valid Unicode text (a string decoded with errors='surrogatepass' or a JSON '\\ud800' escape?); fix or drop the row
+    """
+    data_columns = set(FORMAT_COLUMNS.get(fmt, ())) | set(TEMPLATE_COLUMNS)
+    for field, value in row.items():
+        _check_text(value, _where(index, field), allow_bytes=field not in data_columns)
+
+
 def to_example(row: Mapping, index: int, fmt: str, tokenizer=None) -> Example:
     """Turn one dataset row of format ``fmt`` into an :class:`Example`.
 
@@ -101,26 +143,29 @@ def to_example(row: Mapping, index: int, fmt: str, tokenizer=None) -> Example:
     >>> to_example({"prompt": "Q:", "chosen": " yes", "rejected": " no"}, 0, "standard")
     Example(prompt='Q:', responses=(' yes', ' no'), templated=False)
     """
+    if fmt not in FORMAT_COLUMNS:
+        raise ValueError(f"unknown format {fmt!r}; expected one of {sorted(FORMAT_COLUMNS)}")
+    for field in (*FORMAT_COLUMNS[fmt], *TEMPLATE_COLUMNS):
+        if field in row:
+            _check_text(row[field], _where(index, field), allow_bytes=False)
     if fmt == "standard":
         prompt = _field(row, index, "prompt")
         responses = [("chosen", _field(row, index, "chosen")), ("rejected", _field(row, index, "rejected"))]
-        return _build(("prompt", prompt), responses, index, tokenizer)
+        return _build(("prompt", prompt), responses, index, row, tokenizer)
     if fmt == "implicit":
         return _implicit(row, index, tokenizer)
-    if fmt == "ranked":
-        prompt = _field(row, index, "prompt")
-        responses = _field(row, index, "responses")
-        if isinstance(responses, str) or not isinstance(responses, Sequence):
-            raise TypeError(
-                f"{_where(index, 'responses')}: expected a list of responses, got {type(responses).__name__}"
-            )
-        if len(responses) < MIN_RESPONSES:
-            raise ValueError(
-                f"{_where(index, 'responses')}: needs at least {MIN_RESPONSES} responses, got {len(responses)}"
-            )
-        named = [(f"responses[{k}]", response) for k, response in enumerate(responses)]
-        return _build(("prompt", prompt), named, index, tokenizer)
-    raise ValueError(f"unknown format {fmt!r}; expected one of {sorted(FORMAT_COLUMNS)}")
+    prompt = _field(row, index, "prompt")
+    responses = _field(row, index, "responses")
+    if isinstance(responses, str) or not isinstance(responses, Sequence):
+        raise TypeError(
+            f"{_where(index, 'responses')}: expected a list of responses, got {type(responses).__name__}"
+        )
+    if len(responses) < MIN_RESPONSES:
+        raise ValueError(
+            f"{_where(index, 'responses')}: needs at least {MIN_RESPONSES} responses, got {len(responses)}"
+        )
+    named = [(f"responses[{k}]", response) for k, response in enumerate(responses)]
+    return _build(("prompt", prompt), named, index, row, tokenizer)
 
 
 def _implicit(row: Mapping, index: int, tokenizer) -> Example:
@@ -136,10 +181,7 @@ def _implicit(row: Mapping, index: int, tokenizer) -> Example:
             )
         return Example(chosen_prompt, (chosen_response, rejected_response))
     for field, messages in (("chosen", chosen), ("rejected", rejected)):
-        if messages[-1]["role"] != "assistant":
-            raise ValueError(
-                f"{_where(index, field)}: the last message must be an assistant turn, got role {messages[-1]['role']!r}"
-            )
+        _require_assistant_last(messages, index, field)
         if len(messages) < 2:
             raise ValueError(
                 f"{_where(index, field)}: no messages before the final assistant turn to use as the prompt"
@@ -149,29 +191,44 @@ def _implicit(row: Mapping, index: int, tokenizer) -> Example:
             f"row {index}: prompts differ between chosen and rejected (all messages but the last must match)"
         )
     return _render(
-        ("chosen", chosen[:-1]), [("chosen", chosen[-1:]), ("rejected", rejected[-1:])], index, tokenizer
+        ("chosen", chosen[:-1]), [("chosen", chosen[-1:]), ("rejected", rejected[-1:])], index, row, tokenizer
     )
 
 
-def _build(prompt: tuple[str, object], responses: list[tuple[str, object]], index: int, tokenizer) -> Example:
+def _build(
+    prompt: tuple[str, object], responses: list[tuple[str, object]], index: int, row: Mapping, tokenizer
+) -> Example:
     """Check that the prompt and responses are all strings or all message lists, then build the Example."""
     if _same_kind([prompt, *responses], index) == "text":
         return Example(prompt[1], tuple(text for _, text in responses))
-    return _render(prompt, responses, index, tokenizer)
+    return _render(prompt, responses, index, row, tokenizer)
 
 
-def _render(prompt: tuple[str, list], responses: list[tuple[str, list]], index: int, tokenizer) -> Example:
-    """Render a conversation with the chat template; each response is the text the full render adds."""
+def _render(
+    prompt: tuple[str, list], responses: list[tuple[str, list]], index: int, row: Mapping, tokenizer
+) -> Example:
+    """Render a conversation with the chat template; each response is the text the full render adds.
+
+    The full render keeps whatever the template writes after the assistant's reply (``<|im_end|>\\n``,
+    ``<|eot_id|>``, ``<end_of_turn>\\n``, ``</s>``): that is how the turn ends at inference.
+    """
     prompt_field, prompt_messages = prompt
     if tokenizer is None or getattr(tokenizer, "chat_template", None) is None:
         raise ValueError(
             f"{_where(index, prompt_field)}: message lists (conversational data) need a tokenizer with a chat_template"
         )
+    for field, messages in responses:
+        _require_assistant_last(messages, index, field)
+    kwargs = _template_kwargs(row, index)
     prompt_messages = [dict(m) for m in prompt_messages]
-    prompt_text = tokenizer.apply_chat_template(prompt_messages, tokenize=False, add_generation_prompt=True)
+    prompt_text = _apply_template(
+        tokenizer, prompt_messages, index, prompt_field, add_generation_prompt=True, **kwargs
+    )
     texts = []
     for field, messages in responses:
-        full = tokenizer.apply_chat_template(prompt_messages + [dict(m) for m in messages], tokenize=False)
+        full = _apply_template(
+            tokenizer, prompt_messages + [dict(m) for m in messages], index, field, **kwargs
+        )
         if not full.startswith(prompt_text):
             raise ValueError(
                 f"{_where(index, field)}: the chat template renders the prompt differently on its own (with "
@@ -180,6 +237,55 @@ def _render(prompt: tuple[str, list], responses: list[tuple[str, list]], index: 
             )
         texts.append(full[len(prompt_text) :])
     return Example(prompt_text, tuple(texts), templated=True)
+
+
+def _require_assistant_last(messages: Sequence, index: int, field: str) -> None:
+    if messages[-1]["role"] != "assistant":
+        raise ValueError(
+            f"{_where(index, field)}: the last message must be an assistant turn, got role "
+            f"{messages[-1]['role']!r}"
+        )
+
+
+def _apply_template(tokenizer, messages: list[dict], index: int, field: str, **kwargs) -> str:
+    try:
+        return tokenizer.apply_chat_template(messages, tokenize=False, **kwargs)
+    except Exception as error:  # jinja's raise_exception, or a template tripping over this row's values
+        raise ValueError(
+            f"{_where(index, field)}: the chat template cannot render this conversation: "
+            f"{type(error).__name__}: {error}"
+        ) from error
+
+
+def _template_kwargs(row: Mapping, index: int) -> dict:
+    """The row's ``tools`` and ``chat_template_kwargs`` as keyword arguments of ``apply_chat_template``."""
+    kwargs = {}
+    tools = row.get("tools")
+    if isinstance(tools, str):  # TRL accepts tools as a JSON string, which Arrow stores without reshaping
+        try:
+            tools = json.loads(tools)
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{_where(index, 'tools')}: not valid JSON ({error})") from error
+    if tools is not None:
+        if not isinstance(tools, Sequence) or isinstance(tools, str):
+            raise TypeError(
+                f"{_where(index, 'tools')}: expected a list of tool schemas (or its JSON string), "
+                f"got {type(tools).__name__}"
+            )
+        kwargs["tools"] = list(tools)
+    extra = row.get("chat_template_kwargs")
+    if extra is not None:
+        if not isinstance(extra, Mapping):
+            raise TypeError(
+                f"{_where(index, 'chat_template_kwargs')}: expected a dict, got {type(extra).__name__}"
+            )
+        reserved = sorted(set(extra) & set(_RESERVED_TEMPLATE_KWARGS))
+        if reserved:
+            raise ValueError(
+                f"{_where(index, 'chat_template_kwargs')}: {reserved} are set by the trainer, not per row"
+            )
+        kwargs.update(extra)
+    return kwargs
 
 
 def _same_kind(fields: list[tuple[str, object]], index: int) -> str:
@@ -201,7 +307,7 @@ _KIND_NAMES = {"text": "a string", "messages": "a message list"}
 def _kind(value, index: int, field: str) -> str:
     if isinstance(value, str):
         return "text"
-    if isinstance(value, Sequence):
+    if isinstance(value, Sequence) and not isinstance(value, (bytes, bytearray)):
         _check_messages(value, index, field)
         return "messages"
     raise TypeError(
@@ -218,11 +324,42 @@ def _check_messages(messages: Sequence, index: int, field: str) -> None:
             raise TypeError(
                 f"{where}: expected a dict with 'role' and 'content', got {type(message).__name__}"
             )
-        for key in ("role", "content"):
-            if message.get(key) is None:
-                raise ValueError(f"{where}: missing {key!r}")
-            if not isinstance(message[key], str):
-                raise TypeError(f"{where}: {key!r} must be a string, got {type(message[key]).__name__}")
+        role = message.get("role")
+        if role is None:
+            raise ValueError(f"{where}: missing 'role'")
+        if not isinstance(role, str):
+            raise TypeError(f"{where}: 'role' must be a string, got {type(role).__name__}")
+        if role not in KNOWN_ROLES:
+            raise ValueError(f"{where}: unknown role {role!r}; expected one of {list(KNOWN_ROLES)}")
+        content = message.get("content")
+        if content is None:
+            if role == "assistant" and message.get("tool_calls"):
+                continue  # a tool-calling turn: the template renders the calls
+            raise ValueError(f"{where}: missing 'content'")
+        if not isinstance(content, str):
+            raise TypeError(f"{where}: 'content' must be a string, got {type(content).__name__}")
+
+
+def _check_text(value, where: str, *, allow_bytes: bool) -> None:
+    """Walk ``value`` (nested dicts and lists); raise on bytes (unless allowed) and lone surrogates."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as error:
+            raise ValueError(
+                f"{where}: lone surrogate U+{ord(value[error.start]):04X} at character {error.start}, which "
+                "is not valid Unicode text (a string decoded with errors='surrogatepass' or a JSON "
+                "'\\ud800' escape?); fix or drop the row"
+            ) from None
+    elif isinstance(value, (bytes, bytearray, memoryview)):
+        if not allow_bytes:
+            raise TypeError(f"{where}: a bytes value; decode it to str first, e.g. value.decode('utf-8')")
+    elif isinstance(value, Mapping):
+        for key, item in value.items():
+            _check_text(item, f"{where}[{key!r}]", allow_bytes=allow_bytes)
+    elif isinstance(value, (list, tuple)):
+        for position, item in enumerate(value):
+            _check_text(item, f"{where}[{position}]", allow_bytes=allow_bytes)
 
 
 def _field(row: Mapping, index: int, field: str):

@@ -1,8 +1,20 @@
 """Tokenize one :class:`~dpo_trainer.data.formats.Example`: a pure per-example function.
 
 The prompt is tokenized alone, as the model sees it at inference (with the tokenizer's special tokens,
-unless a chat template already rendered them); each response is tokenized without special tokens and
-ends with EOS, appended unless already there.
+unless a chat template already rendered them). Each response's ids are the ids that follow the prompt's
+in ``prompt + response`` tokenized as one text (TRL 1.16's ids), so a response tokenizes as it does
+after the prompt, not as a text of its own (no spurious leading-space token under SentencePiece). Where
+tokens merge across the boundary, so that the prompt's ids are no prefix of the joint ids, the response
+is tokenized on its own: the prompt stays exactly as inference sees it (TRL instead cuts the prompt back
+to the common prefix).
+
+How a response ends:
+
+- plain text (standard and Anthropic-HH rows): EOS is appended, unless the response already ends with it;
+- chat-template text: as the template ends the assistant turn (``<|im_end|>\n``, ``<|eot_id|>``,
+  ``<end_of_turn>\n``, ``</s>``), nothing appended, as at inference and in TRL. Only a template that
+  ends the turn with no special token at all gets EOS appended, so that the model still learns to stop
+  (TRL leaves such responses without an end).
 
 Truncation, in this order (the paper's reference implementation, with one deliberate difference):
 
@@ -21,7 +33,11 @@ the trainer counts and drops such rows. ``max_prompt_length`` applies only toget
 
 from __future__ import annotations
 
+from transformers.utils import logging
+
 from .formats import Example
+
+logger = logging.get_logger(__name__)
 
 TRUNCATION_MODES = ("keep_end", "keep_start")
 
@@ -48,7 +64,16 @@ def tokenize_example(
     eos_id = tokenizer.eos_token_id
     if eos_id is None:
         raise ValueError("the tokenizer has no eos_token_id; responses must end with EOS")
-    prompt_ids = list(tokenizer(example.prompt, add_special_tokens=not example.templated)["input_ids"])
+    add_special_tokens = not example.templated
+    prompt_ids = _encode(tokenizer, example.prompt, add_special_tokens)
+    turn_ends = _special_token_texts(tokenizer) if example.templated else ()
+    response_ids = []
+    for response in example.responses:
+        ids = _response_ids(tokenizer, example.prompt, prompt_ids, response, add_special_tokens)
+        template_ends_turn = example.templated and response.rstrip().endswith(turn_ends)
+        if not template_ends_turn and (not ids or ids[-1] != eos_id):
+            ids.append(eos_id)
+        response_ids.append(ids)
     if not prompt_ids:
         if tokenizer.bos_token_id is None:
             raise ValueError(
@@ -56,10 +81,6 @@ def tokenize_example(
                 "would have no context (and the tokenizer has no BOS token to stand in)"
             )
         prompt_ids = [tokenizer.bos_token_id]
-    response_ids = []
-    for response in example.responses:
-        ids = list(tokenizer(response, add_special_tokens=False)["input_ids"])
-        response_ids.append(ids if ids and ids[-1] == eos_id else ids + [eos_id])
     prompt_ids, response_ids = truncate_ids(
         prompt_ids,
         response_ids,
@@ -68,6 +89,33 @@ def tokenize_example(
         truncation_mode=truncation_mode,
     )
     return {"prompt_ids": prompt_ids, "response_ids": response_ids}
+
+
+def _encode(tokenizer, text: str, add_special_tokens: bool) -> list[int]:
+    return list(tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"])
+
+
+def _response_ids(
+    tokenizer, prompt: str, prompt_ids: list[int], response: str, add_special_tokens: bool
+) -> list[int]:
+    """The ids ``response`` adds after the prompt's in ``prompt + response`` tokenized as one text."""
+    if prompt_ids:
+        joint = _encode(tokenizer, prompt + response, add_special_tokens)
+        if joint[: len(prompt_ids)] == prompt_ids:
+            return joint[len(prompt_ids) :]
+        logger.warning_once(
+            "A prompt and its response tokenize differently together than apart (tokens merge across the "
+            "boundary); such responses are tokenized on their own, so that the prompt keeps the ids the "
+            "model sees at inference. End prompts on a token boundary (e.g. a newline) to avoid it."
+        )
+    return _encode(tokenizer, response, False)
+
+
+def _special_token_texts(tokenizer) -> tuple[str, ...]:
+    """Every special token's text: the named ones and the added tokens marked special."""
+    texts = set(tokenizer.all_special_tokens)
+    texts.update(token.content for token in tokenizer.added_tokens_decoder.values() if token.special)
+    return tuple(sorted(text for text in texts if text))
 
 
 def truncate_ids(
