@@ -5,8 +5,9 @@ import random
 import pytest
 import torch
 
+from dpo_trainer.attention import attention_allowed, flex_mask_mod
 from dpo_trainer.data import PaddedCollator
-from dpo_trainer.data.layouts import GroupedCollator, _first_fit_decreasing, attention_allowed
+from dpo_trainer.data.layouts import GroupedCollator, _first_fit_decreasing
 from dpo_trainer.logprobs import sequence_logps
 from dpo_trainer.losses import plackett_luce_loss, preference_loss
 from dpo_trainer.tiny import tiny_causal_lm
@@ -135,8 +136,6 @@ def test_flex_attention_block_mask_equals_the_dense_mask(layout):
     """The GPU path's BlockMask (run here with FlexAttention's uncompiled reference kernel) attends exactly
     like SDPA with the CPU path's boolean mask, on a ranked batch with uneven rows."""
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
-
-    from dpo_trainer.data.layouts import flex_mask_mod
 
     batch = collate(layout, features(seed=9, b=6, k=3))
     doc, branch = batch["doc_ids"], batch["branch_ids"]

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from .data.layouts import attention_allowed, flex_mask_mod
+from .attention import grouped_attention_mask
 
 # About 64M float32 logits (256 MiB) per chunk when the chunk size is chosen automatically.
 AUTO_CHUNK_LOGITS = 1 << 26
@@ -194,36 +194,6 @@ def _head_transform(config) -> tuple[float | None, float]:
     softcap = getattr(config, "final_logit_softcapping", None)
     scale = getattr(config, "logit_scale", None)
     return softcap, float(scale) if isinstance(scale, int | float) else 1.0
-
-
-def grouped_attention_mask(batch: Mapping[str, torch.Tensor], model: nn.Module):
-    """The attention mask of a `packed` / `shared_prompt` batch, for `model`'s attention implementation.
-
-    FlexAttention gets a `BlockMask` (blocks no query can see are skipped); eager attention an additive
-    float mask; SDPA and others a boolean (rows, 1, T, T) mask. Built once per batch and implementation.
-    """
-    implementation = getattr(model.config, "_attn_implementation", None) or "sdpa"
-    key = f"_attention_mask_{implementation}"
-    if key in batch:
-        return batch[key]
-    doc_ids, branch_ids = batch["doc_ids"], batch["branch_ids"]
-    if implementation == "flex_attention":
-        from torch.nn.attention.flex_attention import create_block_mask
-
-        rows, width = doc_ids.shape
-        mask_mod = flex_mask_mod(doc_ids, branch_ids)
-        mask = create_block_mask(mask_mod, rows, None, width, width, device=doc_ids.device)
-    else:
-        allowed = attention_allowed(doc_ids, branch_ids)[:, None]
-        if implementation == "eager":
-            dtype = model.dtype
-            mask = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device)
-            mask = mask.masked_fill(~allowed, torch.finfo(dtype).min)
-        else:
-            mask = allowed
-    if isinstance(batch, dict):
-        batch[key] = mask
-    return mask
 
 
 def sequence_logps(model: nn.Module, batch: Mapping[str, torch.Tensor], *, chunk_size: int | None = None):

@@ -13,7 +13,6 @@ Hooks meant for subclassing (e.g. in a notebook):
 from __future__ import annotations
 
 import contextlib
-import inspect
 import logging
 import os
 from collections import defaultdict
@@ -27,6 +26,7 @@ from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, set_seed
 
 from . import __version__
+from .attention import choose_attention, grouped_layout_unsupported, resolve_layout  # noqa: F401
 from .checkpoints import last_complete_checkpoint
 from .config import DPOConfig
 from .data import PaddedCollator, detect_format, to_example, tokenize_example
@@ -63,17 +63,6 @@ METRIC_NAMES = (
     "logps/chosen",
     "logps/rejected",
 )
-
-
-def grouped_layout_unsupported(model: nn.Module) -> str | None:
-    """Why `model` cannot run the packed / shared-prompt layouts, or None if it can."""
-    inner = unwrap(model)
-    implementation = getattr(inner.config, "_attn_implementation", None)
-    if implementation not in (None, "sdpa", "eager", "flex_attention"):
-        return f"its {implementation!r} attention takes no explicit attention mask"
-    if "position_ids" not in inspect.signature(inner.forward).parameters:
-        return f"{type(inner).__name__}.forward takes no position_ids"
-    return None
 
 
 def _quantized_compute_dtype(model: nn.Module) -> torch.dtype | None:
@@ -337,50 +326,12 @@ class DPOTrainer(Trainer):
     @staticmethod
     def _resolve_layout(args: DPOConfig, model: nn.Module, ref_model: nn.Module | None) -> str:
         """The layout to use: the requested one if the models' attention can take its mask, else padded."""
-        if args.layout == "padded":
-            return "padded"
-        for candidate in (model, ref_model):
-            reason = None if candidate is None else grouped_layout_unsupported(candidate)
-            if reason:
-                logger.warning("Layout %r is not available (%s); using 'padded'.", args.layout, reason)
-                return "padded"
-        return "shared_prompt" if args.layout == "auto" else args.layout
+        return resolve_layout(args.layout, [model, ref_model])
 
     @staticmethod
     def _choose_attention(args: DPOConfig, models, device_type: str) -> None:
-        """Switch SDPA models to FlexAttention for the grouped layouts where `args.flex_attention` asks."""
-        wanted = args.flex_attention if args.flex_attention is not None else device_type == "cuda"
-        if not wanted:
-            return
-        for candidate in models:
-            inner = None if candidate is None else unwrap(candidate)
-            current = getattr(getattr(inner, "config", None), "_attn_implementation", None)
-            if inner is None or current == "flex_attention":
-                continue
-            if current != "sdpa" and args.flex_attention is None:
-                continue  # auto only replaces SDPA; eager (or a kernel) was the user's explicit choice
-            try:
-                inner.set_attn_implementation("flex_attention")
-            except (ValueError, ImportError, AttributeError) as error:
-                if args.flex_attention:
-                    raise ValueError(
-                        f"DPOConfig.flex_attention=True, but {type(inner).__name__} cannot use FlexAttention: "
-                        f"{error}"
-                    ) from error
-                logger.warning(
-                    "Keeping %s attention (FlexAttention is not available for %s: %s).",
-                    current,
-                    type(inner).__name__,
-                    error,
-                )
-                continue
-            if getattr(inner.config, "_attn_implementation", None) == "flex_attention":
-                logger.info("Layout %r: %s now uses FlexAttention.", args.layout, type(inner).__name__)
-            elif args.flex_attention:
-                raise ValueError(
-                    f"DPOConfig.flex_attention=True, but {type(inner).__name__} does not support switching its "
-                    "attention implementation."
-                )
+        """Switch models to FlexAttention for the grouped layouts where `args.flex_attention` asks."""
+        choose_attention(models, args.flex_attention, device_type, args.layout)
 
     def train(self, resume_from_checkpoint: str | bool | None = None, trial=None, ignore_keys_for_eval=None):
         # `resume_from_checkpoint=True` takes the newest *complete* checkpoint, where Trainer would take the

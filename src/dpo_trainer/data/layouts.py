@@ -2,14 +2,15 @@
 
 Both place whole *groups* of tokens end to end in rows (first-fit decreasing, rows no longer than the
 longest group, so no row is longer than in the `padded` layout) and describe attention with two
-per-token tensors instead of a mask, so the trainer can build whichever mask the model's attention takes
-(a 4D tensor for SDPA/eager on CPU, a FlexAttention `BlockMask` on GPU):
+per-token tensors instead of a mask; `dpo_trainer.attention` builds the mask in the form each model's
+attention takes (a 4D tensor for SDPA/eager, a FlexAttention `BlockMask`; one per sliding window):
 
 * ``doc_ids`` (rows, T): which group of the row the token belongs to (-1: padding at the row's end);
 * ``branch_ids`` (rows, T): -1 for tokens every branch of the group sees (the prompt), k for a token
   of response k, which only tokens of the same branch see.
 
-Token i may attend token j  iff  doc[i] == doc[j] and j <= i and branch[j] in (-1, branch[i]).
+Token i may attend token j  iff  doc[i] == doc[j] and j <= i and branch[j] in (-1, branch[i])
+(and, on a sliding-window layer, pos[i] - pos[j] < window).
 
 * ``packed``: one group per sequence ``prompt + response_k`` (no branches); position ids restart at 0.
 * ``shared_prompt``: one group per example ``[prompt | response_0 | ... | response_{K-1}]``; each
@@ -146,24 +147,3 @@ class GroupedCollator:
         if "ref_logps" in features[0]:
             batch["ref_logps"] = torch.tensor([list(f["ref_logps"]) for f in features], dtype=torch.float32)
         return batch
-
-
-def flex_mask_mod(doc_ids: torch.Tensor, branch_ids: torch.Tensor):
-    """The same rule as a FlexAttention `mask_mod(b, h, q, kv) -> bool` over (rows, T) id tensors."""
-
-    def mask_mod(b, h, q, kv):
-        key_branch = branch_ids[b, kv]
-        visible = (key_branch == SHARED_BRANCH) | (key_branch == branch_ids[b, q])
-        return (kv <= q) & (doc_ids[b, q] == doc_ids[b, kv]) & visible
-
-    return mask_mod
-
-
-def attention_allowed(doc_ids: torch.Tensor, branch_ids: torch.Tensor) -> torch.Tensor:
-    """(rows, T, T) bool: query i may attend key j (the rule of the module docstring)."""
-    t = doc_ids.shape[1]
-    causal = torch.ones(t, t, dtype=torch.bool, device=doc_ids.device).tril()
-    same_doc = doc_ids[:, :, None] == doc_ids[:, None, :]
-    key_branch = branch_ids[:, None, :]
-    visible = (key_branch == SHARED_BRANCH) | (key_branch == branch_ids[:, :, None])
-    return causal & same_doc & visible

@@ -1,0 +1,284 @@
+"""What a model's attention can take, and the mask of the `packed` / `shared_prompt` layouts in that form.
+
+The grouped layouts (`data/layouts.py`) describe attention with per-token ids instead of a mask:
+``doc_ids`` (which group of the row), ``branch_ids`` (-1: the shared prompt, k: response k) and
+``position_ids`` (the token's position in its own sequence). Query i may attend key j iff
+
+    doc[i] == doc[j]  and  j <= i  and  branch[j] in (-1, branch[i])
+    and, on a sliding-window layer of window w,  pos[i] - pos[j] < w
+
+The window rule is transformers' own (`masking_utils.sliding_window_overlay`: ``kv > q - w``), applied to
+positions rather than flat indices, as transformers does for packed rows: under `shared_prompt` a
+response's positions continue its prompt's, so its window reaches back into the prompt exactly as it would
+in its own padded row.
+
+A model gets one mask per kind of layer (`config.layer_types`: Gemma-2/3, Qwen2/3 with
+`max_window_layers`, GPT-OSS, Cohere2 ...; or all layers sliding when only `config.sliding_window` is set:
+Mistral, Qwen3-MoE), as a dict ``{layer_type: mask}`` when the kinds differ, which transformers' decoders
+use as given. The mask's form follows the attention implementation: a boolean (rows, 1, T, T) tensor for
+SDPA, an additive float one for eager, a FlexAttention `BlockMask` for `flex_attention`.
+
+Models whose layers mix tokens without an attention mask (state-space, convolution or linear-attention
+layers: Mamba, LFM2, NemotronH), bidirectional or chunked attention, and attention implementations that
+take no explicit mask cannot be served exactly: `grouped_layout_unsupported` names the reason and the
+trainer falls back to the `padded` layout.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import logging
+import re
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .data.layouts import SHARED_BRANCH
+
+logger = logging.getLogger(__name__)
+
+# Implementations whose mask we build here; any other (flash attention, paged, kernels) takes no 4D mask.
+MASKED_IMPLEMENTATIONS = (None, "sdpa", "eager", "flex_attention")
+# Layer kinds in `config.layer_types` served here: attention ones, and token-wise ones that mix nothing.
+ATTENTION_LAYER_TYPES = ("full_attention", "sliding_attention")
+TOKENWISE_LAYER_TYPES = ("mlp", "moe")
+# Modules that mix tokens along the sequence without an attention mask (causal convolutions, SSM scans).
+_SEQUENCE_MIXER = re.compile(
+    r"Mamba|SSM|Ssm(?![a-z])|ShortConv|DeltaNet|Rwkv|RWKV|Recurrent|LinearAttention|LSTM|Hyena"
+)
+_TAKES_MASK_MAPPING = re.compile(r"isinstance\([^()]*attention_mask[^()]*,\s*dict\)")
+
+
+class LayoutUnsupported(ValueError):
+    """The model's attention cannot take the mask of a grouped layout; the message says why."""
+
+
+@dataclass(frozen=True)
+class MaskPlan:
+    """How to hand a grouped layout's mask to one model.
+
+    implementation: "sdpa", "eager" or "flex_attention".
+    windows: (layer type, sliding window or None for full attention), one entry per distinct layer type.
+    keyed: whether the model gets a dict ``{layer_type: mask}`` (its layers differ in window) or one mask.
+    """
+
+    implementation: str
+    windows: tuple[tuple[str, int | None], ...]
+    keyed: bool
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    from .logprobs import unwrap  # logprobs imports this module
+
+    return unwrap(model)
+
+
+@functools.cache
+def _forward_takes_mask_mapping(decoder_class: type) -> bool:
+    """Whether `decoder_class.forward` uses a dict `attention_mask` as given (transformers >= 4.53 decoders)."""
+    try:
+        source = inspect.getsource(decoder_class.forward)
+    except (OSError, TypeError):
+        return False
+    return bool(_TAKES_MASK_MAPPING.search(source))
+
+
+def _layer_windows(model: nn.Module) -> list[tuple[str, int | None]]:
+    """(layer type, window) of every layer, following transformers' `create_masks_for_generate` rule."""
+    config = model.config.get_text_config()
+    window = getattr(config, "sliding_window", None)
+    name = type(model).__name__
+    if not getattr(config, "is_causal", True) or getattr(config, "use_bidirectional_attention", False):
+        raise LayoutUnsupported(f"{name} attends bidirectionally")
+    if getattr(config, "attention_chunk_size", None) is not None:
+        raise LayoutUnsupported(f"{name} uses chunked attention (attention_chunk_size)")
+    layer_types = getattr(config, "layer_types", None)
+    if layer_types is None:
+        kind = "full_attention" if window is None else "sliding_attention"
+        layer_types = [kind] * int(getattr(config, "num_hidden_layers", 1) or 1)
+    unknown = sorted(set(layer_types) - set(ATTENTION_LAYER_TYPES) - set(TOKENWISE_LAYER_TYPES))
+    if unknown:
+        raise LayoutUnsupported(
+            f"{name} has {', '.join(map(repr, unknown))} layers, which mix tokens without an attention mask"
+        )
+    if "sliding_attention" in layer_types and not (isinstance(window, int) and window > 0):
+        raise LayoutUnsupported(f"{name} has sliding-window layers but sliding_window={window!r}")
+    return [
+        (t, window if t == "sliding_attention" else None) for t in layer_types if t in ATTENTION_LAYER_TYPES
+    ]
+
+
+def mask_plan(model: nn.Module) -> MaskPlan:
+    """How `model` (possibly wrapped) takes a grouped layout's mask; raises `LayoutUnsupported` with the reason."""
+    inner = _unwrap(model)
+    name = type(inner).__name__
+    implementation = getattr(inner.config, "_attn_implementation", None)
+    if implementation not in MASKED_IMPLEMENTATIONS:
+        raise LayoutUnsupported(f"its {implementation!r} attention takes no explicit attention mask")
+    if "position_ids" not in inspect.signature(inner.forward).parameters:
+        raise LayoutUnsupported(f"{name}.forward takes no position_ids")
+    get_decoder = getattr(inner, "get_decoder", None)
+    decoder = get_decoder() if callable(get_decoder) else inner
+    windows = dict(_layer_windows(inner))
+    for module in decoder.modules():  # a hybrid model without `layer_types` (Mamba, Jamba-style ...)
+        if isinstance(module, nn.Conv1d) or _SEQUENCE_MIXER.search(type(module).__name__):
+            raise LayoutUnsupported(
+                f"{name} has {type(module).__name__} layers, which mix tokens without an attention mask"
+            )
+    keyed = len(set(windows.values())) > 1
+    if keyed and not _forward_takes_mask_mapping(type(decoder)):
+        raise LayoutUnsupported(f"{type(decoder).__name__}.forward takes no per-layer-type attention masks")
+    return MaskPlan(implementation or "sdpa", tuple(windows.items()), keyed)
+
+
+def grouped_layout_unsupported(model: nn.Module) -> str | None:
+    """Why `model` cannot run the packed / shared-prompt layouts exactly, or None if it can."""
+    try:
+        mask_plan(model)
+    except LayoutUnsupported as error:
+        return str(error)
+    return None
+
+
+def attention_allowed(
+    doc_ids: torch.Tensor,
+    branch_ids: torch.Tensor,
+    position_ids: torch.Tensor | None = None,
+    window: int | None = None,
+) -> torch.Tensor:
+    """(rows, T, T) bool: query i may attend key j (the rule of the module docstring).
+
+    Args:
+        doc_ids, branch_ids, position_ids: (rows, T) long, from `GroupedCollator`.
+        window: the sliding window (needs `position_ids`), or None for full causal attention.
+    """
+    t = doc_ids.shape[1]
+    causal = torch.ones(t, t, dtype=torch.bool, device=doc_ids.device).tril()
+    same_doc = doc_ids[:, :, None] == doc_ids[:, None, :]
+    key_branch = branch_ids[:, None, :]
+    visible = (key_branch == SHARED_BRANCH) | (key_branch == branch_ids[:, :, None])
+    allowed = causal & same_doc & visible
+    if window is not None:
+        allowed &= (position_ids[:, :, None] - position_ids[:, None, :]) < window
+    return allowed
+
+
+def flex_mask_mod(
+    doc_ids: torch.Tensor,
+    branch_ids: torch.Tensor,
+    position_ids: torch.Tensor | None = None,
+    window: int | None = None,
+):
+    """`attention_allowed` as a FlexAttention `mask_mod(b, h, q, kv) -> bool` over (rows, T) id tensors."""
+
+    def mask_mod(b, h, q, kv):
+        key_branch = branch_ids[b, kv]
+        visible = (key_branch == SHARED_BRANCH) | (key_branch == branch_ids[b, q])
+        return (kv <= q) & (doc_ids[b, q] == doc_ids[b, kv]) & visible
+
+    if window is None:
+        return mask_mod
+
+    def windowed_mask_mod(b, h, q, kv):
+        return mask_mod(b, h, q, kv) & (position_ids[b, q] - position_ids[b, kv] < window)
+
+    return windowed_mask_mod
+
+
+def _mask(batch: Mapping[str, torch.Tensor], implementation: str, window: int | None, dtype: torch.dtype):
+    doc_ids, branch_ids, position_ids = batch["doc_ids"], batch["branch_ids"], batch["position_ids"]
+    if implementation == "flex_attention":
+        from torch.nn.attention.flex_attention import create_block_mask
+
+        rows, width = doc_ids.shape
+        mask_mod = flex_mask_mod(doc_ids, branch_ids, position_ids, window)
+        return create_block_mask(mask_mod, rows, None, width, width, device=doc_ids.device)
+    allowed = attention_allowed(doc_ids, branch_ids, position_ids, window)[:, None]
+    if implementation == "eager":
+        additive = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device)
+        return additive.masked_fill(~allowed, torch.finfo(dtype).min)
+    return allowed
+
+
+def grouped_attention_mask(batch: Mapping[str, torch.Tensor], model: nn.Module):
+    """The attention mask of a `packed` / `shared_prompt` batch in the form `model` takes.
+
+    One mask (tensor or `BlockMask`) when every layer attends alike, else a dict ``{layer_type: mask}``.
+    Built once per batch and plan (cached in `batch` when it is a dict). Raises `LayoutUnsupported` for a
+    model that cannot take it (the trainer checks this first and uses the `padded` layout instead).
+    """
+    inner = _unwrap(model)
+    plan = mask_plan(inner)
+    key = f"_attention_mask_{plan.implementation}_{plan.windows}"
+    if key in batch:
+        return batch[key]
+    by_window = {}
+    for _, window in plan.windows:
+        if window not in by_window:
+            by_window[window] = _mask(batch, plan.implementation, window, inner.dtype)
+    if plan.keyed:
+        mask = {layer_type: by_window[window] for layer_type, window in plan.windows}
+    else:
+        mask = next(iter(by_window.values()))
+    if isinstance(batch, dict):
+        batch[key] = mask
+    return mask
+
+
+def resolve_layout(requested: str, models: Iterable[nn.Module | None]) -> str:
+    """The layout to use: the requested one if every model's attention can take its mask, else `padded`.
+
+    `auto` means `shared_prompt` where possible. A refusal is logged once, with the reason.
+    """
+    if requested == "padded":
+        return "padded"
+    for model in models:
+        reason = None if model is None else grouped_layout_unsupported(model)
+        if reason:
+            logger.warning("Layout %r is not available (%s); using 'padded'.", requested, reason)
+            return "padded"
+    return "shared_prompt" if requested == "auto" else requested
+
+
+def choose_attention(
+    models: Iterable[nn.Module | None], flex: bool | None, device_type: str, layout: str
+) -> None:
+    """Switch models to FlexAttention for a grouped layout where `flex` (`DPOConfig.flex_attention`) asks.
+
+    None (auto) switches SDPA models on CUDA only, where FlexAttention is compiled and its `BlockMask` skips
+    the blocks no query sees; True switches any model and raises `ValueError` if one cannot switch.
+    """
+    wanted = flex if flex is not None else device_type == "cuda"
+    if not wanted:
+        return
+    for candidate in models:
+        inner = None if candidate is None else _unwrap(candidate)
+        current = getattr(getattr(inner, "config", None), "_attn_implementation", None)
+        if inner is None or current == "flex_attention":
+            continue
+        if current != "sdpa" and flex is None:
+            continue  # auto only replaces SDPA; eager (or a kernel) was the user's explicit choice
+        try:
+            inner.set_attn_implementation("flex_attention")
+        except (ValueError, ImportError, AttributeError) as error:
+            if flex:
+                raise ValueError(
+                    f"DPOConfig.flex_attention=True, but {type(inner).__name__} cannot use FlexAttention: {error}"
+                ) from error
+            logger.warning(
+                "Keeping %s attention (FlexAttention is not available for %s: %s).",
+                current,
+                type(inner).__name__,
+                error,
+            )
+            continue
+        if getattr(inner.config, "_attn_implementation", None) == "flex_attention":
+            logger.info("Layout %r: %s now uses FlexAttention.", layout, type(inner).__name__)
+        elif flex:
+            raise ValueError(
+                f"DPOConfig.flex_attention=True, but {type(inner).__name__} does not support switching its "
+                "attention implementation."
+            )
