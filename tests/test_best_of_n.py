@@ -137,3 +137,72 @@ def test_sampled_preference_pairs_train_dpo(make_model, tokenizer, tmp_path):
     )
     assert len(trainer.train_dataset) == len(rows)
     trainer.train()
+
+
+# ------------------------------------------------------------- Best-of-N for every N from one draw (Fig. 4)
+
+
+def test_best_of_n_prefixes_reuse_one_draw(make_model, tokenizer):
+    from dpo_trainer.evaluation.best_of_n import best_of_n_prefixes, sample_and_score
+
+    model = make_model()
+    kwargs = dict(temperature=1.0, max_new_tokens=12, seed=4, batch_size=6, disable_progress=True)
+    prompts = PROMPTS * 2
+    samples, scores = sample_and_score(model, tokenizer, prompts, LengthScorer(), n=8, **kwargs)
+    picked = best_of_n_prefixes(samples, scores, [8, 1, 2, 4])
+    assert sorted(picked) == [1, 2, 4, 8]
+    # N=1 is plain sampling: the first sample of each prompt, and with a draw of one, sample_responses itself
+    assert picked[1][0] == [rows[0] for rows in samples] and picked[1][2] == [0] * len(prompts)
+    single, _ = sample_and_score(model, tokenizer, prompts, LengthScorer(), n=1, **kwargs)
+    assert best_of_n_prefixes(single, [[0.0]] * len(prompts), [1])[1][0] == [
+        rows[0] for rows in sample_responses(model, tokenizer, prompts, **kwargs)
+    ]
+    for n, (responses, best_scores, indices) in picked.items():
+        for row in range(len(prompts)):
+            assert indices[row] < n  # only the first n samples are looked at
+            assert best_scores[row] == max(scores[row][:n]) == len(responses[row])
+            assert responses[row] == samples[row][indices[row]]
+    for small, large in [(1, 2), (2, 4), (4, 8)]:  # never lower on the same samples
+        assert all(a <= b for a, b in zip(picked[small][1], picked[large][1]))
+    assert sum(picked[8][1]) > sum(picked[1][1])  # and higher somewhere, so the test has teeth
+    with pytest.raises(ValueError, match="Best-of-16 needs 16"):
+        best_of_n_prefixes(samples, scores, [16])
+    with pytest.raises(ValueError, match="n must be >= 1"):
+        best_of_n_prefixes(samples, scores, [0, 2])
+
+
+def test_all_preference_pairs_are_every_pair_with_ties_dropped():
+    from dpo_trainer.evaluation.best_of_n import all_preference_pairs
+
+    samples = [[" a", " b", " c", " d"], [" x", " x", " y"]]
+    scores = [[0.5, -1.0, 0.5, 2.0], [1.0, 3.0, 1.0]]
+    rows = all_preference_pairs(["p", "q"], samples, scores)
+    got = [(r["prompt"], r["chosen"], r["rejected"], r["chosen_score"], r["rejected_score"]) for r in rows]
+    # p: 6 pairs less the tie (a, c); q: (x, x) is the same text, (x, y) ties, (x@3, y) stays
+    assert got == [
+        ("p", " a", " b", 0.5, -1.0),
+        ("p", " d", " a", 2.0, 0.5),
+        ("p", " c", " b", 0.5, -1.0),
+        ("p", " d", " b", 2.0, -1.0),
+        ("p", " d", " c", 2.0, 0.5),
+        ("q", " x", " y", 3.0, 1.0),
+    ]
+    # an independent count: N distinct, untied scores give N(N-1)/2 pairs, the chosen always higher
+    rng = __import__("random").Random(0)
+    many = [[f" s{i}" for i in range(5)]]
+    values = [[rng.random() for _ in range(5)]]
+    pairs = all_preference_pairs(["p"], many, values)
+    assert len(pairs) == 10 and all(r["chosen_score"] > r["rejected_score"] for r in pairs)
+    with pytest.raises(ValueError, match="2 samples but 3 scores"):
+        all_preference_pairs(["p"], [[" a", " b"]], [[1.0, 2.0, 3.0]])
+
+
+def test_plot_win_rate_vs_n(tmp_path):
+    from dpo_trainer.evaluation.plots import plot_win_rate_vs_n
+    from dpo_trainer.evaluation.winrate import win_rate
+
+    results = {"T=1.0": {1: win_rate([1.0, 0.0]), 4: win_rate([1.0, 1.0, 0.5]), 16: win_rate([1.0])}}
+    path = plot_win_rate_vs_n(results, tmp_path / "plots" / "bon.png")
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    with pytest.raises(ValueError, match="at least one series"):
+        plot_win_rate_vs_n({"T=1.0": {}}, tmp_path / "x.png")

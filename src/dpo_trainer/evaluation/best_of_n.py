@@ -4,9 +4,13 @@ the same way.
 `best_of_n`: sample N responses per prompt from a model (the SFT model in the paper) and keep the one a
 scorer (the paper's reward model, or any scoring judge) rates highest.
 
+`best_of_n_prefixes`: Best-of-N for every N up to the number drawn, from one draw (App. D.1, Fig. 4):
+Best-of-n takes the first n samples of each prompt, so no N is sampled again.
+
 `sampled_preference_pairs`: the highest- and lowest-scoring of N samples as a (chosen, rejected) row,
-i.e. preferences over the model's own responses, labelled by the scorer, as in the paper's controlled
-sentiment experiment (Sec. 6.1: pairs of SFT samples labelled by a sentiment classifier).
+i.e. preferences over the model's own responses, labelled by the scorer. `all_preference_pairs`: every
+pair of the N samples whose scores differ, as in the paper's controlled sentiment experiment (App. C.1:
+4 samples per prefix, all 6 pairs, labelled by a sentiment classifier).
 """
 
 from __future__ import annotations
@@ -170,3 +174,63 @@ def sampled_preference_pairs(
         disable_progress=disable_progress,
     )
     return preference_pairs(prompts, samples, scores)
+
+
+def best_of_n_prefixes(
+    samples: Sequence[Sequence[str]], scores: Sequence[Sequence[float]], ns: Sequence[int]
+) -> dict[int, tuple[list[str], list[float], list[int]]]:
+    """Best-of-n for each n in ``ns`` from the same samples: n uses the first n samples of each prompt.
+
+    ``samples[i]`` and ``scores[i]`` are prompt i's samples in sampling order (`sample_and_score` with
+    ``n = max(ns)``). Returns ``{n: (responses, scores, indices)}``: prompt i's highest-scoring of its
+    first n samples (the first among equals), its score and its index. Best-of-1 is the first sample,
+    i.e. plain sampling; a larger n never scores lower on the same samples.
+    """
+    ns = sorted(set(int(n) for n in ns))
+    if not ns or ns[0] < 1:
+        raise ValueError(f"every n must be >= 1, got {list(ns)}")
+    result = {}
+    for n in ns:
+        picked = []
+        for row, (responses, row_scores) in enumerate(zip(samples, scores, strict=True)):
+            if len(row_scores) < n or len(responses) != len(row_scores):
+                raise ValueError(
+                    f"prompt {row} has {len(responses)} samples and {len(row_scores)} scores; Best-of-{n} needs {n}"
+                )
+            picked.append(max(range(n), key=row_scores.__getitem__))
+        result[n] = (
+            [samples[row][i] for row, i in enumerate(picked)],
+            [float(scores[row][i]) for row, i in enumerate(picked)],
+            picked,
+        )
+    return result
+
+
+def all_preference_pairs(
+    prompts: Sequence[str], samples: Sequence[Sequence[str]], scores: Sequence[Sequence[float]]
+) -> list[dict]:
+    """Every pair of each prompt's samples as `{"prompt", "chosen", "rejected", "chosen_score",
+    "rejected_score"}` rows, the higher-scoring sample chosen (paper App. C.1: N samples, N(N-1)/2 pairs).
+
+    A pair is dropped when its scores are equal (a tie says nothing) or its texts are; responses are kept
+    exactly as sampled. Pairs come in prompt order, then (i, j) with i < j in sampling order.
+    """
+    rows = []
+    for prompt, responses, row_scores in zip(prompts, samples, scores, strict=True):
+        if len(responses) != len(row_scores):
+            raise ValueError(f"prompt {prompt!r}: {len(responses)} samples but {len(row_scores)} scores")
+        for i in range(len(responses)):
+            for j in range(i + 1, len(responses)):
+                if row_scores[i] == row_scores[j] or responses[i] == responses[j]:
+                    continue
+                win, lose = (i, j) if row_scores[i] > row_scores[j] else (j, i)
+                rows.append(
+                    {
+                        "prompt": prompt,
+                        "chosen": responses[win],
+                        "rejected": responses[lose],
+                        "chosen_score": float(row_scores[win]),
+                        "rejected_score": float(row_scores[lose]),
+                    }
+                )
+    return rows

@@ -147,3 +147,86 @@ def _save(figure, path: str | os.PathLike) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path, format="png", dpi=150)  # a bare Figure renders PNG with Agg
     return path
+
+
+def plot_frontier(
+    points: Mapping[str, Sequence[Mapping]],
+    path: str | os.PathLike,
+    *,
+    title: str = "Reward against KL from the reference",
+    reward_label: str = "Mean reward",
+) -> Path:
+    """The reward/KL frontier of the paper's Fig. 2 (left): mean reward against KL(π‖π_ref); save a PNG.
+
+    ``points[method]`` is a list of ``{"kl", "reward"}`` dicts, optionally with ``"kl_stderr"``,
+    ``"reward_stderr"`` (error bars) and ``"label"`` (written beside the point, e.g. "β=0.1"). One colour
+    per method, in the order given; a method's points are joined in order of KL. Creates the parent
+    folder and returns ``path`` as a `Path`.
+    """
+    if not points:
+        raise ValueError("plot_frontier needs at least one method in points, got none")
+    for method, method_points in points.items():
+        if not method_points:
+            raise ValueError(f"method {method!r} has no points")
+        for index, point in enumerate(method_points):
+            for key in ("kl", "reward"):
+                if key not in point:
+                    raise ValueError(f"point {index} of method {method!r} has no {key!r}")
+    figure = _figure(figsize=(6.8, 4.6))
+    axes = figure.add_subplot()
+    for method, method_points in points.items():
+        ordered = sorted(method_points, key=lambda point: point["kl"])
+        kls = [point["kl"] for point in ordered]
+        rewards = [point["reward"] for point in ordered]
+        xerr = [point.get("kl_stderr", 0.0) for point in ordered]
+        yerr = [point.get("reward_stderr", 0.0) for point in ordered]
+        line = axes.errorbar(
+            kls, rewards, xerr=xerr, yerr=yerr, marker="o", markersize=5, capsize=2, linewidth=1, label=method
+        )
+        for point in ordered:
+            if point.get("label"):
+                axes.annotate(
+                    point["label"], (point["kl"], point["reward"]), textcoords="offset points",
+                    xytext=(4, 4), fontsize="x-small", color=line[0].get_color(),
+                )  # fmt: skip
+    axes.set_xlabel("KL(π ‖ π_ref) (nats per sequence)")
+    axes.set_ylabel(reward_label)
+    axes.set_title(title)
+    axes.grid(alpha=0.3)
+    axes.legend(fontsize="small")
+    return _save(figure, path)
+
+
+def plot_win_rate_vs_n(
+    results: Mapping[str, Mapping[int, WinRateLike]],
+    path: str | os.PathLike,
+    *,
+    title: str = "Best-of-N: win rate against N",
+    baseline_label: str = "the chosen responses",
+) -> Path:
+    """Win rate against N for Best-of-N, as in the paper's Fig. 4 (App. D.1); save a PNG.
+
+    ``results[series][n]`` is a `WinRate` (error bar from its interval); one line per series (e.g. a
+    sampling temperature), N on a log-2 axis, a dashed line at 0.5. Returns ``path`` as a `Path`.
+    """
+    if not results or not all(results.values()):
+        raise ValueError("plot_win_rate_vs_n needs at least one series with at least one N")
+    figure = _figure(figsize=(6.4, 4.4))
+    axes = figure.add_subplot()
+    for series, by_n in results.items():
+        ns = sorted(by_n)
+        rates = [by_n[n].rate for n in ns]
+        below = [max(0.0, by_n[n].rate - by_n[n].low) for n in ns]
+        above = [max(0.0, by_n[n].high - by_n[n].rate) for n in ns]
+        axes.errorbar(ns, rates, yerr=[below, above], marker="o", markersize=4, capsize=3, label=series)
+    axes.set_xscale("log", base=2)
+    all_ns = sorted({n for by_n in results.values() for n in by_n})
+    axes.set_xticks(all_ns, [str(n) for n in all_ns])
+    axes.axhline(0.5, color="0.4", linestyle="--", linewidth=1)
+    axes.set_xlabel("N (samples per prompt)")
+    axes.set_ylabel(f"Win rate vs {baseline_label}")
+    axes.set_ylim(0.0, 1.0)
+    axes.set_title(title)
+    axes.grid(alpha=0.3)
+    axes.legend(fontsize="small")
+    return _save(figure, path)

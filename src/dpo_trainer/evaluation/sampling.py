@@ -26,7 +26,8 @@ def sample_responses(
     seed: int = 0,
     add_special_tokens: bool = True,
     disable_progress: bool = False,
-) -> list[list[str]]:
+    return_token_ids: bool = False,
+) -> list[list[str]] | list[list[list[int]]]:
     """Generate ``num_samples`` continuations of each prompt; ``result[i]`` holds those of ``prompts[i]``.
 
     ``temperature == 0`` decodes greedily; otherwise tokens are sampled at ``temperature`` with nucleus
@@ -39,6 +40,10 @@ def sample_responses(
     model gets the padding on the left. A tokenizer without a pad token pads with its EOS. The same
     prompts, settings (``batch_size`` included) and ``seed`` give the same samples; the caller's torch
     RNG state, the model's train/eval mode and generation config, and the tokenizer are untouched.
+
+    ``return_token_ids=True`` returns each continuation as the generated token ids instead of text, up
+    to and including the first EOS (no EOS when ``max_new_tokens`` cut it short): the exact sequence
+    whose probability a KL estimate needs (`dpo_trainer.evaluation.kl`).
     """
     if temperature < 0:
         raise ValueError(f"temperature must be >= 0 (0 is greedy decoding), got {temperature}")
@@ -103,13 +108,15 @@ def sample_responses(
                 # decoder start token + continuation.
                 continuation = output[:, 1:] if encoder_decoder else output[:, input_ids.shape[1] :]
                 for offset, ids in enumerate(continuation.tolist()):
-                    completions[start + offset] = _cut_at_eos(ids, eos_ids)
+                    cut = _cut_at_eos(ids, eos_ids)
+                    completions[start + offset] = ids[: len(cut) + 1] if return_token_ids else cut
     finally:
         model.train(was_training)
 
     results: list[list[str]] = [[] for _ in prompts]
     for position, index in enumerate(rows):
-        results[index].append(tokenizer.decode(completions[position], skip_special_tokens=True))
+        ids = completions[position]
+        results[index].append(ids if return_token_ids else tokenizer.decode(ids, skip_special_tokens=True))
     return results
 
 
