@@ -201,3 +201,71 @@ def test_rejects_an_empty_prompt_and_a_bare_string(make_model, tokenizer):
         sample_responses(make_model(), tokenizer, ["Hi", ""], disable_progress=True)
     with pytest.raises(TypeError, match="list of strings"):
         sample_responses(make_model(), tokenizer, "Hi", disable_progress=True)
+
+
+def test_a_prompts_samples_do_not_depend_on_its_batch_or_the_other_prompts(make_model, tokenizer):
+    model = make_model()
+    kwargs = dict(temperature=1.0, top_p=0.95, max_new_tokens=10, num_samples=2, seed=3, disable_progress=True)
+    alone = [sample_responses(model, tokenizer, PROMPTS[: i + 1], batch_size=1, **kwargs)[i] for i in range(4)]
+    together = sample_responses(model, tokenizer, PROMPTS, batch_size=3, **kwargs)
+    assert together == alone
+    assert len({text for samples in together for text in samples}) == 8  # eight different draws
+
+
+def test_sampled_tokens_follow_the_warped_distribution(make_model, tokenizer):
+    """First tokens of many samples against softmax(logits / T) restricted to the top-p nucleus, with the
+    head rigged to give known logits: a=3, b=2, c=1, d=0, every other token -30."""
+    model = make_model()
+    a, b, c, d = 50, 60, 70, 80  # ordinary tokens (the special ones are 0-3)
+    logits = torch.full((len(tokenizer),), -30.0)
+    logits[[a, b, c, d]] = torch.tensor([3.0, 2.0, 1.0, 0.0])
+
+    def rig(module, inputs, output):
+        return logits.expand_as(output).clone()
+
+    handle = model.lm_head.register_forward_hook(rig)
+    n, temperature, top_p = 2000, 0.8, 0.9
+    try:
+        samples = sample_responses(
+            model, tokenizer, ["Hi"], temperature=temperature, top_p=top_p, num_samples=n,
+            max_new_tokens=1, batch_size=500, disable_progress=True, return_token_ids=True,
+        )[0]  # fmt: skip
+    finally:
+        handle.remove()
+    # softmax([3, 2, 1, 0] / 0.8) = .718, .206, .059, .017: the nucleus of 0.9 is {a, b} (.718 + .206 >= .9)
+    probs = torch.softmax(torch.tensor([3.0, 2.0, 1.0, 0.0], dtype=torch.float64) / temperature, 0)
+    assert probs[0] < top_p <= probs[0] + probs[1]
+    expected_a = (probs[0] / (probs[0] + probs[1])).item()
+    first = [ids[0] for ids in samples]
+    assert set(first) == {a, b}
+    share_a = first.count(a) / n
+    assert abs(share_a - expected_a) < 5 * (expected_a * (1 - expected_a) / n) ** 0.5
+
+
+@pytest.mark.slow
+def test_two_processes_sample_what_one_process_samples(tmp_path, make_model, tokenizer):
+    import json
+    import subprocess
+
+    from conftest import DIST_TIMEOUT_S, TESTS, TORCHRUN_TWO_PROCESSES, dist_env
+
+    model_dir = tmp_path / "model"
+    make_model().save_pretrained(model_dir)
+    tokenizer.save_pretrained(model_dir)
+    settings = dict(prompts=PROMPTS * 2, temperature=0.7, max_new_tokens=8, num_samples=2, batch_size=3, seed=5)
+    (tmp_path / "settings.json").write_text(json.dumps(settings))
+    command = [*TORCHRUN_TWO_PROCESSES, str(TESTS / "dist_scripts" / "sample.py"), str(model_dir), str(tmp_path),
+               str(tmp_path / "settings.json")]  # fmt: skip
+    result = subprocess.run(command, env=dist_env(), capture_output=True, text=True, timeout=DIST_TIMEOUT_S)
+    assert result.returncode == 0, result.stderr[-5000:]
+    ranks = [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in range(2)]
+    assert [r["num_processes"] for r in ranks] == [2, 2]
+    assert ranks[0]["samples"] == ranks[1]["samples"]  # every process gets the whole result
+
+    from transformers import AutoModelForCausalLM
+
+    torch.set_num_threads(1)  # as in the two processes: the same kernels, the same rounding
+    one = sample_responses(
+        AutoModelForCausalLM.from_pretrained(model_dir), tokenizer, disable_progress=True, **settings
+    )
+    assert ranks[0]["samples"] == one

@@ -3,14 +3,22 @@
 `sample_responses` is what the win-rate and Best-of-N evaluations draw their responses with (paper §6:
 responses sampled at temperatures 0 to 1). The model, the tokenizer and the caller's random number
 generators are left as they were found.
+
+Each sample has its own random stream, seeded by (seed, prompt position, sample number): a token is the
+argmax of the warped logits plus Gumbel noise drawn from that stream (the Gumbel-max trick, an exact
+draw from ``softmax(logits / temperature)`` within the nucleus). So what a prompt gets does not depend on
+which other prompts share its batch, on the batch size, or on which process draws it, and the work can be
+split across the processes of a distributed run (``across_processes=True``).
 """
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Sequence
 
 import torch
 from tqdm.auto import tqdm
+from transformers import LogitsProcessor, LogitsProcessorList, TemperatureLogitsWarper, TopPLogitsWarper
 
 
 def sample_responses(
@@ -27,6 +35,7 @@ def sample_responses(
     add_special_tokens: bool = True,
     disable_progress: bool = False,
     return_token_ids: bool = False,
+    across_processes: bool = False,
 ) -> list[list[str]] | list[list[list[int]]]:
     """Generate ``num_samples`` continuations of each prompt; ``result[i]`` holds those of ``prompts[i]``.
 
@@ -37,9 +46,16 @@ def sample_responses(
 
     Prompts go through the model ``batch_size`` rows at a time (a prompt sampled ``num_samples`` times
     takes ``num_samples`` rows), in order of length so that a batch wastes little padding; a decoder-only
-    model gets the padding on the left. A tokenizer without a pad token pads with its EOS. The same
-    prompts, settings (``batch_size`` included) and ``seed`` give the same samples; the caller's torch
-    RNG state, the model's train/eval mode and generation config, and the tokenizer are untouched.
+    model gets the padding on the left. A tokenizer without a pad token pads with its EOS. Sample ``j`` of
+    ``prompts[i]`` is drawn with its own generator seeded by ``(seed, i, j)`` (module docstring), so the
+    same prompts, settings and ``seed`` give the same samples, whatever the batch size up to float rounding
+    of a batched forward; the caller's torch RNG state, the model's train/eval mode and generation config,
+    and the tokenizer are untouched.
+
+    ``across_processes=True`` (every process of a `torch.distributed` / ``accelerate launch`` run calls
+    it with the same arguments, its model on its own device): the batches are formed as one process forms
+    them and dealt out round-robin, and every process returns the whole result, gathered in order. The
+    result equals a single process's on the same hardware, in 1/N of the time.
 
     ``return_token_ids=True`` returns each continuation as the generated token ids instead of text, up
     to and including the first EOS (no EOS when ``max_new_tokens`` cut it short): the exact sequence
@@ -70,15 +86,20 @@ def sample_responses(
     for index, ids in enumerate(encoded):
         if not ids:
             raise ValueError(f"prompt {index} is empty after tokenization; give it some text or a BOS token")
-    rows = [index for index in range(len(prompts)) for _ in range(num_samples)]
-    rows.sort(key=lambda index: -len(encoded[index]))  # stable: samples of a prompt stay together
+    # (prompt position, sample number) of every row; sample numbers count within a prompt
+    keys = [(index, number) for index in range(len(prompts)) for number in range(num_samples)]
+    keys.sort(key=lambda key: -len(encoded[key[0]]))  # stable: samples of a prompt stay together
+    rows = [index for index, _ in keys]
 
     greedy = temperature == 0
+    # Sampling is done by the processors below on top of greedy decoding (argmax of logits + noise), so
+    # generate() never touches the global RNG and none of the model's own sampling defaults apply.
     generation_kwargs = dict(
-        do_sample=not greedy,
-        temperature=None if greedy else temperature,
-        top_p=None if greedy else top_p,
-        top_k=None if greedy else 0,  # 0 turns off the global default top_k=50; None would restore it
+        do_sample=False,
+        num_beams=1,
+        temperature=None,
+        top_p=None,
+        top_k=None,
         max_new_tokens=max_new_tokens,
         num_return_sequences=1,
         eos_token_id=eos_ids,
@@ -86,38 +107,98 @@ def sample_responses(
     )
     # Keyword arguments to generate() apply to a copy of model.generation_config, never to the model's own.
     device = _input_device(model)
-    completions: list[list[int]] = [None] * len(rows)  # type: ignore[list-item]
+    batches = [
+        list(range(start, min(start + batch_size, len(rows)))) for start in range(0, len(rows), batch_size)
+    ]
+    process_index, num_processes = _process_share() if across_processes else (0, 1)
+    mine = range(process_index, len(batches), num_processes)
+    drawn: dict[int, list[list[int]]] = {}  # batch number -> its rows' token ids
     was_training = model.training
     cuda_devices = list(range(torch.cuda.device_count())) if device.type == "cuda" else []
     model.eval()
     try:
         with torch.random.fork_rng(devices=cuda_devices), torch.no_grad():
-            torch.manual_seed(seed)
-            starts = range(0, len(rows), batch_size)
-            for start in tqdm(starts, desc="Sampling", disable=disable_progress):
-                batch_rows = rows[start : start + batch_size]
+            for number in tqdm(mine, desc="Sampling", disable=disable_progress or process_index != 0):
+                batch_rows = [rows[position] for position in batches[number]]
                 input_ids, attention_mask = _pad(
                     [encoded[i] for i in batch_rows], pad_id, left=not encoder_decoder
                 )
+                processors = None
+                if not greedy:
+                    generators = [_generator(seed, *keys[position], device) for position in batches[number]]
+                    warpers = [TemperatureLogitsWarper(temperature)]
+                    if top_p < 1:
+                        warpers.append(TopPLogitsWarper(top_p))
+                    processors = LogitsProcessorList([*warpers, GumbelNoise(generators)])
                 output = model.generate(
                     input_ids=input_ids.to(device),
                     attention_mask=attention_mask.to(device),
+                    logits_processor=processors,
                     **generation_kwargs,
                 )
                 # A decoder-only model returns prompt + continuation; an encoder-decoder one returns the
                 # decoder start token + continuation.
                 continuation = output[:, 1:] if encoder_decoder else output[:, input_ids.shape[1] :]
-                for offset, ids in enumerate(continuation.tolist()):
+                drawn[number] = []
+                for ids in continuation.tolist():
                     cut = _cut_at_eos(ids, eos_ids)
-                    completions[start + offset] = ids[: len(cut) + 1] if return_token_ids else cut
+                    drawn[number].append(ids[: len(cut) + 1] if return_token_ids else cut)
     finally:
         model.train(was_training)
+    if num_processes > 1:
+        from accelerate.utils import gather_object
+
+        drawn = dict(gather_object(list(drawn.items())))
+    completions: list[list[int]] = [None] * len(rows)  # type: ignore[list-item]
+    for number, positions in enumerate(batches):
+        for position, ids in zip(positions, drawn[number], strict=True):
+            completions[position] = ids
 
     results: list[list[str]] = [[] for _ in prompts]
     for position, index in enumerate(rows):
         ids = completions[position]
         results[index].append(ids if return_token_ids else tokenizer.decode(ids, skip_special_tokens=True))
     return results
+
+
+class GumbelNoise(LogitsProcessor):
+    """Adds standard Gumbel noise to each row's scores, row ``r`` drawing from ``generators[r]``: the
+    argmax of the result (greedy decoding) is then a draw from ``softmax(scores)`` (the Gumbel-max
+    trick); a score of ``-inf`` (outside the nucleus) stays ``-inf`` and is never drawn.
+
+    ``scores``: ``(rows, vocab)``; the generators live on the scores' device.
+    """
+
+    def __init__(self, generators: list[torch.Generator]):
+        self.generators = generators
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        if scores.shape[0] != len(self.generators):
+            raise ValueError(f"{scores.shape[0]} rows of scores for {len(self.generators)} generators")
+        uniform = torch.stack(
+            [
+                torch.rand(scores.shape[-1], generator=generator, device=scores.device, dtype=torch.float32)
+                for generator in self.generators
+            ]
+        )
+        gumbel = -torch.log(-torch.log(uniform))  # uniform 0 gives -inf: that token is not drawn
+        return scores.float() + gumbel
+
+
+def _generator(seed: int, prompt_index: int, sample_number: int, device: torch.device) -> torch.Generator:
+    """A generator on ``device`` seeded by hashing ``(seed, prompt_index, sample_number)``."""
+    digest = hashlib.blake2b(f"{seed}:{prompt_index}:{sample_number}".encode(), digest_size=8).digest()
+    generator = torch.Generator(device=device)
+    generator.manual_seed(int.from_bytes(digest, "little") & (2**63 - 1))
+    return generator
+
+
+def _process_share() -> tuple[int, int]:
+    """(this process's index, number of processes) of the current distributed run; (0, 1) outside one."""
+    from accelerate import PartialState
+
+    state = PartialState()
+    return state.process_index, state.num_processes
 
 
 def _eos_ids(model, tokenizer) -> list[int]:
