@@ -15,7 +15,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-from collections import defaultdict
 from collections.abc import Mapping
 
 import pyarrow
@@ -214,8 +213,10 @@ class DPOTrainer(Trainer):
         # Training losses are normalised by the pairs of the whole optimizer step (`_get_num_items_in_batch`),
         # so batch 8 x 1 step, batch 2 x 4 steps and token-budget batches of any size weigh every pair alike.
         self.model_accepts_loss_kwargs = True
-        self._metrics = {"train": defaultdict(lambda: [0.0, 0]), "eval": defaultdict(lambda: [0.0, 0])}
-        self._guard_flags, self._skipped_steps = {}, 0  # the divergence guard's state (`_guard_optimizer_step`)
+        # "train" or an evaluation's metric_key_prefix -> [per-metric sums (a tensor on the device), examples]
+        self._metrics, self._eval_prefix = {}, "eval"
+        # the divergence guard's state (`_guard_optimizer_step`)
+        self._guard_flags, self._skipped_steps = {}, 0
         if self.ref_model is not None:
             # Placed like the policy: a DeepSpeed inference engine (partitioned under ZeRO-3), FSDP2 shards,
             # else the device with the run's autocast. Never given to an optimizer.
@@ -562,7 +563,8 @@ class DPOTrainer(Trainer):
             tokens = inputs["response_lengths"][:, 0].clamp_min(1).to(policy.dtype)
             losses = losses - self.args.rpo_alpha * policy[:, 0] / tokens
         self._flag_step("train" if model.training else "eval", losses, reference)
-        self._record_metrics("train" if model.training else "eval", policy.detach(), rewards, losses.detach())
+        mode = "train" if model.training else self._eval_prefix
+        self._record_metrics(mode, policy.detach(), rewards, losses.detach())
         if model.training and num_items_in_batch is not None:
             # the mean over the step's pairs; DDP averages gradients over processes, hence the factor
             loss = losses.sum() * self.accelerator.num_processes / num_items_in_batch
@@ -672,10 +674,12 @@ class DPOTrainer(Trainer):
     def _record_metrics(
         self, mode: str, policy: torch.Tensor, rewards: torch.Tensor, losses: torch.Tensor
     ) -> None:
-        """Accumulate per-example sums and counts over all processes; `log` turns them into means.
+        """Add per-example sums and the example count to the accumulator of `mode`, on the device.
 
-        In evaluation the per-example loss is kept too: Trainer's own eval loss averages batch means, which
-        counts the padding examples of an uneven last batch under several processes.
+        No host sync here: training sums stay per process and are all-reduced once, in `log`, so processes
+        may hold batches of different sizes (`max_tokens_per_batch`). Evaluation gathers each batch with
+        `gather_for_metrics`, which drops the examples accelerate repeats to even out the last batch, and
+        keeps the per-example loss: Trainer's own eval loss averages batch means, repeats included.
         """
         chosen, rejected = rewards[:, 0], rewards[:, -1]  # rankings: best vs worst
         values = {
@@ -686,35 +690,59 @@ class DPOTrainer(Trainer):
             "logps/chosen": policy[:, 0],
             "logps/rejected": policy[:, -1],
         }
-        names = METRIC_NAMES + ("loss",) if mode == "eval" else METRIC_NAMES
         values["loss"] = losses
-        stacked = torch.stack([values[name] for name in names], dim=1).float()
-        gather = self.accelerator.gather_for_metrics if mode == "eval" else self.accelerator.gather
-        stacked = gather(stacked)
-        sums, count = stacked.sum(dim=0).tolist(), stacked.shape[0]
-        for name, total in zip(names, sums):
-            entry = self._metrics[mode][name]
-            entry[0] += total
-            entry[1] += count
+        names = self._metric_names(mode)
+        stacked = torch.stack([values[name] for name in names], dim=1)
+        # float64 sums: exact enough over millions of examples (MPS has no float64)
+        stacked = stacked.to(torch.float32 if stacked.device.type == "mps" else torch.float64)
+        if mode != "train":
+            stacked = self.accelerator.gather_for_metrics(stacked)
+        entry = self._metrics.setdefault(mode, [torch.zeros_like(stacked[0]), 0])
+        entry[0] += stacked.sum(dim=0)
+        entry[1] += stacked.shape[0]  # known on the host: no sync
+
+    @staticmethod
+    def _metric_names(mode: str) -> tuple[str, ...]:
+        return METRIC_NAMES if mode == "train" else METRIC_NAMES + ("loss",)
+
+    def _metric_means(self, mode: str, all_reduce: bool) -> dict[str, float]:
+        """Means of `mode`'s accumulated metrics, then reset; `all_reduce` sums over processes first (every
+        process must call it then). One host sync."""
+        names = self._metric_names(mode)
+        entry = self._metrics.pop(mode, None)
+        if entry is None:
+            totals = torch.zeros(len(names) + 1, dtype=torch.float64, device=self.args.device)
+        else:
+            totals = torch.cat([entry[0], entry[0].new_tensor([entry[1]])])
+        if all_reduce and self.accelerator.num_processes > 1:
+            totals = self.accelerator.reduce(totals, reduction="sum")
+        *sums, count = totals.tolist()
+        return {name: total / count for name, total in zip(names, sums)} if count else {}
+
+    def evaluation_loop(
+        self, dataloader, description, prediction_loss_only=None, ignore_keys=None, metric_key_prefix="eval"
+    ):
+        # One accumulator per evaluation, reset at its start (predict() then evaluate() give the same metrics),
+        # its means added to the returned metrics under the evaluation's prefix, as TRL names them.
+        self._metrics.pop(metric_key_prefix, None)
+        self._guard_flags.pop("eval", None)
+        self._eval_prefix = metric_key_prefix
+        output = super().evaluation_loop(
+            dataloader, description, prediction_loss_only, ignore_keys, metric_key_prefix
+        )
+        if "eval" in self._guard_flags and bool(self._guard_flags.pop("eval")[1]):
+            raise NonFiniteError(f"Evaluation ({metric_key_prefix}): reference log-probs not finite or above 0.")
+        means = self._metric_means(metric_key_prefix, all_reduce=False)  # gathered batch by batch already
+        output.metrics.update({f"{metric_key_prefix}_{name}": value for name, value in means.items()})
+        return output
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
-        # Adds the DPO metrics accumulated since the last log; evaluation's under its prefix ("eval_",
-        # "eval_<name>_" for a dict of eval sets, or a custom metric_key_prefix).
-        if self.model.training:
-            mode, prefix = "train", "" if "loss" in logs else None
-        else:
-            loss_keys = [key for key in logs if key.endswith("_loss")]
-            mode, prefix = "eval", loss_keys[0][: -len("loss")] if loss_keys else None
-        if mode == "eval" and prefix is not None and "eval" in self._guard_flags:
-            if bool(self._guard_flags.pop("eval")[1]):
-                raise NonFiniteError("Evaluation: reference log-probs that are not finite or above 0.")
-        if mode == "train" and prefix is not None and self._skipped_steps:
-            logs["nonfinite_skipped_steps"] = self._skipped_steps
-        if prefix is not None:
-            for name, (total, count) in self._metrics[mode].items():
-                if count:
-                    logs[f"{prefix}{name}"] = total / count
-            self._metrics[mode].clear()
+        # Adds the training metrics accumulated since the last log (one all-reduce; every process logs).
+        # Evaluation metrics are added by `evaluation_loop`.
+        if self.model.training and "loss" in logs:
+            logs.update(self._metric_means("train", all_reduce=True))
+            if self._skipped_steps:
+                logs["nonfinite_skipped_steps"] = self._skipped_steps
         super().log(logs, start_time)
 
     def _save(self, output_dir: str | None = None, state_dict=None):
