@@ -205,8 +205,12 @@ def test_rejects_an_empty_prompt_and_a_bare_string(make_model, tokenizer):
 
 def test_a_prompts_samples_do_not_depend_on_its_batch_or_the_other_prompts(make_model, tokenizer):
     model = make_model()
-    kwargs = dict(temperature=1.0, top_p=0.95, max_new_tokens=10, num_samples=2, seed=3, disable_progress=True)
-    alone = [sample_responses(model, tokenizer, PROMPTS[: i + 1], batch_size=1, **kwargs)[i] for i in range(4)]
+    kwargs = dict(
+        temperature=1.0, top_p=0.95, max_new_tokens=10, num_samples=2, seed=3, disable_progress=True
+    )
+    alone = [
+        sample_responses(model, tokenizer, PROMPTS[: i + 1], batch_size=1, **kwargs)[i] for i in range(4)
+    ]
     together = sample_responses(model, tokenizer, PROMPTS, batch_size=3, **kwargs)
     assert together == alone
     assert len({text for samples in together for text in samples}) == 8  # eight different draws
@@ -252,7 +256,9 @@ def test_two_processes_sample_what_one_process_samples(tmp_path, make_model, tok
     model_dir = tmp_path / "model"
     make_model().save_pretrained(model_dir)
     tokenizer.save_pretrained(model_dir)
-    settings = dict(prompts=PROMPTS * 2, temperature=0.7, max_new_tokens=8, num_samples=2, batch_size=3, seed=5)
+    settings = dict(
+        prompts=PROMPTS * 2, temperature=0.7, max_new_tokens=8, num_samples=2, batch_size=3, seed=5
+    )
     (tmp_path / "settings.json").write_text(json.dumps(settings))
     command = [*TORCHRUN_TWO_PROCESSES, str(TESTS / "dist_scripts" / "sample.py"), str(model_dir), str(tmp_path),
                str(tmp_path / "settings.json")]  # fmt: skip
