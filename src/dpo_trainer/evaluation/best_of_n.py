@@ -40,6 +40,7 @@ def best_of_n(
     batch_size: int = 16,
     seed: int = 0,
     disable_progress: bool = False,
+    across_processes: bool = False,
 ) -> tuple[list[str], list[list[float]]]:
     """The highest-scoring of ``n`` sampled responses to each prompt, and all the scores.
 
@@ -60,6 +61,7 @@ def best_of_n(
         batch_size=batch_size,
         seed=seed,
         disable_progress=disable_progress,
+        across_processes=across_processes,
     )
     # max() keeps the first of equal maxima: ties go to the earlier sample.
     best = [
@@ -80,11 +82,14 @@ def sample_and_score(
     batch_size: int = 16,
     seed: int = 0,
     disable_progress: bool = False,
+    across_processes: bool = False,
 ) -> tuple[list[list[str]], list[list[float]]]:
     """``n`` sampled responses to each prompt (`sample_responses`) and their scores, in sampling order.
 
     The scorer is called once, with each prompt repeated ``n`` times alongside its samples; a wrong
-    number of scores or a NaN score is an error naming the prompt and sample.
+    number of scores or a NaN score is an error naming the prompt and sample. ``across_processes=True``:
+    the sampling is split across the processes of a distributed run (`sample_responses`), and each
+    process scores the whole result.
     """
     if n < 1:
         raise ValueError(f"n must be >= 1, got {n}")
@@ -98,6 +103,7 @@ def sample_and_score(
         num_samples=n,
         seed=seed,
         disable_progress=disable_progress,
+        across_processes=across_processes,
     )
     if not samples:
         return [], []
@@ -156,6 +162,7 @@ def sampled_preference_pairs(
     batch_size: int = 16,
     seed: int = 0,
     disable_progress: bool = False,
+    across_processes: bool = False,
 ) -> list[dict]:
     """Preference rows over ``model``'s own samples: ``n`` per prompt, best against worst by ``scorer``
     (see `preference_pairs`; prompts whose samples all score alike are skipped)."""
@@ -172,6 +179,7 @@ def sampled_preference_pairs(
         batch_size=batch_size,
         seed=seed,
         disable_progress=disable_progress,
+        across_processes=across_processes,
     )
     return preference_pairs(prompts, samples, scores)
 
