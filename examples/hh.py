@@ -17,11 +17,20 @@ resumes from its last checkpoint) and skippable (`--skip_sft`, `--skip_dpo`, `--
    stage `pairs`).
 3. **eval**: sample held-out prompts at several temperatures from the DPO policy, the SFT model and
    Best-of-N over SFT samples (App. D.1); judge them against the data set's chosen response and DPO
-   against SFT; write `summary.json`, a table, and plots.
+   against SFT; write `summary.json`, a table, and plots. `--bon_n 1,4,16,64,128` draws once at the
+   largest N and scores every smaller N on the first N samples of that draw (no resampling), with the
+   win rate against N in `plots/best_of_n.png` (the paper's Fig. 4).
 
 `--dataset` is a hub id or a local folder with `train` / `test` files (`.jsonl`, `.json`, `.parquet`), or
-one local file (5% held out). Rows are raw HH transcripts `{"chosen", "rejected"}`; the prompt runs to the
-last "\\n\\nAssistant:". Every `DPOConfig` flag applies to the DPO stage (`--beta`, `--learning_rate`, ...).
+one local file (5% held out). Rows are raw HH transcripts `{"chosen", "rejected"}`, whose prompt runs to
+the last "\\n\\nAssistant:", or rows with an explicit `prompt` (TL;DR summarization: `prompt` = the post,
+`chosen` / `rejected` = the summaries; a hub set without a test split is evaluated on its validation
+split). The paper's TL;DR settings (App. B, C.2): β 0.5, and the GPT-4 summarization prompt,
+
+    accelerate launch examples/hh.py --model EleutherAI/pythia-2.8b --dataset trl-lib/tldr-preference \\
+        --beta 0.5 --learning_rate 1e-6 --bf16 --judge llm --judge_task summarization \\
+        --judge_url http://localhost:8000/v1 --judge_model my-judge --output_dir runs/tldr
+ Every `DPOConfig` flag applies to the DPO stage (`--beta`, `--learning_rate`, ...).
 With no `--model`, a tiny Llama is built from a config with a tokenizer trained on the data, and the
 defaults below suit it; flags given on the command line win.
 """
@@ -106,11 +115,17 @@ class ScriptArguments:
     eval_prompts: int = field(default=256, metadata={"help": "Held-out prompts sampled and judged."})
     temperatures: str = field(default="0.25,0.5,0.75,1.0", metadata={"help": "Sampling temperatures."})
     max_new_tokens: int = field(default=64, metadata={"help": "Longest sampled response."})
-    bon_n: int = field(default=16, metadata={"help": "Best-of-N: samples per prompt (0: skip)."})
+    bon_n: str = field(
+        default="16",
+        metadata={"help": "Best-of-N: N, or several N (1,4,16) scored from one draw (0: skip)."},
+    )
     bon_temperatures: str = field(default="1.0", metadata={"help": "Best-of-N sampling temperatures."})
     judge: str = field(default="rule", metadata={"help": "rule (bundled data), llm or reward."})
     judge_url: str | None = field(default=None, metadata={"help": "OpenAI-compatible base URL (judge llm)."})
     judge_model: str | None = field(default=None, metadata={"help": "Judge model name (judge llm)."})
+    judge_task: str = field(
+        default="dialogue", metadata={"help": "The paper's judge prompt: dialogue or summarization."}
+    )
     reward_model: str | None = field(default=None, metadata={"help": "Sequence classifier (judge reward)."})
     tiny_hidden_size: int = field(default=128, metadata={"help": "Width of the offline tiny model."})
     tiny_layers: int = field(default=3, metadata={"help": "Layers of the offline tiny model."})
@@ -151,12 +166,20 @@ def load_hh(dataset: str, max_train_rows: int | None, max_eval_rows: int | None)
         splits = load_dataset(kind, data_files=dataset)["train"].train_test_split(test_size=0.05, seed=0)
     else:
         splits = load_dataset(dataset)
-    train, test = splits["train"], splits["test"]
+    train, test = splits["train"], splits["test" if "test" in splits else "validation"]
     if max_train_rows is not None:
         train = train.select(range(min(max_train_rows, len(train))))
     if max_eval_rows is not None:
         test = test.select(range(min(max_eval_rows, len(test))))
-    return train.select_columns(["chosen", "rejected"]), test.select_columns(["chosen", "rejected"])
+    columns = ["prompt", "chosen", "rejected"] if "prompt" in train.column_names else ["chosen", "rejected"]
+    return train.select_columns(columns), test.select_columns(columns)
+
+
+def prompt_and_reply(row: dict, index: int) -> tuple[str, str]:
+    """A row's prompt and chosen reply: its `prompt` column (TL;DR rows), else split from the HH transcript."""
+    if row.get("prompt") is not None:
+        return row["prompt"], row["chosen"]
+    return split_hh_transcript(row["chosen"], row=index, field="chosen")
 
 
 def base_model(script_args: ScriptArguments, config: DPOConfig, train, out: str) -> str:
@@ -289,11 +312,7 @@ def run_pairs(script_args: ScriptArguments, config: DPOConfig, sft: str, train, 
             )
         started = time.time()
         rows = train.select(range(min(script_args.pair_prompts or len(train), len(train))))
-        prompts = list(
-            dict.fromkeys(
-                split_hh_transcript(row["chosen"], row=i, field="chosen")[0] for i, row in enumerate(rows)
-            )
-        )
+        prompts = list(dict.fromkeys(prompt_and_reply(row, i)[0] for i, row in enumerate(rows)))
         stats = {}
         if config.process_index == 0:
             pairs = sampled_preference_pairs(
@@ -396,7 +415,7 @@ def make_judge(script_args: ScriptArguments):
     if script_args.judge == "llm":
         if not (script_args.judge_url and script_args.judge_model):
             raise SystemExit("--judge llm needs --judge_url and --judge_model.")
-        return LLMJudge(script_args.judge_url, script_args.judge_model)
+        return LLMJudge(script_args.judge_url, script_args.judge_model, task=script_args.judge_task)
     if script_args.judge == "reward":
         if not script_args.reward_model:
             raise SystemExit("--judge reward needs --reward_model.")
@@ -420,9 +439,11 @@ def run_eval(
 ) -> dict:
     """Sample, judge and plot; returns the summary also written to `out/summary.json`."""
     from dpo_trainer.evaluation import (
-        best_of_n,
+        best_of_n_prefixes,
         plot_training_curves,
+        plot_win_rate_vs_n,
         plot_win_rates,
+        sample_and_score,
         sample_responses,
         win_rate,
     )
@@ -431,7 +452,7 @@ def run_eval(
     folder = os.path.join(out, "eval")
     os.makedirs(folder, exist_ok=True)
     rows = test.select(range(min(script_args.eval_prompts, len(test))))
-    split = [split_hh_transcript(row["chosen"], row=i, field="chosen") for i, row in enumerate(rows)]
+    split = [prompt_and_reply(row, i) for i, row in enumerate(rows)]
     prompts, chosen = [p for p, _ in split], [r.strip() for _, r in split]
     tokenizer = AutoTokenizer.from_pretrained(sft)
     judge = make_judge(script_args)
@@ -451,20 +472,24 @@ def run_eval(
             for s in sample_responses(model, tokenizer, prompts, temperature=temperature, **sampling)
         ]
 
-    def best(temperature):
-        responses, _ = best_of_n(
-            models["SFT"], tokenizer, prompts, judge, n=script_args.bon_n, temperature=temperature, **sampling
+    bon_ns = sorted({int(n) for n in script_args.bon_n.split(",") if int(n) > 0})
+
+    def draw(temperature):  # one draw at the largest N; every smaller N reads its first samples
+        drawn, scores = sample_and_score(
+            models["SFT"], tokenizer, prompts, judge, n=max(bon_ns), temperature=temperature, **sampling
         )
-        return [r.strip() for r in responses]
+        return [drawn, scores]
 
     samples = {}  # (method, temperature) -> responses, cached on disk so a rerun skips finished sampling
     for method, model in models.items():
         for temperature in temperatures:
             samples[method, temperature] = cached(folder, method, temperature, sample, model, temperature)
-    if script_args.bon_n > 0 and hasattr(judge, "score"):
-        for temperature in (float(t) for t in script_args.bon_temperatures.split(",")):
-            name = f"Best of {script_args.bon_n}"
-            samples[name, temperature] = cached(folder, name, temperature, best, temperature)
+    bon_temperatures = [float(t) for t in script_args.bon_temperatures.split(",")]
+    if bon_ns and hasattr(judge, "score"):
+        for temperature in bon_temperatures:
+            drawn, scores = cached(folder, f"Best of {max(bon_ns)} draw", temperature, draw, temperature)
+            for n, (responses, _, _) in best_of_n_prefixes(drawn, scores, bon_ns).items():
+                samples[f"Best of {n}", temperature] = [r.strip() for r in responses]
 
     results = {"vs_chosen": {}, "dpo_vs_sft": {}}
     for (method, temperature), responses in samples.items():
@@ -482,6 +507,17 @@ def run_eval(
             title=f"Win rate against the chosen response ({script_args.judge} judge)",
         )
     }
+    by_n = {
+        f"T={t}": {n: results["vs_chosen"][f"Best of {n}"][t] for n in bon_ns}
+        for t in bon_temperatures
+        if len(bon_ns) > 1 and (f"Best of {bon_ns[0]}", t) in samples
+    }
+    if by_n:
+        plots["best_of_n"] = plot_win_rate_vs_n(
+            by_n,
+            os.path.join(out, "plots", "best_of_n.png"),
+            title=f"Best-of-N over SFT samples against the chosen response ({script_args.judge} judge)",
+        )
     history_path = os.path.join(out, "dpo", "log_history.json")
     if os.path.exists(history_path):
         plots["training_curves"] = plot_training_curves(

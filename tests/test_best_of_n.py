@@ -206,3 +206,103 @@ def test_plot_win_rate_vs_n(tmp_path):
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     with pytest.raises(ValueError, match="at least one series"):
         plot_win_rate_vs_n({"T=1.0": {}}, tmp_path / "x.png")
+
+
+# ------------------------------------------------------------- examples/hh.py: every N, TL;DR-format data
+
+
+def _hh_example():
+    import importlib.util
+    import os
+    import sys
+
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples", "hh.py")
+    spec = importlib.util.spec_from_file_location("hh_example_bon", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up by name
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.slow
+def test_hh_scores_every_n_from_one_draw_on_tldr_format_rows(tmp_path):
+    import json
+    import os
+
+    hh = _hh_example()
+    source = os.path.join(os.path.dirname(hh.__file__), "data", "hh_tiny")
+    data = tmp_path / "tldr"
+    data.mkdir()
+    for split, count in (("train", 48), ("test", 8)):  # explicit prompt / chosen / rejected columns
+        with open(os.path.join(source, f"{split}.jsonl")) as handle:
+            rows = [json.loads(line) for line in handle][:count]
+        with open(data / f"{split}.jsonl", "w") as handle:
+            for i, row in enumerate(rows):
+                prompt, chosen = hh.split_hh_transcript(row["chosen"], row=i, field="chosen")
+                rejected = hh.split_hh_transcript(row["rejected"], row=i, field="rejected")[1]
+                handle.write(json.dumps({"prompt": prompt, "chosen": chosen, "rejected": rejected}) + "\n")
+    out = str(tmp_path / "run")
+    argv = ["--dataset", str(data), "--output_dir", out, "--bon_n", "1,2,4", "--temperatures", "1.0",
+            "--sft_max_steps", "2", "--max_steps", "2", "--eval_prompts", "6", "--max_new_tokens", "8",
+            "--per_device_train_batch_size", "4", "--save_steps", "2"]  # fmt: skip
+    summary = hh.main(argv)
+    rates = summary["eval"]["win_rate_vs_chosen"]
+    assert {"SFT", "DPO", "Best of 1", "Best of 2", "Best of 4"} <= set(rates)
+    assert os.path.exists(os.path.join(out, "plots", "best_of_n.png"))
+    # one draw of 4 per prompt, read back; Best of n is the best of its first n samples under the rule
+    eval_dir = os.path.join(out, "eval")
+    (draw_file,) = [f for f in os.listdir(eval_dir) if f.startswith("samples-best-of-4-draw")]
+    drawn, scores = json.load(open(os.path.join(eval_dir, draw_file)))
+    assert [len(row) for row in drawn] == [4] * 6
+    assert not any(f.startswith("samples-best-of-2") for f in os.listdir(eval_dir))  # nothing resampled
+    rule = hh.bundled_rule_score()
+    with open(data / "test.jsonl") as handle:
+        prompts = [json.loads(line)["prompt"] for line in handle][:6]
+    for row, (prompt, samples_row) in enumerate(zip(prompts, drawn)):
+        assert scores[row] == [rule(prompt, s) for s in samples_row]
+    wins = [rates[f"Best of {n}"]["1.0"]["rate"] for n in (1, 2, 4)]
+    assert wins[0] <= wins[1] <= wins[2]  # same draw, same judge: a larger N never wins less
+
+
+def test_summarization_prompt_is_the_papers_and_its_verdict_is_read():
+    from dpo_trainer.evaluation.judges import SUMMARIZATION_PROMPT, LLMJudge, parse_verdict
+
+    assert SUMMARIZATION_PROMPT.splitlines() == [
+        "Which of the following summaries does a better job of summarizing the most important points in the "
+        "given forum post, without including unimportant or irrelevant details? A good summary is both "
+        "precise and concise.",
+        "Post:",
+        "{query}",
+        "Summary A:",
+        "{response_a}",
+        "Summary B:",
+        "{response_b}",
+        "FIRST provide a one-sentence comparison of the two summaries, explaining which you prefer and why. "
+        'SECOND, on a new line, state only "A" or "B" to indicate your choice. Your response should use the '
+        "format:",
+        "Comparison: <one-sentence comparison and explanation>",
+        'Preferred: <"A" or "B">',
+    ]
+    assert parse_verdict("Comparison: B keeps the key facts.\nPreferred: B") == "B"
+    assert parse_verdict('Comparison: A is concise.\n**Preferred:** "Summary A".') == "A"
+    assert parse_verdict("Comparison: both fine.\nPreferred: a short one") is None
+
+    judge = LLMJudge("http://127.0.0.1:9/v1", "m", task="summarization", seed=1, disable_progress=True)
+    assert judge.prompt_template == SUMMARIZATION_PROMPT
+    sent = []
+
+    def reply(content):  # stands in for the endpoint: prefers the summary that mentions "rent"
+        sent.append(content)
+        a = content.split("Summary A:\n")[1].split("\nSummary B:")[0]
+        return "Comparison: one mentions rent.\nPreferred: " + ("A" if "rent" in a else "B")
+
+    judge._complete = reply
+    outcomes = judge.compare(["POST: my landlord raised the rent"] * 4, [" rent went up", " a post"] * 2,
+                             [" a post", " rent went up"] * 2)  # fmt: skip
+    assert outcomes == [1.0, 0.0, 1.0, 0.0]
+    assert all(
+        c.startswith("Which of the following summaries") and "Post:\nPOST: my landlord" in c for c in sent
+    )
+    assert LLMJudge("http://x", "m").prompt_template.startswith("For the following query to a chatbot")
+    with pytest.raises(ValueError, match="task must be one of"):
+        LLMJudge("http://x", "m", task="translation")

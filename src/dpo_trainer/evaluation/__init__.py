@@ -11,6 +11,8 @@ import importlib
 
 from .judges import (
     COMPARISON_PROMPT,
+    SUMMARIZATION_PROMPT,
+    TASK_PROMPTS,
     Judge,
     JudgeError,
     LLMJudge,
@@ -51,6 +53,8 @@ __all__ = [
     "RewardModelJudge",
     "RuleJudge",
     "ScoringJudge",
+    "SUMMARIZATION_PROMPT",
+    "TASK_PROMPTS",
     "WinRate",
     "parse_verdict",
     "win_rate",

@@ -46,6 +46,25 @@ response should use the format:
 Comparison: <one-sentence comparison and explanation>
 More helpful: <"A" or "B">"""
 
+# App. C.2's GPT-4 prompt for summarization (TL;DR), the same way: the post is the query, the two summaries
+# the responses. Its verdict line is "Preferred:", which parse_verdict reads like "More helpful:".
+SUMMARIZATION_PROMPT = """Which of the following summaries does a better job of summarizing the most \
+important points in the given forum post, without including unimportant or irrelevant details? A good \
+summary is both precise and concise.
+Post:
+{query}
+Summary A:
+{response_a}
+Summary B:
+{response_b}
+FIRST provide a one-sentence comparison of the two summaries, explaining which you prefer and why. \
+SECOND, on a new line, state only "A" or "B" to indicate your choice. Your response should use the format:
+Comparison: <one-sentence comparison and explanation>
+Preferred: <"A" or "B">"""
+
+# LLMJudge(task=...) -> its prompt
+TASK_PROMPTS = {"dialogue": COMPARISON_PROMPT, "summarization": SUMMARIZATION_PROMPT}
+
 # Status codes worth another try, as OpenAI's own client retries them: timeout, conflict, rate limit.
 RETRY_STATUS = frozenset({408, 409, 429})
 MAX_BACKOFF_S = 60.0
@@ -214,10 +233,12 @@ class RewardModelJudge(ScoringJudge):
 
 _VERDICT_QUOTES_OPEN = "\"'“‘<([{"
 _VERDICT_QUOTES_CLOSE = "\"'”’>)]}.!,;:"
-# "More helpful: A", tolerant of case, spacing, quotes, brackets, "Response A" and trailing punctuation;
-# the letter must end the line, so "More helpful: a short answer" is not read as A.
+# "More helpful: A" (or the summarization prompt's "Preferred: A"), tolerant of case, spacing, quotes,
+# brackets, "Response A" / "Summary A" and trailing punctuation; the letter must end the line, so
+# "More helpful: a short answer" is not read as A.
 _LABELLED_VERDICT = re.compile(
-    rf"more\s+helpful\s*:\s*[{re.escape(_VERDICT_QUOTES_OPEN)}\s]*(?:response\s+)?([ab])"
+    rf"(?:more\s+helpful|preferred)\s*:\s*[{re.escape(_VERDICT_QUOTES_OPEN)}\s]*"
+    rf"(?:response\s+|summary\s+)?([ab])"
     rf"[{re.escape(_VERDICT_QUOTES_CLOSE)}\s]*$",
     re.IGNORECASE | re.MULTILINE,
 )
@@ -229,10 +250,11 @@ _BARE_VERDICT = re.compile(
 
 
 def parse_verdict(reply: str) -> str | None:
-    """ "A" or "B" from a judge's reply to ``COMPARISON_PROMPT``, or None if it names neither.
+    """ "A" or "B" from a judge's reply to ``COMPARISON_PROMPT`` (or ``SUMMARIZATION_PROMPT``), or None if
+    it names neither.
 
-    The last "More helpful:" line decides; markdown emphasis, quotes, "Response A", lowercase and
-    trailing punctuation are tolerated. Without one, the last line holding only the letter decides.
+    The last "More helpful:" (or "Preferred:") line decides; markdown emphasis, quotes, "Response A",
+    lowercase and trailing punctuation are tolerated. Without one, the last line holding only the letter decides.
 
     >>> parse_verdict('Comparison: B is on topic.\\n**More helpful:** "response b".')
     'B'
@@ -254,7 +276,9 @@ class LLMJudge(Judge):
     [{"role": "user", "content": prompt_template.format(query=..., response_a=..., response_b=...)}],
     "temperature"}``, sent one after another. As in the paper (App. C.2), the order in which the two
     responses are shown is random per comparison (``random.Random(seed)``, drawn across calls) and the
-    verdict is mapped back, so a judge's preference for a position cancels out on average.
+    verdict is mapped back, so a judge's preference for a position cancels out on average. The prompt is
+    the paper's for ``task="dialogue"`` (``COMPARISON_PROMPT``) or ``task="summarization"``
+    (``SUMMARIZATION_PROMPT``), unless ``prompt_template`` gives another.
 
     A reply naming neither response (see ``parse_verdict``) counts as a tie; ``unparsed`` counts them and
     the first one is warned about. Status 408/409/429/5xx, connection errors and timeouts are retried up
@@ -275,7 +299,8 @@ class LLMJudge(Judge):
         max_retries: int = 3,
         timeout: float = 30,
         seed: int = 0,
-        prompt_template: str = COMPARISON_PROMPT,
+        prompt_template: str | None = None,
+        task: str = "dialogue",
         retry_delay: float = 1.0,
         disable_progress: bool = False,
     ):
@@ -284,6 +309,9 @@ class LLMJudge(Judge):
                 "need max_retries >= 0, retry_delay >= 0 and timeout > 0, "
                 f"got {max_retries}, {retry_delay}, {timeout}"
             )
+        if task not in TASK_PROMPTS:
+            raise ValueError(f"task must be one of {sorted(TASK_PROMPTS)}, got {task!r}")
+        prompt_template = TASK_PROMPTS[task] if prompt_template is None else prompt_template
         for field in ("query", "response_a", "response_b"):
             if "{" + field + "}" not in prompt_template:
                 raise ValueError(f"prompt_template must contain the placeholder {{{field}}}")
