@@ -164,3 +164,42 @@ def test_train_without_any_complete_checkpoint_says_so(run_dir, tokenizer, make_
     trainer = DPOTrainer(make_model(seed=5), args=args, train_dataset=ROWS, processing_class=tokenizer)
     with pytest.raises(ValueError, match="no complete checkpoint"):
         trainer.train(resume_from_checkpoint=True)
+
+
+# ---------------------------------------------------------------- resuming with changed settings
+
+
+def resume(run_dir, tokenizer, make_model, rows=ROWS, **changes):
+    args = dpo_config(run_dir.parent, **{**SETTINGS, **changes})
+    trainer = DPOTrainer(make_model(seed=5), args=args, train_dataset=rows, processing_class=tokenizer)
+    trainer.train(resume_from_checkpoint=True)
+    return trainer
+
+
+def test_checkpoints_record_the_dpo_settings(finished_run):
+    with open(os.path.join(finished_run[0], "checkpoint-4", "dpo_settings.json")) as handle:
+        saved = json.load(handle)
+    assert saved["beta"] == 0.1 and saved["loss_type"] in ("sigmoid", ["sigmoid"]) and len(saved["data"]) == 24
+
+
+def test_resuming_with_the_same_settings_says_nothing(run_dir, tokenizer, make_model, caplog):
+    shutil.rmtree(run_dir / "checkpoint-4")
+    with caplog.at_level(logging.WARNING, logger="dpo_trainer.trainer"):
+        resume(run_dir, tokenizer, make_model)
+    assert "changed settings" not in caplog.text
+
+
+def test_resuming_with_another_beta_warns_naming_it(run_dir, tokenizer, make_model, caplog):
+    shutil.rmtree(run_dir / "checkpoint-4")
+    with caplog.at_level(logging.WARNING, logger="dpo_trainer.trainer"):
+        resume(run_dir, tokenizer, make_model, beta=0.25, max_length=300)
+    assert "changed settings" in caplog.text
+    assert "beta: 0.1 -> 0.25" in caplog.text and "max_length: " in caplog.text
+
+
+@pytest.mark.parametrize("change", ["loss_type", "data"])
+def test_resuming_with_another_loss_or_data_is_refused(run_dir, tokenizer, make_model, change):
+    shutil.rmtree(run_dir / "checkpoint-4")
+    kwargs = {"loss_type": "ipo"} if change == "loss_type" else {"rows": preference_rows(16, seed=12)}
+    with pytest.raises(ValueError, match=rf"Cannot resume from .*checkpoint-2.*{change}: "):
+        resume(run_dir, tokenizer, make_model, **kwargs)

@@ -159,3 +159,39 @@ def last_complete_checkpoint(folder: str) -> str | None:
             return path
         logger.warning("Skipping checkpoint %s: %s.", path, problem)
     return None
+
+
+# ---------------------------------------------------------------- the DPO settings a checkpoint was trained with
+
+SETTINGS_FILE = "dpo_settings.json"
+# a change of these makes the resumed run another experiment: refused
+REFUSED_CHANGES = ("loss_type", "data")
+
+
+def write_settings(folder: str, settings: dict) -> None:
+    """Write `settings` to `folder/dpo_settings.json`, whole or not at all."""
+    path = os.path.join(folder, SETTINGS_FILE)
+    os.makedirs(folder, exist_ok=True)
+    with open(f"{path}.tmp", "w", encoding="utf-8") as handle:
+        json.dump(settings, handle, indent=2, sort_keys=True)
+    os.replace(f"{path}.tmp", path)
+
+
+def read_settings(folder: str) -> dict | None:
+    """The settings saved in `folder`, or None when it holds none (e.g. a checkpoint of an older version)."""
+    path = os.path.join(folder, SETTINGS_FILE)
+    try:
+        with open(path, encoding="utf-8") as handle:
+            return json.load(handle)
+    except (OSError, ValueError):
+        return None
+
+
+def settings_changes(saved: dict, current: dict) -> tuple[list[str], list[str]]:
+    """(refused, warned): `"key: saved -> current"` for every setting that differs, split by `REFUSED_CHANGES`."""
+    refused, warned = [], []
+    for key in sorted(set(saved) | set(current)):
+        if saved.get(key) != current.get(key):
+            line = f"{key}: {saved.get(key)!r} -> {current.get(key)!r}"
+            (refused if key in REFUSED_CHANGES else warned).append(line)
+    return refused, warned

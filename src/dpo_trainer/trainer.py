@@ -26,7 +26,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, set_seed
 
 from . import __version__
 from .attention import choose_attention, grouped_layout_unsupported, resolve_layout  # noqa: F401
-from .checkpoints import last_complete_checkpoint
+from .checkpoints import last_complete_checkpoint, read_settings, settings_changes, write_settings
 from .config import DPOConfig
 from .data import PaddedCollator, detect_format, to_example, tokenize_example
 from .data.batching import TokenBudgetBatchSampler, example_tokens
@@ -215,6 +215,7 @@ class DPOTrainer(Trainer):
         self.model_accepts_loss_kwargs = True
         # "train" or an evaluation's metric_key_prefix -> [per-metric sums (a tensor on the device), examples]
         self._metrics, self._eval_prefix = {}, "eval"
+        self._data_fingerprint = None  # of the tokenized training rows, computed when first needed
         # the divergence guard's state (`_guard_optimizer_step`)
         self._guard_flags, self._skipped_steps = {}, 0
         if self.ref_model is not None:
@@ -353,7 +354,45 @@ class DPOTrainer(Trainer):
                 )
             resume_from_checkpoint = found[0]
             logger.info("Resuming from %s", resume_from_checkpoint)
+        if isinstance(resume_from_checkpoint, str):
+            self._check_resume_settings(resume_from_checkpoint)
         return super().train(resume_from_checkpoint, trial, ignore_keys_for_eval)
+
+    def dpo_settings(self) -> dict:
+        """What decides this run's result besides the model: saved with every checkpoint and model
+        (`dpo_settings.json`) and compared when a run resumes."""
+        args = self.args
+        if self._data_fingerprint is None and isinstance(self.train_dataset, Dataset):
+            columns = self.train_dataset.select_columns(["prompt_ids", "response_ids"])
+            self._data_fingerprint = rows_fingerprint(columns)
+        return {
+            "beta": args.beta,
+            "loss_type": args.loss_type,
+            "label_smoothing": args.label_smoothing,
+            "rpo_alpha": args.rpo_alpha,
+            "layout": self.layout,
+            "max_length": args.max_length,
+            "max_prompt_length": args.max_prompt_length,
+            "truncation_mode": args.truncation_mode,
+            "precompute_ref_log_probs": args.precompute_ref_log_probs,
+            "disable_dropout": args.disable_dropout,
+            "data": self._data_fingerprint,
+        }
+
+    def _check_resume_settings(self, checkpoint: str) -> None:
+        """Warn about DPO settings changed since `checkpoint` was saved; refuse a changed loss or data."""
+        saved = read_settings(checkpoint)
+        if saved is None:
+            logger.warning("%s holds no dpo_settings.json: cannot check the resumed run's settings.", checkpoint)
+            return
+        refused, warned = settings_changes(saved, self.dpo_settings())
+        if refused:
+            raise ValueError(
+                f"Cannot resume from {checkpoint}: it was trained with other settings ({'; '.join(refused + warned)}). "
+                "Resuming would mix two experiments; train into a fresh output_dir instead."
+            )
+        if warned:
+            logger.warning("Resuming from %s with changed settings: %s.", checkpoint, "; ".join(warned))
 
     def _get_num_items_in_batch(self, batch_samples, device):
         # Pairs (examples) in the optimizer step, summed over processes: the training loss's denominator.
@@ -629,7 +668,10 @@ class DPOTrainer(Trainer):
                 f"Refusing to save to {output_dir or self.args.output_dir} at step {self.state.global_step}: "
                 f"non-finite weights in {', '.join(bad)}."
             )
-        return super().save_model(output_dir, _internal_call)
+        result = super().save_model(output_dir, _internal_call)
+        if self.args.should_save:  # the settings beside the weights: a resumed run is compared with them
+            write_settings(output_dir or self.args.output_dir, self.dpo_settings())
+        return result
 
     def evaluate(
         self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval"
