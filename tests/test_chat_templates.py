@@ -580,3 +580,33 @@ def test_evaluation_metrics_equal_trl_on_a_chatml_template(tmp_path, tokenizers_
     for key in ("eval_loss", "eval_logps/chosen", "eval_logps/rejected", "eval_rewards/margins"):
         assert math.isfinite(our_metrics[key])
         assert our_metrics[key] == pytest.approx(trl_metrics[key], rel=1e-4, abs=2e-6), key
+
+
+def test_trainer_takes_tool_calls_tools_and_chat_template_kwargs(tmp_path, tokenizers_by_name):
+    tokenizer = tokenizers_by_name["qwen3"]
+    sets = {"conversational": conversational_rows(True), "tools": tool_rows(), "thinking": thinking_rows()}
+    theirs = trl_tokenized(tmp_path, tokenizer, sets)
+    model = tiny_causal_lm(tokenizer, hidden_size=8, num_layers=1, num_heads=2)
+    ours = dpo_trainer.DPOTrainer(
+        model,
+        args=dpo_trainer.DPOConfig(
+            output_dir=str(tmp_path / "ours"),
+            report_to="none",
+            use_cpu=True,
+            max_length=4096,
+            max_prompt_length=2048,
+            save_strategy="no",
+            disable_tqdm=True,
+            per_device_eval_batch_size=2,
+            ref_logps_cache_dir=str(tmp_path / "cache"),
+        ),
+        train_dataset=sets["tools"],  # a list of dicts
+        eval_dataset=Dataset.from_list(sets["thinking"]),  # a datasets.Dataset
+        processing_class=copy.deepcopy(tokenizer),
+    )
+    for set_name, dataset in (("tools", ours.train_dataset), ("thinking", ours.eval_dataset)):
+        for a, b in zip(theirs.eval_dataset[set_name], dataset, strict=True):
+            assert b["prompt_ids"] == a["prompt_ids"], set_name
+            assert b["response_ids"] == [a["chosen_ids"], a["rejected_ids"]], set_name
+    # policy == reference at step 0: the loss is ln 2
+    assert ours.evaluate()["eval_loss"] == pytest.approx(math.log(2), abs=1e-5)

@@ -8,7 +8,17 @@ import pytest
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
-from dpo_trainer.data.formats import Example, detect_format, split_hh_transcript, to_example
+from dpo_trainer import DPOTrainer
+from dpo_trainer.data.formats import (
+    KNOWN_ROLES,
+    Example,
+    check_row_text,
+    detect_format,
+    split_hh_transcript,
+    to_example,
+)
+
+from conftest import dpo_config
 
 CHAT_TEMPLATE = (
     "{% for m in messages %}<|{{ m['role'] }}|> {{ m['content'] }} <eos> {% endfor %}"
@@ -313,3 +323,219 @@ def test_unknown_format():
 def test_example_needs_two_responses():
     with pytest.raises(ValueError, match="at least 2"):
         Example("Q:", (" a",))
+
+
+# ---------------------------------------------------------------- text that is no valid text, roles
+
+
+@pytest.mark.parametrize("field", ["prompt", "chosen", "rejected"])
+def test_lone_surrogate_names_row_and_field(field):
+    row = {**STANDARD, field: STANDARD[field] + "\ud800 tail"}
+    with pytest.raises(ValueError, match=rf"row 21, field '{field}': lone surrogate U\+D800 at character 2"):
+        to_example(row, 21, "standard")
+
+
+def test_lone_surrogate_inside_a_message(chat_tokenizer):
+    row = {"prompt": [user("hi")], "chosen": [assistant("hel\udfffo")], "rejected": [assistant("bye")]}
+    with pytest.raises(ValueError, match=r"row 22, field 'chosen'\[0\]\['content'\]: lone surrogate U\+DFFF"):
+        to_example(row, 22, "standard", chat_tokenizer)
+
+
+@pytest.mark.parametrize("fmt", ["standard", "implicit", "ranked"])
+def test_bytes_value_names_row_and_field(fmt):
+    rows = {
+        "standard": ({**STANDARD, "chosen": b" a"}, "chosen"),
+        "implicit": ({"chosen": "\n\nHuman: a\n\nAssistant: b", "rejected": b"x"}, "rejected"),
+        "ranked": ({"prompt": "Q:", "responses": [" a", b" b"]}, r"responses'\[1\]"),
+    }
+    row, field = rows[fmt]
+    with pytest.raises(TypeError, match=rf"row 23, field '{field}'?: a bytes value; decode it"):
+        to_example(row, 23, fmt)
+
+
+def test_bytes_in_a_message_and_in_tools(chat_tokenizer):
+    row = {
+        "prompt": [{"role": "user", "content": b"hi"}],
+        "chosen": [assistant("a")],
+        "rejected": [assistant("b")],
+    }
+    with pytest.raises(TypeError, match=r"row 24, field 'prompt'\[0\]\['content'\]: a bytes value"):
+        to_example(row, 24, "standard", chat_tokenizer)
+    row = {"prompt": [user("hi")], "chosen": [assistant("a")], "rejected": [assistant("b")], "tools": b"[]"}
+    with pytest.raises(TypeError, match=r"row 24, field 'tools': a bytes value"):
+        to_example(row, 24, "standard", chat_tokenizer)
+
+
+def test_check_row_text_allows_bytes_outside_the_data_columns():
+    check_row_text({**STANDARD, "image": b"\x89PNG"}, 0)  # an unrelated binary column is not ours to judge
+    with pytest.raises(ValueError, match=r"row 2, field 'source': lone surrogate"):
+        check_row_text({**STANDARD, "source": "web\ud800"}, 2)  # but Arrow cannot store this one
+
+
+@pytest.mark.parametrize("role", ["assisstant", "human", "bot", ""])
+def test_unknown_role(chat_tokenizer, role):
+    row = {
+        "prompt": [{"role": role, "content": "hi"}],
+        "chosen": [assistant("a")],
+        "rejected": [assistant("b")],
+    }
+    with pytest.raises(ValueError, match=rf"row 25, field 'prompt', message 0: unknown role '{role}'"):
+        to_example(row, 25, "standard", chat_tokenizer)
+
+
+@pytest.mark.parametrize("role", KNOWN_ROLES)
+def test_known_roles_are_accepted(chat_tokenizer, role):
+    row = {
+        "prompt": [{"role": role, "content": "hi"}],
+        "chosen": [assistant("a")],
+        "rejected": [assistant("b")],
+    }
+    assert to_example(row, 0, "standard", chat_tokenizer).prompt.startswith(f"<|{role}|> hi")
+
+
+def test_role_not_a_string(chat_tokenizer):
+    row = {"prompt": [{"role": 1, "content": "hi"}], "chosen": [assistant("a")], "rejected": [assistant("b")]}
+    with pytest.raises(TypeError, match=r"row 26, field 'prompt', message 0: 'role' must be a string"):
+        to_example(row, 26, "standard", chat_tokenizer)
+
+
+def test_response_must_end_with_an_assistant_turn(chat_tokenizer):
+    row = {"prompt": [user("hi")], "chosen": [assistant("a")], "rejected": [user("b")]}
+    with pytest.raises(ValueError, match=r"row 27, field 'rejected': the last message must be an assistant"):
+        to_example(row, 27, "standard", chat_tokenizer)
+
+
+def test_template_error_names_the_row():
+    # the template raises for roles it does not know; the error keeps its text and gains the row
+    strict = (
+        "{% for m in messages %}{% if m['role'] == 'tool' %}{{ raise_exception('no tools here') }}{% endif %}"
+        "{{ m['content'] }} {% endfor %}"
+    )
+    row = {
+        "prompt": [user("hi"), {"role": "tool", "content": "x"}],
+        "chosen": [assistant("a")],
+        "rejected": [assistant("b")],
+    }
+    with pytest.raises(
+        ValueError, match=r"row 28, field 'prompt': the chat template cannot render.*no tools here"
+    ):
+        to_example(row, 28, "standard", build_tokenizer(strict))
+
+
+# ---------------------------------------------------------------- tool calls, tools, chat_template_kwargs
+
+TOOL_TEMPLATE = (
+    "{% if tools %}[tools] {{ tools | map(attribute='name') | join(',') }} {% endif %}"
+    "{% if greeting is defined %}[greet] {{ greeting }} {% endif %}"
+    "{% for m in messages %}<|{{ m['role'] }}|> "
+    "{% if m['tool_calls'] %}{% for c in m['tool_calls'] %}call {{ c['function']['name'] }} {% endfor %}"
+    "{% else %}{{ m['content'] }} {% endif %}<eos> {% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|> {% endif %}"
+)
+
+
+def call(name):
+    return {
+        "role": "assistant",
+        "tool_calls": [{"type": "function", "function": {"name": name, "arguments": {}}}],
+    }
+
+
+def test_tool_calls_and_tool_messages_render():
+    row = {
+        "prompt": [user("hi"), call("bye"), {"role": "tool", "content": "hello"}],
+        "chosen": [call("hi")],  # a tool call as the response, without content
+        "rejected": [{**assistant("bye"), "tool_calls": None}],  # Arrow fills absent keys with None
+        "tools": [{"name": "hi"}, {"name": "bye"}],
+    }
+    example = to_example(row, 0, "standard", build_tokenizer(TOOL_TEMPLATE))
+    assert example.prompt == (
+        "[tools] hi,bye <|user|> hi <eos> <|assistant|> call bye <eos> <|tool|> hello <eos> <|assistant|> "
+    )
+    assert example.responses == ("call hi <eos> ", "bye <eos> ")
+
+
+def test_tools_as_a_json_string_equal_tools_as_a_list():
+    tokenizer = build_tokenizer(TOOL_TEMPLATE)
+    base = {"prompt": [user("hi")], "chosen": [assistant("hello")], "rejected": [assistant("bye")]}
+    as_list = to_example({**base, "tools": [{"name": "hi"}]}, 0, "standard", tokenizer)
+    as_json = to_example({**base, "tools": '[{"name": "hi"}]'}, 0, "standard", tokenizer)
+    assert as_list == as_json and as_list.prompt.startswith("[tools] hi ")
+    assert not to_example({**base, "tools": None}, 0, "standard", tokenizer).prompt.startswith("[tools]")
+
+
+def test_chat_template_kwargs_reach_the_template():
+    tokenizer = build_tokenizer(TOOL_TEMPLATE)
+    base = {"chosen": [user("hi"), assistant("hello")], "rejected": [user("hi"), assistant("bye")]}
+    example = to_example({**base, "chat_template_kwargs": {"greeting": "bye"}}, 0, "implicit", tokenizer)
+    assert example.prompt == "[greet] bye <|user|> hi <eos> <|assistant|> "
+    assert to_example({**base, "chat_template_kwargs": None}, 0, "implicit", tokenizer).prompt.startswith(
+        "<|user|>"
+    )
+
+
+@pytest.mark.parametrize(
+    ("extra", "error", "message"),
+    [
+        ({"tools": "[{not json"}, ValueError, r"row 29, field 'tools': not valid JSON"),
+        ({"tools": 5}, TypeError, r"row 29, field 'tools': expected a list of tool schemas"),
+        ({"chat_template_kwargs": "enable_thinking"}, TypeError, r"row 29, field 'chat_template_kwargs'"),
+        (
+            {"chat_template_kwargs": {"add_generation_prompt": False}},
+            ValueError,
+            r"row 29, field 'chat_template_kwargs': \['add_generation_prompt'\] are set by the trainer",
+        ),
+    ],
+)
+def test_bad_template_columns(chat_tokenizer, extra, error, message):
+    row = {"prompt": [user("hi")], "chosen": [assistant("a")], "rejected": [assistant("b")], **extra}
+    with pytest.raises(error, match=message):
+        to_example(row, 29, "standard", chat_tokenizer)
+
+
+def test_content_may_be_absent_only_for_a_tool_call(chat_tokenizer):
+    row = {
+        "prompt": [user("hi")],
+        "chosen": [{"role": "assistant", "tool_calls": []}],
+        "rejected": [assistant("b")],
+    }
+    with pytest.raises(ValueError, match=r"row 30, field 'chosen', message 0: missing 'content'"):
+        to_example(row, 30, "standard", chat_tokenizer)
+    row["chosen"] = [{"role": "user", "content": None, "tool_calls": [{"function": {"name": "f"}}]}]
+    with pytest.raises(ValueError, match=r"row 30, field 'chosen', message 0: missing 'content'"):
+        to_example(row, 30, "standard", chat_tokenizer)
+
+
+# ---------------------------------------------------------------- through DPOTrainer, before Arrow
+
+
+def _rows_with(index, **values):
+    rows = [{"prompt": f"Q{k}:", "chosen": " a", "rejected": " b"} for k in range(8)]
+    rows[index] = {**rows[index], **values}
+    return rows
+
+
+@pytest.mark.parametrize(
+    ("rows", "error", "message"),
+    [
+        # Arrow refuses a lone surrogate with an error that names neither row nor field
+        (_rows_with(5, rejected=" b\ud800"), ValueError, r"row 5, field 'rejected': lone surrogate"),
+        # Arrow silently turns the whole column into bytes, so the error would name row 0
+        (_rows_with(6, chosen=b" a"), TypeError, r"row 6, field 'chosen': a bytes value"),
+        (
+            _rows_with(
+                3,
+                prompt=[{"role": "narrator", "content": "hi"}],
+                chosen=[assistant("a")],
+                rejected=[assistant("b")],
+            ),
+            ValueError,
+            r"row 3, field 'prompt', message 0: unknown role 'narrator'",
+        ),
+    ],
+)
+def test_trainer_names_the_bad_row_of_a_list_before_training(
+    tmp_path, make_model, tokenizer, rows, error, message
+):
+    with pytest.raises(error, match=rf"train_dataset: {message}"):
+        DPOTrainer(make_model(), args=dpo_config(tmp_path), train_dataset=rows, processing_class=tokenizer)

@@ -5,7 +5,7 @@ import os
 os.environ["HF_HUB_OFFLINE"] = "1"
 
 import pytest
-from tokenizers import Tokenizer, models, pre_tokenizers, processors
+from tokenizers import AddedToken, Tokenizer, models, pre_tokenizers, processors
 from transformers import PreTrainedTokenizerFast
 
 from dpo_trainer.data.formats import Example
@@ -61,6 +61,54 @@ def test_templated_text_gets_no_extra_special_tokens():
 def test_eos_appended_once(tokenizer):
     out = tokenize(Example("a", ("b <eos>", "c", "<eos>", "")), tokenizer)
     assert out["response_ids"] == [[B, EOS], [C, EOS], [EOS], [EOS]]
+
+
+def test_templated_response_ends_as_the_template_ends_it():
+    # a chat template that ends the assistant turn with a special token of its own (ChatML's
+    # "<|im_end|>\n"): nothing appended, trailing whitespace after it included; one that ends the turn
+    # with no special token at all: EOS appended, so that the model still learns to stop
+    tokenizer = build_tokenizer()
+    tokenizer.add_tokens([AddedToken("<sep>", special=True)])
+    sep = tokenizer.convert_tokens_to_ids("<sep>")
+    out = tokenize(Example("a", (" c <sep> ", " d e", " <eos>"), templated=True), tokenizer)
+    assert out["response_ids"] == [[C, sep], [D, E, EOS], [EOS]]
+
+
+def test_plain_text_response_gets_eos_even_after_another_special_token():
+    tokenizer = build_tokenizer()
+    tokenizer.add_tokens([AddedToken("<sep>", special=True)])
+    sep = tokenizer.convert_tokens_to_ids("<sep>")
+    out = tokenize(Example("a", (" c <sep>", " d")), tokenizer)
+    assert out["response_ids"] == [[C, sep, EOS], [D, EOS]]
+
+
+def build_metaspace_tokenizer():
+    """SentencePiece-style: "▁" marks a word start and is prepended to a text of its own; punctuation
+    splits words. So "b" alone is "▁b", while after "a:" it is "b"."""
+    vocab = {w: i for i, w in enumerate(["<pad>", "<bos>", "<eos>", "<unk>", "▁a", ":", "b", "▁b"])}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.Metaspace(prepend_scheme="first"), pre_tokenizers.Punctuation()]
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend, eos_token="<eos>", pad_token="<pad>", bos_token="<bos>", unk_token="<unk>"
+    ), vocab
+
+
+def test_response_ids_are_those_that_follow_the_prompt():
+    # TRL's ids, and the ones a model produces after this prompt: "b" as continued text, not "▁b"
+    tokenizer, vocab = build_metaspace_tokenizer()
+    assert tokenizer("b", add_special_tokens=False)["input_ids"] == [vocab["▁b"]]
+    out = tokenize(Example("a:", ("b", "b b")), tokenizer)
+    assert out["prompt_ids"] == [vocab["▁a"], vocab[":"]]
+    assert out["response_ids"] == [[vocab["b"], EOS], [vocab["b"], vocab["▁b"], EOS]]
+
+
+def test_tokens_merging_across_the_boundary_keep_the_prompt_whole(tokenizer):
+    # "a" + "b" tokenizes as one unknown word "ab": the prompt keeps its inference ids and the response
+    # is tokenized on its own (TRL would cut the prompt back to the common prefix, here to nothing)
+    out = tokenize(Example("a", ("b", " c")), tokenizer)
+    assert out == {"prompt_ids": [A], "response_ids": [[B, EOS], [C, EOS]]}
 
 
 def test_tokenizer_without_eos():

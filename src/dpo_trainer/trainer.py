@@ -28,7 +28,7 @@ from . import __version__
 from .attention import choose_attention, grouped_layout_unsupported, resolve_layout  # noqa: F401
 from .checkpoints import last_complete_checkpoint, read_settings, settings_changes, write_settings
 from .config import DPOConfig
-from .data import PaddedCollator, detect_format, to_example, tokenize_example
+from .data import PaddedCollator, check_row_text, detect_format, to_example, tokenize_example
 from .data.batching import TokenBudgetBatchSampler, example_tokens
 from .data.layouts import GroupedCollator
 from .engines import frozen_copy, policy_as_reference, prepare_reference, release_reference
@@ -262,6 +262,8 @@ class DPOTrainer(Trainer):
                 raise ValueError(f"{name} is empty.")
             if not all(isinstance(row, Mapping) for row in dataset):
                 raise TypeError(f"{name}: a list dataset must hold dicts (rows).")
+            for index, row in enumerate(dataset):  # Arrow fails on these without the row, or converts a column
+                _named(name, check_row_text, row, index)
             try:
                 dataset = Dataset.from_list(list(dataset))
             except (pyarrow.ArrowInvalid, pyarrow.ArrowTypeError) as error:

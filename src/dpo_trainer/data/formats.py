@@ -36,6 +36,7 @@ MIN_RESPONSES = 2
 
 # Optional columns of conversational rows, passed to the chat template (as TRL 1.16 does).
 TEMPLATE_COLUMNS = ("tools", "chat_template_kwargs")
+_DATA_COLUMNS = {column for columns in FORMAT_COLUMNS.values() for column in columns} | set(TEMPLATE_COLUMNS)
 # Roles of the published chat templates (Llama 3.1 names tool results "ipython"; OpenAI's "developer" and
 # "function"); anything else is most likely a typo that a template would render verbatim or reject.
 KNOWN_ROLES = ("system", "developer", "user", "assistant", "tool", "ipython", "function")
@@ -116,22 +117,21 @@ def split_hh_transcript(text: str, *, row: int, field: str) -> tuple[str, str]:
     return text[:cut], text[cut:]
 
 
-def check_row_text(row: Mapping, index: int, fmt: str) -> None:
-    """Raise for text Arrow or a tokenizer cannot take, naming the row and the field.
+def check_row_text(row: Mapping, index: int) -> None:
+    """Raise for text that Arrow or a tokenizer cannot take, naming the row and the field.
 
-    The format's columns and :data:`TEMPLATE_COLUMNS` must hold no ``bytes`` (``TypeError``); no string
-    in any column may hold a lone surrogate (``ValueError``). Cheap enough to run on every row before a
-    list of rows becomes an Arrow table, which would otherwise fail on (or silently convert) the whole
-    column without naming the row.
+    The data columns (those of every format, and :data:`TEMPLATE_COLUMNS`) must hold no ``bytes``
+    (``TypeError``); no string in any column may hold a lone surrogate (``ValueError``). Cheap enough to
+    run on every row of a list before it becomes an Arrow table, which would otherwise fail without naming
+    the row, or silently turn a whole string column into bytes.
 
-    >>> check_row_text({"prompt": "Q\\ud800", "chosen": " a", "rejected": " b"}, 3, "standard")
+    >>> check_row_text({"prompt": "Q\\ud800", "chosen": " a", "rejected": " b"}, 3)
     Traceback (most recent call last):
     ...
     ValueError: row 3, field 'prompt': lone surrogate U+D800 at character 1, which is not valid Unicode text (a string decoded with errors='surrogatepass' or a JSON '\\ud800' escape?); fix or drop the row
     """
-    data_columns = set(FORMAT_COLUMNS.get(fmt, ())) | set(TEMPLATE_COLUMNS)
     for field, value in row.items():
-        _check_text(value, _where(index, field), allow_bytes=field not in data_columns)
+        _check_text(value, _where(index, field), allow_bytes=field not in _DATA_COLUMNS)
 
 
 def to_example(row: Mapping, index: int, fmt: str, tokenizer=None) -> Example:
@@ -145,9 +145,7 @@ def to_example(row: Mapping, index: int, fmt: str, tokenizer=None) -> Example:
     """
     if fmt not in FORMAT_COLUMNS:
         raise ValueError(f"unknown format {fmt!r}; expected one of {sorted(FORMAT_COLUMNS)}")
-    for field in (*FORMAT_COLUMNS[fmt], *TEMPLATE_COLUMNS):
-        if field in row:
-            _check_text(row[field], _where(index, field), allow_bytes=False)
+    check_row_text(row, index)
     if fmt == "standard":
         prompt = _field(row, index, "prompt")
         responses = [("chosen", _field(row, index, "chosen")), ("rejected", _field(row, index, "rejected"))]
