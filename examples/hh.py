@@ -71,6 +71,9 @@ TINY_DEFAULTS = {
     "save_steps": "50",
     "seed": "0",
 }
+# The paper's reference implementation truncates HH at 512 tokens, prompts at 256, keeping a long prompt's
+# end (the turns nearest the reply); DPOConfig's own defaults follow TRL (1024, no prompt cap, keep_start).
+PAPER_DEFAULTS = {"max_length": "512", "max_prompt_length": "256", "truncation_mode": "keep_end"}
 TINY_SCRIPT_DEFAULTS = {
     "sft_max_steps": "700",
     "sft_learning_rate": "3e-3",
@@ -133,7 +136,7 @@ class ScriptArguments:
 
 def parse_args(argv: list[str]) -> tuple[ScriptArguments, DPOConfig]:
     given = {arg[2:].split("=")[0] for arg in argv if arg.startswith("--")}
-    defaults = []
+    chosen = dict(PAPER_DEFAULTS)
     if "model" not in given:
         tiny = {**TINY_DEFAULTS, **TINY_SCRIPT_DEFAULTS}
         defaults = [f"--{k}={v}" for k, v in tiny.items() if k not in given]

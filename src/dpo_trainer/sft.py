@@ -66,6 +66,7 @@ def sft_trainer(
         output_dir=args.output_dir,
         max_length=max_length,
         max_prompt_length=max_prompt_length,
+        truncation_mode="keep_end",  # the paper's code: a long prompt keeps the turns nearest the reply
         report_to="none",
     )
     train = DPOTrainer.prepare_dataset(train_dataset, tokenizer, data_args, "train_dataset")

@@ -16,13 +16,15 @@ import contextlib
 import logging
 import os
 from collections.abc import Mapping
+from dataclasses import dataclass
 
+import numpy
 import pyarrow
 import torch
 from accelerate.utils import broadcast_object_list, gather_object
-from datasets import Dataset
+from datasets import Dataset, IterableDataset
 from torch import nn
-from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, set_seed
+from transformers import AutoModelForCausalLM, AutoTokenizer, EvalPrediction, Trainer, set_seed
 
 from . import __version__
 from .attention import choose_attention, grouped_layout_unsupported, resolve_layout  # noqa: F401
@@ -86,6 +88,130 @@ def _named(dataset_name: str, function, *args, **kwargs):
         raise type(error)(f"{dataset_name}: {error}") from error
 
 
+def _model_dtype(dtype):
+    """`model_init_kwargs["dtype"]` as `from_pretrained` takes it: a torch dtype, "auto" or None."""
+    if dtype is None or dtype == "auto" or isinstance(dtype, torch.dtype):
+        return dtype
+    if isinstance(dtype, str) and dtype.removeprefix("torch.") in ("bfloat16", "float16", "float32"):
+        return getattr(torch, dtype.removeprefix("torch."))
+    raise ValueError(
+        f"DPOConfig.model_init_kwargs['dtype'] must be 'auto', 'bfloat16', 'float16', 'float32' or a torch dtype, "
+        f"got {dtype!r}."
+    )
+
+
+def _is_tokenized(columns) -> bool:
+    return {"prompt_ids", "response_ids"} <= set(columns)
+
+
+def _check_text_only(columns, name: str) -> None:
+    """TRL raises for image columns given to a text model; they must not be dropped silently."""
+    found = [column for column in ("image", "images") if column in set(columns)]
+    if found:
+        raise ValueError(
+            f"{name} has an {found[0]!r} column: it looks like vision-language data, but dpo_trainer trains "
+            "text-only causal language models. Remove the column to train on the text alone."
+        )
+
+
+def _check_ranking(num_responses: int, args: DPOConfig, name: str) -> None:
+    """Rankings (K > 2 responses) train with Plackett-Luce, which is defined for the sigmoid loss only."""
+    losses = [args.loss_type] if isinstance(args.loss_type, str) else list(args.loss_type)
+    if num_responses > 2 and (losses != ["sigmoid"] or args.label_smoothing):
+        raise ValueError(
+            f"{name} ranks {num_responses} responses per row, which trains with the Plackett-Luce loss; it "
+            f"needs loss_type='sigmoid' and label_smoothing=0 (got {args.loss_type!r}, {args.label_smoothing})."
+        )
+
+
+def _prepare_streamed(dataset: IterableDataset, tokenizer, args: DPOConfig, name: str) -> IterableDataset:
+    """Tokenize a streamed dataset lazily; checks that need the whole set are made per row as it is read."""
+    first = next(iter(dataset), None)
+    if first is None:
+        raise ValueError(f"{name} is empty.")
+    columns = list(first.keys())
+    if _is_tokenized(columns):
+        return dataset
+    _check_text_only(columns, name)
+    fmt = _named(name, detect_format, columns)
+    num_responses = len(_named(name, to_example, first, 0, fmt, tokenizer).responses)
+    _check_ranking(num_responses, args, name)
+    settings = {
+        "max_length": args.max_length,
+        "max_prompt_length": args.max_prompt_length,
+        "truncation_mode": args.truncation_mode,
+    }
+
+    def tokenize(row, index):
+        example = _named(name, to_example, row, index, fmt, tokenizer)
+        if len(example.responses) != num_responses:
+            raise ValueError(
+                f"{name} row {index}: {len(example.responses)} responses where row 0 has {num_responses}; "
+                "every row of a dataset must rank the same number of responses."
+            )
+        return _named(name, tokenize_example, example, tokenizer, index=index, **settings)
+
+    warned = []
+
+    def keep(row) -> bool:
+        kept = min(map(len, row["response_ids"])) > 0
+        if not kept and not warned:
+            warned.append(True)
+            logger.warning(
+                "%s: skipping streamed rows whose response is truncated away entirely (max_length=%s); raise "
+                "max_length or set max_prompt_length to keep them.",
+                name,
+                args.max_length,
+            )
+        return kept
+
+    return dataset.map(tokenize, with_indices=True, remove_columns=columns).filter(keep)
+
+
+class PairRowsMetrics:
+    """Wraps a `compute_metrics` so it receives TRL's rows: predictions gathered per pair (N, T, K, V) and
+    labels (N, T, K) become (K*N, T, V) and (K*N, T), every example's chosen row first, then the rejected rows."""
+
+    def __init__(self, compute_metrics):
+        self.compute_metrics = compute_metrics
+
+    def __call__(self, prediction, **kwargs):
+        def rows(array):
+            if array is None:
+                return None
+            if isinstance(array, torch.Tensor):
+                moved = array.movedim(2, 0)
+            else:
+                moved = numpy.moveaxis(numpy.asarray(array), 2, 0)
+            return moved.reshape(-1, *moved.shape[2:])
+
+        rows_prediction = EvalPrediction(
+            predictions=rows(prediction.predictions),
+            label_ids=rows(prediction.label_ids),
+            inputs=prediction.inputs,
+            losses=prediction.losses,
+        )
+        return self.compute_metrics(rows_prediction, **kwargs)
+
+
+@dataclass
+class WithPaddedView:
+    """A collator that adds TRL's padded rows to another layout's batch, for `compute_metrics`.
+
+    Adds ``padded_input_ids`` and ``padded_attention_mask`` (K*B, T), the ``input_ids`` /
+    ``attention_mask`` of `PaddedCollator` (chosen rows, then rejected rows, right-padded).
+    """
+
+    collator: object
+    padded: PaddedCollator
+
+    def __call__(self, features: list[dict]) -> dict[str, torch.Tensor]:
+        batch = self.collator(features)
+        view = self.padded(features)
+        batch["padded_input_ids"], batch["padded_attention_mask"] = view["input_ids"], view["attention_mask"]
+        return batch
+
+
 class DPOTrainer(Trainer):
     """Trains `model` on preference data with DPO against a frozen reference.
 
@@ -109,25 +235,36 @@ class DPOTrainer(Trainer):
         data_collator, callbacks, optimizers: as in `transformers.Trainer`.
     """
 
+    _tag_names = ["dpo_trainer", "dpo"]
+
     def __init__(
         self,
         model: str | nn.Module,
         ref_model: str | nn.Module | None = None,
         args: DPOConfig | None = None,
+        data_collator=None,
         train_dataset=None,
         eval_dataset=None,
         processing_class=None,
-        peft_config=None,
-        data_collator=None,
+        compute_metrics=None,
         callbacks=None,
         optimizers=(None, None),
-        compute_metrics=None,
         quantization_config=None,
+        peft_config=None,
     ):
-        args = args if args is not None else DPOConfig(output_dir="dpo_output")
+        if args is None:  # as TRL: output in "<model name>-DPO"
+            name = model if isinstance(model, str) else getattr(getattr(model, "config", None), "_name_or_path", "")
+            args = DPOConfig(output_dir=f"{(name or 'model').rstrip('/').split('/')[-1]}-DPO")
         if not isinstance(args, DPOConfig):
             raise TypeError(f"args must be a DPOConfig, got {type(args).__name__}.")
-        model_name = model if isinstance(model, str) else None
+        if train_dataset is None:
+            raise ValueError(
+                "train_dataset is required (as in TRL): pass the preference rows to train on, even when you "
+                "only mean to evaluate."
+            )
+        self._check_streaming(args, train_dataset, eval_dataset)
+        if args.activation_offloading and not hasattr(torch.autograd.graph, "save_on_cpu"):
+            raise ValueError("DPOConfig.activation_offloading=True needs torch.autograd.graph.save_on_cpu.")
         if quantization_config is not None:
             if "quantization_config" in (args.model_init_kwargs or {}):
                 raise ValueError(
@@ -139,14 +276,12 @@ class DPOTrainer(Trainer):
                     "quantization_config applies when the model is loaded from a name or path; quantize an "
                     "already-built model when you load it (from_pretrained(..., quantization_config=...))."
                 )
+        if not isinstance(model, str) and args.model_init_kwargs is not None:
+            logger.warning("DPOConfig.model_init_kwargs is ignored: the model is already instantiated.")
         model = self._load_model(model, args, quantization_config)
         if processing_class is None:
-            if model_name is None:
-                raise ValueError(
-                    "processing_class (the tokenizer) is required when model is not a name or path."
-                )
-            processing_class = AutoTokenizer.from_pretrained(model_name)
-        self._check_tokenizer(processing_class)
+            processing_class = self._load_tokenizer(model, args)
+        self._check_tokenizer(processing_class, args.pad_token)
 
         if peft_config is not None:
             if is_peft_model(model):
@@ -179,6 +314,8 @@ class DPOTrainer(Trainer):
             freeze(ref_model)
             disable_dropout(ref_model)
         self.ref_model = ref_model
+        # Full fine-tuning that precomputes from the policy itself: π_ref exists only before the first step.
+        self._policy_scores_reference = ref_model is None and not is_peft_model(model)
 
         train_dataset = self.prepare_dataset(train_dataset, processing_class, args, "train_dataset")
         if isinstance(eval_dataset, Mapping):
@@ -198,6 +335,10 @@ class DPOTrainer(Trainer):
                 data_collator = GroupedCollator(
                     processing_class.pad_token_id, self.layout, args.pad_to_multiple_of
                 )
+                if compute_metrics is not None:  # compute_metrics sees TRL's padded rows (`prediction_step`)
+                    data_collator = WithPaddedView(
+                        data_collator, PaddedCollator(processing_class.pad_token_id, args.pad_to_multiple_of)
+                    )
 
         super().__init__(
             model=model,
@@ -206,7 +347,7 @@ class DPOTrainer(Trainer):
             train_dataset=train_dataset,
             eval_dataset=eval_dataset,
             processing_class=processing_class,
-            compute_metrics=compute_metrics,
+            compute_metrics=None if compute_metrics is None else PairRowsMetrics(compute_metrics),
             callbacks=callbacks,
             optimizers=optimizers,
         )
@@ -217,6 +358,8 @@ class DPOTrainer(Trainer):
         self._metrics, self._eval_prefix = {}, "eval"
         self._data_fingerprint = None  # of the tokenized training rows, computed when first needed
         # the divergence guard's state (`_guard_optimizer_step`)
+        if hasattr(self.model, "add_model_tags"):  # the hub model card's tags, as TRL's ("trl", "dpo")
+            self.model.add_model_tags(self._tag_names)
         self._guard_flags, self._skipped_steps = {}, 0
         if self.ref_model is not None:
             # Placed like the policy: a DeepSpeed inference engine (partitioned under ZeRO-3), FSDP2 shards,
@@ -229,22 +372,55 @@ class DPOTrainer(Trainer):
 
     @staticmethod
     def _load_model(model, args: DPOConfig, quantization_config=None) -> nn.Module:
+        """A module as given, or one loaded from a name or path in float32 unless `model_init_kwargs` sets a dtype."""
         if isinstance(model, str):
             kwargs = dict(args.model_init_kwargs or {})
             if quantization_config is not None:
                 kwargs["quantization_config"] = quantization_config
+            if "torch_dtype" in kwargs and "dtype" not in kwargs:  # transformers 4's name
+                kwargs["dtype"] = kwargs.pop("torch_dtype")
+            kwargs["dtype"] = _model_dtype(kwargs.get("dtype", "float32"))
+            kwargs.setdefault("trust_remote_code", args.trust_remote_code)
             return AutoModelForCausalLM.from_pretrained(model, **kwargs)
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a name, a path or a torch module, got {type(model).__name__}.")
         return model
 
     @staticmethod
-    def _check_tokenizer(tokenizer) -> None:
+    def _load_tokenizer(model: nn.Module, args: DPOConfig):
+        """The tokenizer saved with `model`, found through its config's `_name_or_path` (as TRL does)."""
+        name = getattr(unwrap(model).config, "_name_or_path", "") or ""
+        if not name:
+            raise ValueError(
+                "processing_class is None and the model's config names no checkpoint (_name_or_path is empty) "
+                "to load a tokenizer from; pass processing_class=<your tokenizer>."
+            )
+        kwargs = {"trust_remote_code": args.trust_remote_code}
+        revision = (args.model_init_kwargs or {}).get("revision")
+        if revision is not None:
+            kwargs["revision"] = revision
+        try:
+            return AutoTokenizer.from_pretrained(name, **kwargs)
+        except (OSError, ValueError, TypeError) as error:
+            raise ValueError(
+                f"processing_class is None and no tokenizer could be loaded from the model's _name_or_path "
+                f"{name!r} ({type(error).__name__}: {error}); pass processing_class=<your tokenizer>."
+            ) from error
+
+    @staticmethod
+    def _check_tokenizer(tokenizer, pad_token: str | None = None) -> None:
         if getattr(tokenizer, "eos_token_id", None) is None:
             raise ValueError(
                 "processing_class has no eos_token: DPO appends EOS to every response so the model learns to "
                 "stop. Set tokenizer.eos_token first."
             )
+        if pad_token is not None:  # DPOConfig.pad_token (TRL's deprecated field)
+            if pad_token not in tokenizer.get_vocab():
+                raise ValueError(
+                    f"DPOConfig.pad_token {pad_token!r} is not in the vocabulary of {type(tokenizer).__name__}; "
+                    "add it to the tokenizer first or pick a token it has."
+                )
+            tokenizer.pad_token = pad_token
         if tokenizer.pad_token_id is None:
             # Padding is never scored nor attended, so EOS is a safe pad token.
             tokenizer.pad_token = tokenizer.eos_token
@@ -253,15 +429,51 @@ class DPOTrainer(Trainer):
             )
 
     @staticmethod
+    def _check_streaming(args: DPOConfig, train_dataset, eval_dataset) -> None:
+        """Refuse early what a streamed `datasets.IterableDataset` cannot do; TRL's dispatch setting for it."""
+        evals = eval_dataset.items() if isinstance(eval_dataset, Mapping) else [("", eval_dataset)]
+        streamed = [f"eval_dataset{f'[{k!r}]' if k else ''}" for k, d in evals if isinstance(d, IterableDataset)]
+        if isinstance(train_dataset, IterableDataset):
+            streamed.insert(0, "train_dataset")
+            if args.max_steps is None or args.max_steps <= 0:
+                raise ValueError(
+                    "train_dataset is a streamed datasets.IterableDataset, whose length is unknown: set "
+                    "DPOConfig.max_steps to the number of optimizer steps to train."
+                )
+            if args.max_tokens_per_batch is not None:
+                raise ValueError(
+                    "DPOConfig.max_tokens_per_batch sorts the whole training set by length, which a streamed "
+                    "train_dataset (datasets.IterableDataset) cannot offer; unset it or use a map-style Dataset."
+                )
+            if args.accelerator_config.dispatch_batches:
+                logger.warning("dispatch_batches is set to False for a streamed train_dataset (as TRL does).")
+            # accelerate's dispatch mode concatenates the batches of several processes, which fails for
+            # batches of different shapes
+            args.accelerator_config.dispatch_batches = False
+        if streamed and args.precompute_ref_log_probs:
+            raise ValueError(
+                f"DPOConfig.precompute_ref_log_probs=True needs map-style datasets, but {', '.join(streamed)} "
+                "is streamed (datasets.IterableDataset); set precompute_ref_log_probs=False or load the data "
+                "without streaming."
+            )
+
+    @staticmethod
     def prepare_dataset(dataset, tokenizer, args: DPOConfig, name: str = "dataset"):
-        """Rows in any supported format -> `prompt_ids`, `response_ids` (one tokenized row per example)."""
+        """Rows in any supported format -> `prompt_ids`, `response_ids` (one tokenized row per example).
+
+        A dataset already tokenized (with both columns) is returned as it is. A streamed
+        `datasets.IterableDataset` is tokenized on the fly, as it is read.
+        """
         if dataset is None:
             return None
+        if isinstance(dataset, IterableDataset):
+            return _prepare_streamed(dataset, tokenizer, args, name)
         if isinstance(dataset, list):
             if not dataset:
                 raise ValueError(f"{name} is empty.")
             if not all(isinstance(row, Mapping) for row in dataset):
                 raise TypeError(f"{name}: a list dataset must hold dicts (rows).")
+            _check_text_only(dataset[0].keys(), name)
             for index, row in enumerate(dataset):  # Arrow fails on these without the row, or converts a column
                 _named(name, check_row_text, row, index)
             try:
@@ -274,10 +486,14 @@ class DPOTrainer(Trainer):
                 raise TypeError(f"{name}: the rows do not share one column type ({error}).") from error
         if not isinstance(dataset, Dataset):
             raise TypeError(
-                f"{name} must be a datasets.Dataset or a list of dicts, got {type(dataset).__name__}."
+                f"{name} must be a datasets.Dataset, a datasets.IterableDataset or a list of dicts, got "
+                f"{type(dataset).__name__}."
             )
         if len(dataset) == 0:
             raise ValueError(f"{name} is empty.")
+        if _is_tokenized(dataset.column_names):
+            return dataset
+        _check_text_only(dataset.column_names, name)
         fmt = detect_format(dataset.column_names)
         settings = {
             "max_length": args.max_length,
@@ -303,11 +519,7 @@ class DPOTrainer(Trainer):
                 f"{name} row {first}: {counts[first]} responses where row 0 has {counts[0]}; every row of a "
                 "dataset must rank the same number of responses."
             )
-        if counts[0] > 2 and (args.loss_type != "sigmoid" or args.label_smoothing):
-            raise ValueError(
-                f"{name} ranks {counts[0]} responses per row, which trains with the Plackett-Luce loss; it "
-                f"needs loss_type='sigmoid' and label_smoothing=0 (got {args.loss_type!r}, {args.label_smoothing})."
-            )
+        _check_ranking(counts[0], args, name)
         emptied = [i for i, responses in enumerate(dataset["response_ids"]) if min(map(len, responses)) == 0]
         if emptied:
             if len(emptied) == len(dataset):
@@ -531,7 +743,7 @@ class DPOTrainer(Trainer):
         Every process runs the same number of forward passes (a process whose share ends early scores a
         filler batch and drops it): a sharded reference (ZeRO-3, FSDP) gathers weights with collectives.
         """
-        batch_size = self.args.per_device_eval_batch_size
+        batch_size = self.args.precompute_ref_batch_size or self.args.per_device_eval_batch_size
         share = -(-len(dataset) // self.accelerator.num_processes)
         start = min(len(dataset), self.accelerator.process_index * share)
         rows = dataset.select(range(start, min(len(dataset), start + share)))
@@ -678,6 +890,15 @@ class DPOTrainer(Trainer):
     def evaluate(
         self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval"
     ) -> dict[str, float]:
+        # A dataset given here is prepared as in __init__ (tokenized, and with precomputed reference log-probs
+        # when the run uses them); a dict of them is evaluated set by set, each under "<prefix>_<name>_".
+        if isinstance(eval_dataset, Mapping):
+            metrics = {}
+            for key, value in eval_dataset.items():
+                metrics.update(self.evaluate(value, ignore_keys, f"{metric_key_prefix}_{key}"))
+            return metrics
+        if eval_dataset is not None and not isinstance(eval_dataset, str):
+            eval_dataset = self._prepare_eval_dataset(eval_dataset)
         # Before train(), Trainer prepares the policy for evaluation in ways training cannot start from: with
         # several processes accelerate then marks the policy prepared and train() never wraps it in DDP
         # (gradients are not synchronised); ZeRO 1-2 refuse to build an inference engine; ZeRO-3 leaves
@@ -700,6 +921,28 @@ class DPOTrainer(Trainer):
                 self.accelerator._models[:] = models
                 self.deepspeed = None
 
+    def _prepare_eval_dataset(self, dataset):
+        """Tokenize a dataset given to `evaluate()`; add its reference log-probs when they are precomputed."""
+        if self.args.precompute_ref_log_probs and isinstance(dataset, IterableDataset):
+            raise ValueError(
+                "DPOConfig.precompute_ref_log_probs=True needs map-style datasets; evaluate() was given a "
+                "streamed datasets.IterableDataset."
+            )
+        dataset = self.prepare_dataset(dataset, self.processing_class, self.args, "eval_dataset")
+        if not self.args.precompute_ref_log_probs or "ref_logps" in dataset.column_names:
+            return dataset
+        if self.ref_model is None and not is_peft_model(unwrap_to_peft(self.model)):
+            if not self._policy_scores_reference or self.state.global_step > 0:
+                raise ValueError(
+                    "evaluate() was given a new dataset, but its reference log-probs cannot be computed: with "
+                    "precompute_ref_log_probs=True the reference model is released once its values are computed "
+                    "(and a fully fine-tuned policy is its own reference only before the first step). Pass this "
+                    "dataset as eval_dataset when building the trainer, or set precompute_ref_log_probs=False."
+                )
+        with self._reference_scorer() as score:
+            values = self._compute_reference_column(dataset, "evaluate", score)
+        return dataset.add_column("ref_logps", values.tolist())
+
     def _policy_prepared(self) -> bool:
         """Whether Trainer has prepared the policy for training (engine, DDP, device and autocast)."""
         if self.is_deepspeed_enabled:
@@ -708,12 +951,36 @@ class DPOTrainer(Trainer):
             return is_fsdp_module(self.model)
         return self.model_wrapped is not self.model or getattr(self.model, "_is_accelerate_prepared", False)
 
+    def training_step(self, *args, **kwargs):
+        # DPOConfig.activation_offloading: the tensors autograd saves for backward wait in CPU memory.
+        if not self.args.activation_offloading:
+            return super().training_step(*args, **kwargs)
+        with torch.autograd.graph.save_on_cpu(pin_memory=torch.cuda.is_available()):
+            return super().training_step(*args, **kwargs)
+
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
-        # Trainer's default expects logits and labels; evaluation here is the loss plus reward metrics.
+        # Trainer's default expects logits and labels; evaluation here is the loss plus reward metrics. With a
+        # `compute_metrics`, it gets what TRL gives it: the policy's logits (K*B, T, V) on the padded rows
+        # (chosen rows, then rejected rows) and those rows' input_ids as labels, from an extra forward pass.
         inputs = self._prepare_inputs(inputs)
         with torch.no_grad(), self.compute_loss_context_manager():
             loss = self.compute_loss(model, inputs)
-        return loss.detach(), None, None
+            if prediction_loss_only:
+                return loss.detach(), None, None
+            input_ids = inputs.get("padded_input_ids", inputs["input_ids"] if self.layout == "padded" else None)
+            if input_ids is None:
+                raise ValueError(
+                    "compute_metrics needs the padded rows of each batch, which a custom data_collator for the "
+                    f"{self.layout!r} layout does not give; add 'padded_input_ids' / 'padded_attention_mask' "
+                    "(see dpo_trainer.trainer.WithPaddedView) or use DPOConfig(layout='padded')."
+                )
+            mask = inputs.get("padded_attention_mask", inputs.get("attention_mask"))
+            logits = model(input_ids=input_ids, attention_mask=mask, use_cache=False).logits
+        # Gathered per pair, (B, T, K, ...), so that Trainer's cut of a padded last batch keeps whole pairs;
+        # `PairRowsMetrics` hands compute_metrics TRL's rows.
+        k = inputs["response_lengths"].shape[1]
+        logits = logits.detach().unflatten(0, (k, -1)).permute(1, 2, 0, 3)
+        return loss.detach(), logits, input_ids.unflatten(0, (k, -1)).permute(1, 2, 0)
 
     def _record_metrics(
         self, mode: str, policy: torch.Tensor, rewards: torch.Tensor, losses: torch.Tensor
@@ -806,6 +1073,7 @@ class DPOTrainer(Trainer):
                     return None
         base = unwrap(self.model)
         name = getattr(base.config, "_name_or_path", "") or base.config.model_type
+        tags = list(dict.fromkeys(self._tag_names + list(getattr(base, "model_tags", None) or [])))
         reference = (
             "precomputed log-probs"
             if self.args.precompute_ref_log_probs
@@ -817,7 +1085,7 @@ class DPOTrainer(Trainer):
         )
         card = f"""---
 library_name: transformers
-tags: [dpo, dpo_trainer]
+tags: [{", ".join(tags)}]
 ---
 {MODEL_CARD_MARKER}
 # {os.path.basename(os.path.abspath(output_dir))}
