@@ -318,6 +318,18 @@ def run(arm: str, spec: dict) -> dict:
         )
 
     meter = WorkMeter()
+    profile = None
+    if spec.get("profile"):  # where the step's time goes (benchmarks/_profile.py); slows the step a little
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        from _profile import StepProfile, install, wrap_optimizer
+
+        profile = StepProfile(torch)
+    trace = None
+    if spec.get("trace"):  # a torch.profiler trace of the last timed step (chrome://tracing, Perfetto)
+        activities = [torch.profiler.ProfilerActivity.CPU]
+        if torch.cuda.is_available():
+            activities.append(torch.profiler.ProfilerActivity.CUDA)
+        trace = torch.profiler.profile(activities=activities, record_shapes=False)
 
     def cpu_seconds():
         usage = resource.getrusage(resource.RUSAGE_SELF)
@@ -328,15 +340,28 @@ def run(arm: str, spec: dict) -> dict:
         at0 = at1 = None
         cpu0 = cpu1 = None
 
+        def on_train_begin(self, args, state, control, optimizer=None, **kw):
+            if profile is not None and optimizer is not None:
+                wrap_optimizer(profile, optimizer)
+
         def on_step_begin(self, args, state, control, **kw):
+            if trace is not None and state.global_step == steps - 1:  # the last timed step, traced
+                trace.__enter__()
             if state.global_step == warm:
                 sync()
                 Clock.t0, Clock.at0, Clock.cpu0 = time.perf_counter(), dict(meter.consumed), cpu_seconds()
+                if profile is not None:
+                    profile.active = True
 
         def on_step_end(self, args, state, control, **kw):
             if state.global_step == steps:
                 sync()
                 Clock.t1, Clock.at1, Clock.cpu1 = time.perf_counter(), dict(meter.consumed), cpu_seconds()
+                if profile is not None:
+                    profile.active = False
+                if trace is not None:
+                    trace.__exit__(None, None, None)
+                    trace.export_chrome_trace(spec["trace"].replace("{arm}", arm))
 
     train_dataset = rows if arm == "ours" else Dataset.from_list(rows)
     init0 = time.perf_counter()
@@ -357,6 +382,8 @@ def run(arm: str, spec: dict) -> dict:
             dataset if dataset is not None else trainer.train_dataset
         )
     truncation = check_no_truncation(trainer.train_dataset, expected)
+    if profile is not None:
+        install(profile, trainer, arm)
     trainer.data_collator = meter.wrap_collator(trainer.data_collator)
     trainer.training_step = meter.wrap_training_step(trainer.training_step)
 
@@ -434,6 +461,8 @@ def run(arm: str, spec: dict) -> dict:
         "final_log": train_log,
         "foreign_library_imported": FOREIGN[arm] in sys.modules,
     }
+    if profile is not None:
+        result["profile_s_per_step"] = profile.per_step(timed, secs / timed)
     if result["foreign_library_imported"]:
         raise RuntimeError(f"{FOREIGN[arm]} was imported in the {arm} process")
     return result

@@ -161,6 +161,10 @@ def make_spec(preset: str, args) -> dict:
     spec["ours_args"], spec["trl_args"] = args.ours_args, args.trl_args
     spec["ours_attn"] = args.ours_attn
     spec["preset"], spec["tiny"] = preset, args.tiny
+    spec["profile"] = bool(getattr(args, "profile", False))
+    if getattr(args, "trace_dir", None):
+        Path(args.trace_dir).mkdir(parents=True, exist_ok=True)
+        spec["trace"] = str(Path(args.trace_dir) / f"{preset}-{{arm}}-trace.json")
     return spec
 
 
@@ -268,6 +272,12 @@ def summarize(runs: list[dict]) -> dict:
         out[key] = statistics.median(values) if values else None
         if key in ("pairs_per_s", "peak_mem_gib") and values:
             out[f"{key}_all"] = values
+    profiles = [run["profile_s_per_step"] for run in runs if run.get("profile_s_per_step")]
+    if profiles:
+        parts = sorted({part for profile in profiles for part in profile})
+        out["profile_s_per_step"] = {
+            part: statistics.median(p[part] for p in profiles if part in p) for part in parts
+        }
     return out
 
 
@@ -300,6 +310,35 @@ def print_table(blocks: list[tuple[str, dict, dict]]) -> None:
                 f"{preset:<14} ours/TRL: pairs/s x{fmt(ratios['pairs_per_s'], '.2f')}, "
                 f"peak memory x{fmt(ratios['peak_mem_gib'], '.2f')}"
             )
+
+
+PROFILE_PARTS = (
+    "collate",
+    "to_device",
+    "attention_mask",
+    "policy_forward",
+    "lm_head",
+    "reference_forward",
+    "backward",
+    "optimizer",
+    "other",
+    "step",
+)
+
+
+def print_profile(blocks: list[tuple[str, dict, dict]]) -> None:
+    """Milliseconds per step of each part (median over repeats), one column per preset and arm."""
+    columns = [
+        (f"{preset} {arm}", summary.get("profile_s_per_step") or {})
+        for preset, summaries, _ in blocks
+        for arm, summary in summaries.items()
+    ]
+    if not columns:
+        return
+    print("\nms per step | " + " | ".join(name for name, _ in columns))
+    for part in PROFILE_PARTS:
+        cells = [fmt(1e3 * p[part] if part in p else None, ".1f") for _, p in columns]
+        print(f"{part} | " + " | ".join(cells))
 
 
 def checkout_info() -> dict:
@@ -381,6 +420,14 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument(
         "--arm-timeout", type=float, default=1800, help="seconds before one arm run is killed"
+    )
+    parser.add_argument(
+        "--profile",
+        action="store_true",
+        help="time each part of the step (device synchronised around each; see _profile.py) and print the split",
+    )
+    parser.add_argument(
+        "--trace-dir", help="write a torch.profiler trace of each arm's last timed step into this folder"
     )
     args = parser.parse_args(argv)
 
@@ -488,6 +535,8 @@ def main(argv: list[str] | None = None) -> int:
     wall = time.perf_counter() - t_all
     emit({"type": "end", "wall_s": wall, "failures": failures})
     print_table(blocks)
+    if args.profile:
+        print_profile(blocks)
     print(f"\nwall time {wall:.0f}s; results appended to {out}; logs in {log_dir}")
     return 1 if failures else 0
 
