@@ -124,3 +124,49 @@ def test_reference_problem_names_the_row():
 def test_on_nonfinite_is_validated(tmp_path):
     with pytest.raises(ValueError, match="on_nonfinite"):
         DPOConfig(output_dir=str(tmp_path), on_nonfinite="ignore")
+
+
+# ---------------------------------------------------------------- errors before training, model cards
+
+
+def test_rows_longer_than_the_models_positions_are_refused_before_training(tmp_path, tokenizer):
+    from dpo_trainer.tiny import tiny_causal_lm
+
+    # GPT-2 learns absolute positions: a longer row would fail mid-training with an IndexError
+    model = tiny_causal_lm(tokenizer, arch="gpt2", hidden_size=32, num_layers=1, n_positions=16)
+    args = dpo_config(tmp_path, max_length=64)
+    with pytest.raises(
+        ValueError,
+        match=r"train_dataset row \d+ .* max_position_embeddings=16; set DPOConfig.max_length <= 16",
+    ):
+        DPOTrainer(model, args=args, train_dataset=ROWS, processing_class=tokenizer)
+    fits = DPOTrainer(
+        model,
+        args=dpo_config(tmp_path, max_length=16, max_steps=1),
+        train_dataset=ROWS,
+        processing_class=tokenizer,
+    )
+    fits.train()  # truncated to the model's positions, it trains
+
+
+def test_a_lora_model_gets_our_model_card_not_peft_s(tmp_path, make_model, tokenizer):
+    from peft import LoraConfig
+
+    lora = LoraConfig(r=4, target_modules=["q_proj", "v_proj"], lora_dropout=0.0)
+    trainer = DPOTrainer(
+        make_model(seed=1),
+        args=dpo_config(tmp_path, max_steps=1),
+        train_dataset=ROWS,
+        processing_class=tokenizer,
+        peft_config=lora,
+    )
+    trainer.save_model(str(tmp_path / "adapter"))
+    card = (tmp_path / "adapter" / "README.md").read_text()
+    assert "Direct Preference Optimization" in card and "<!-- written by dpo_trainer -->" in card
+    assert (tmp_path / "adapter" / "adapter_model.safetensors").exists()
+
+    users = tmp_path / "users"
+    users.mkdir()
+    (users / "README.md").write_text("# My adapter\n\nMy own words.\n")
+    trainer.save_model(str(users))
+    assert (users / "README.md").read_text() == "# My adapter\n\nMy own words.\n"  # byte for byte

@@ -80,6 +80,15 @@ def _quantized_compute_dtype(model: nn.Module) -> torch.dtype | None:
     return dtype if isinstance(dtype, torch.dtype) else None
 
 
+def _read_text(path: str) -> str | None:
+    """The text of the file at `path`, or None when there is none."""
+    try:
+        with open(path, encoding="utf-8") as handle:
+            return handle.read()
+    except FileNotFoundError:
+        return None
+
+
 def _named(dataset_name: str, function, *args, **kwargs):
     """Call `function`, prefixing the data errors it raises with the dataset's name."""
     try:
@@ -326,6 +335,8 @@ class DPOTrainer(Trainer):
         else:
             eval_dataset = self.prepare_dataset(eval_dataset, processing_class, args, "eval_dataset")
         self.layout = self._resolve_layout(args, model, ref_model)
+        datasets = {"train_dataset": train_dataset, "eval_dataset": eval_dataset}
+        self._check_positions([model, ref_model], datasets)  # before training, not an IndexError mid-run
         if self.layout != "padded":
             self._choose_attention(args, [model, ref_model], args.device.type)
         if data_collator is None:
@@ -1056,10 +1067,59 @@ class DPOTrainer(Trainer):
                 logs["nonfinite_skipped_steps"] = self._skipped_steps
         super().log(logs, start_time)
 
+    @staticmethod
+    def _check_positions(models, datasets: Mapping) -> None:
+        """Refuse rows longer than a model's `max_position_embeddings` before training, not mid-run.
+
+        Every layout gives a response the positions after its prompt, so a row needs prompt + longest
+        response positions.
+        """
+        limits = []
+        for model in models:
+            inner = None if model is None else unwrap(model)
+            limit = getattr(getattr(inner, "config", None), "max_position_embeddings", None)
+            if isinstance(limit, int) and limit > 0:
+                limits.append((type(inner).__name__, limit))
+        if not limits:
+            return
+        name, limit = min(limits, key=lambda item: item[1])
+        named = []
+        for key, value in datasets.items():
+            if isinstance(value, Mapping):
+                named += [(f"{key}[{k!r}]", v) for k, v in value.items()]
+            else:
+                named.append((key, value))
+        for key, dataset in named:
+            if not isinstance(dataset, Dataset):
+                continue  # streamed: not known before training
+            lengths = (
+                len(prompt) + max(map(len, responses))
+                for prompt, responses in zip(dataset["prompt_ids"], dataset["response_ids"])
+            )
+            for row, length in enumerate(lengths):
+                if length > limit:
+                    raise ValueError(
+                        f"{key} row {row} (after tokenization and truncation) needs {length} positions, but "
+                        f"{name} has max_position_embeddings={limit}; set DPOConfig.max_length <= {limit}."
+                    )
+
     def _save(self, output_dir: str | None = None, state_dict=None):
-        # Saving also writes a model card naming the method and its settings.
+        # Saving also writes a model card naming the method and its settings. A PEFT model's save_pretrained
+        # writes (or edits) README.md itself: PEFT's generic card is replaced by ours, and a README the user
+        # wrote is put back exactly as it was.
+        output_dir = output_dir or self.args.output_dir
+        path = os.path.join(output_dir, "README.md")
+        before = _read_text(path)
         super()._save(output_dir, state_dict)
-        self.write_model_card(output_dir or self.args.output_dir)
+        if before is not None and MODEL_CARD_MARKER not in before:
+            if _read_text(path) != before:
+                with open(path, "w", encoding="utf-8") as handle:
+                    handle.write(before)
+            logger.warning("Not writing a model card: %s exists and was not written by dpo_trainer.", path)
+            return
+        if before is None and os.path.exists(path):
+            os.remove(path)  # the card save_pretrained wrote (PEFT's), replaced by ours
+        self.write_model_card(output_dir)
 
     def write_model_card(self, output_dir: str) -> str | None:
         """Write README.md describing the run, unless a README.md not written by this library is there."""
