@@ -19,8 +19,8 @@ timeout ${PROFILE_S:-360} python3 benchmarks/bench_dpo.py --preset "$PRESETS" --
     --profile --trace-dir "$OUT/traces" --arm-timeout 150 --out "$OUT/profile.jsonl" --log-dir /tmp/profile-logs \
     2>&1 | tee "$OUT/profile.txt"
 for budget in ${BUDGETS:-4096 8192 16384 32768}; do
-  timeout ${SWEEP_S:-60} python3 benchmarks/bench_dpo.py --preset "$SWEEP_PRESET" --arms ours --repeats 1 "${SIZE[@]}" \
-      --ours-args "max_tokens_per_batch=$budget" --arm-timeout 55 --out "$OUT/budget.jsonl" \
+  timeout ${SWEEP_S:-100} python3 benchmarks/bench_dpo.py --preset "$SWEEP_PRESET" --arms ours --repeats 1 "${SIZE[@]}" \
+      --ours-args "max_tokens_per_batch=$budget" --arm-timeout $(( ${SWEEP_S:-100} - 5 )) --out "$OUT/budget.jsonl" \
       --log-dir "/tmp/budget-logs-$budget" 2>&1 | grep -E "ours +|pairs/s" | tee -a "$OUT/budget.txt"
 done
-(cd "$OUT" && tar czf traces.tgz traces && rm -rf traces)
+[[ -d "$OUT/traces" ]] && (cd "$OUT" && tar czf traces.tgz traces && rm -rf traces)
