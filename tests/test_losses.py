@@ -6,9 +6,34 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from dpo_trainer.losses import LOSSES, loss_names, plackett_luce_loss, preference_loss, register_loss
+from dpo_trainer.losses import (
+    F_DIVERGENCES,
+    LOSSES,
+    loss_names,
+    plackett_luce_loss,
+    preference_loss,
+    register_loss,
+)
 
-BUILTINS = ("hinge", "ipo", "robust", "sigmoid")
+BUILTINS = (
+    "aot",
+    "aot_unpaired",
+    "apo_down",
+    "apo_zero",
+    "bco_pair",
+    "bco_pair_trl",
+    "discopop",
+    "exo_pair",
+    "hinge",
+    "ipo",
+    "ipo_trl",
+    "nca_pair",
+    "robust",
+    "sft",
+    "sigmoid",
+    "sigmoid_norm",
+    "sppo_hard",
+)
 TOL = {torch.float64: {"rtol": 1e-10, "atol": 1e-12}, torch.float32: {"rtol": 1e-4, "atol": 1e-5}}
 
 
@@ -68,13 +93,19 @@ def test_robust_hand_value():
     torch.testing.assert_close(losses, t(math.log(4 / 3**1.5)))
 
 
-def test_robust_and_cdpo_with_zero_eps_equal_sigmoid():
-    """eps = 0: both extra terms vanish and the divisor is 1, leaving -log sigmoid(beta h)."""
+def test_robust_and_cdpo_with_zero_eps_equal_plain_dpo():
+    """eps = 0: both extra terms vanish and the divisor is 1, leaving -log sigmoid(beta h), written out here."""
     gen = torch.Generator().manual_seed(0)
-    logps = [-100 * torch.rand(9, generator=gen, dtype=torch.float64) for _ in range(4)]
-    reference, _, _ = preference_loss(*logps, beta=0.3)
-    robust, _, _ = preference_loss(*logps, beta=0.3, loss_type="robust", label_smoothing=0.0)
-    torch.testing.assert_close(robust, reference, rtol=0, atol=0)
+    pc, pr, rc, rr = (-100 * torch.rand(9, generator=gen, dtype=torch.float64) for _ in range(4))
+    beta = 0.3
+    plain = -torch.log(1 / (1 + torch.exp(-beta * ((pc - rc) - (pr - rr)))))
+    cdpo, _, _ = preference_loss(pc, pr, rc, rr, beta=beta, loss_type="sigmoid", label_smoothing=0.0)
+    robust, _, _ = preference_loss(pc, pr, rc, rr, beta=beta, loss_type="robust", label_smoothing=0.0)
+    torch.testing.assert_close(cdpo, plain)
+    torch.testing.assert_close(robust, plain)
+    # and eps > 0 does change cDPO (the same call is not vacuously equal)
+    smoothed, _, _ = preference_loss(pc, pr, rc, rr, beta=beta, loss_type="sigmoid", label_smoothing=0.1)
+    assert (smoothed - plain).abs().max() > 1e-3
 
 
 def test_plackett_luce_k3_hand_value():
@@ -299,10 +330,22 @@ def test_label_smoothing_out_of_range_raises(label_smoothing):
         preference_loss(*pair_with_h(1.0), label_smoothing=label_smoothing)
 
 
-@pytest.mark.parametrize("loss_type", ["ipo", "hinge"])
+@pytest.mark.parametrize("loss_type", ["ipo", "hinge", "nca_pair", "sigmoid_norm", ["ipo", "hinge"]])
 def test_label_smoothing_rejected_by_losses_that_ignore_it(loss_type):
-    with pytest.raises(ValueError, match="label_smoothing applies to sigmoid and robust"):
+    with pytest.raises(ValueError, match=r"label_smoothing=0.1 is not used by loss_type.*robust, sigmoid"):
         preference_loss(*pair_with_h(1.0), loss_type=loss_type, label_smoothing=0.1)
+
+
+def test_label_smoothing_accepted_when_one_listed_loss_uses_it():
+    """MPO-style lists: eps is used by the losses that take it and ignored by the others."""
+    pc, pr, rc, rr = pair_with_h(1.0)
+    lengths = dict(chosen_lengths=torch.tensor([3]), rejected_lengths=torch.tensor([4]))
+    mixed, _, _ = preference_loss(
+        pc, pr, rc, rr, loss_type=["exo_pair", "sft"], label_smoothing=0.01, **lengths
+    )
+    exo, _, _ = preference_loss(pc, pr, rc, rr, loss_type="exo_pair", label_smoothing=0.01)
+    sft, _, _ = preference_loss(pc, pr, rc, rr, loss_type="sft", **lengths)
+    torch.testing.assert_close(mixed, exo + sft)
 
 
 def test_shape_mismatch_names_the_shapes():
@@ -324,3 +367,428 @@ def test_integer_logps_rejected():
 def test_plackett_luce_shape_validation(policy_shape, ref_shape, message):
     with pytest.raises(ValueError, match=message):
         plackett_luce_loss(torch.zeros(policy_shape), torch.zeros(ref_shape))
+
+
+# ---------------------------------------------------------------- TRL 1.16's loss family: naive float64 references
+
+
+def naive_sigmoid(x):
+    return 1 / (1 + torch.exp(-x))
+
+
+def naive_log_sigmoid(x):
+    return -torch.log1p(torch.exp(-x))  # log(1/(1+exp(-x))) whose gradient does not underflow at x ~ -700
+
+
+def naive_f_prime(logratio, f_type, alpha):
+    """f'(u) - f'(1) at u = pi / pi_ref, from the f-divergence's definition (f-DPO, arXiv 2309.16240, Table 1)."""
+    u = torch.exp(logratio)
+    if f_type == "reverse_kl":
+        return torch.log(u)
+    if f_type == "forward_kl":
+        return 1 - 1 / u
+    if f_type == "js_divergence":
+        return torch.log(2 * u / (1 + u))
+    if f_type == "alpha_divergence":
+        return (1 - u ** (-alpha)) / alpha
+    if f_type == "alpha_divergence_trl":
+        return (u ** (alpha - 1) - 1) / (alpha - 1)
+    raise AssertionError(f_type)
+
+
+def naive_family(
+    loss_type, pc, pr, rc, rr, nw, nl, *, beta, eps=0.0, tau=0.05, delta=0.0, f_type="reverse_kl", alpha=0.5
+):
+    """Each loss written from its paper's formula with exp/log; sorting via argsort for AOT."""
+    lw, ll = pc - rc, pr - rr
+    sw, sl = naive_f_prime(lw, f_type, alpha), naive_f_prime(ll, f_type, alpha)
+    x = beta * (sw - sl)
+    nw, nl = nw.clamp_min(1).double(), nl.clamp_min(1).double()
+    if loss_type == "sigmoid":
+        return -(1 - eps) * naive_log_sigmoid(x) - eps * naive_log_sigmoid(-x)
+    if loss_type == "ipo":
+        return (sw - sl - 1 / (2 * beta)) ** 2
+    if loss_type == "hinge":
+        return torch.where(1 - x > 0, 1 - x, torch.zeros_like(x))
+    if loss_type == "robust":
+        return (-(1 - eps) * naive_log_sigmoid(x) + eps * naive_log_sigmoid(-x)) / (1 - 2 * eps)
+    if loss_type == "exo_pair":
+        qw, ql = naive_sigmoid(x), naive_sigmoid(-x)
+        return qw * (torch.log(qw) - math.log(1 - eps)) + ql * (torch.log(ql) - math.log(eps))
+    if loss_type == "nca_pair":
+        rw, rl = beta * lw, beta * ll
+        return -naive_log_sigmoid(rw) - 0.5 * naive_log_sigmoid(-rw) - 0.5 * naive_log_sigmoid(-rl)
+    if loss_type in ("bco_pair", "bco_pair_trl"):
+        d = delta if loss_type == "bco_pair" else 0.0
+        return -naive_log_sigmoid(beta * lw - d) - naive_log_sigmoid(d - beta * ll)
+    if loss_type == "sppo_hard":
+        return (lw - 1 / (2 * beta)) ** 2 + (ll + 1 / (2 * beta)) ** 2
+    if loss_type == "apo_zero":
+        return 1 - naive_sigmoid(beta * lw) + naive_sigmoid(beta * ll)
+    if loss_type == "apo_down":
+        return naive_sigmoid(beta * lw) + 1 - naive_sigmoid(beta * (lw - ll))
+    if loss_type == "discopop":
+        modulation = torch.sigmoid(
+            x / tau
+        )  # the naive 1/(1+exp(-x/tau)) has a NaN gradient at |x/tau| ~ 2000
+        return (1 - modulation) * -naive_log_sigmoid(x) + modulation * torch.exp(-x)
+    if loss_type == "sigmoid_norm":
+        return -naive_log_sigmoid(beta * (sw / nw - sl / nl))
+    if loss_type == "ipo_trl":
+        return (sw / nw - sl / nl - 1 / (2 * beta)) ** 2
+    if loss_type == "sft":
+        token_mean_nll = -pc.sum() / nw.sum()
+        return token_mean_nll * len(pc) * pc / pc.sum()  # each example's share, batch mean = token mean
+    if loss_type in ("aot", "aot_unpaired"):
+        a, b = (pc - pr, rc - rr) if loss_type == "aot" else (lw, ll)
+        d = a[torch.argsort(a)] - b[torch.argsort(b)]
+        return -(1 - eps) * naive_log_sigmoid(beta * d) - eps * naive_log_sigmoid(-beta * d)
+    raise AssertionError(loss_type)
+
+
+FAMILY = [  # (loss_type, label_smoothing, extra keywords)
+    ("exo_pair", 1e-3, {}),
+    ("exo_pair", 0.2, {}),
+    ("nca_pair", 0.0, {}),
+    ("bco_pair", 0.0, {"reward_shift": 0.37}),
+    ("bco_pair_trl", 0.0, {}),
+    ("sppo_hard", 0.0, {}),
+    ("aot", 0.0, {}),
+    ("aot", 0.2, {}),
+    ("aot_unpaired", 0.1, {}),
+    ("apo_zero", 0.0, {}),
+    ("apo_down", 0.0, {}),
+    ("discopop", 0.0, {"discopop_tau": 0.05}),
+    ("discopop", 0.0, {"discopop_tau": 2.0}),
+    ("sft", 0.0, {}),
+    ("sigmoid_norm", 0.0, {}),
+    ("ipo_trl", 0.0, {}),
+]
+
+
+def random_lengths(batch, seed=5):
+    gen = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(0, 40, (2, batch), generator=gen)
+    return lengths[0], lengths[1]  # zeros included now and then: clamped to 1 token, as TRL does
+
+
+def check_against_naive(loss_type, eps, extra, shape_name, dtype, f_type="reverse_kl", alpha=0.5):
+    pc, pr, rc, rr, beta = random_pair_logps(shape_name, dtype)
+    nw, nl = random_lengths(len(pc))
+    pc.requires_grad_(True)
+    pr.requires_grad_(True)
+    losses, _, _ = preference_loss(
+        pc,
+        pr,
+        rc,
+        rr,
+        beta=beta,
+        loss_type=loss_type,
+        label_smoothing=eps,
+        chosen_lengths=nw,
+        rejected_lengths=nl,
+        f_divergence_type=f_type,
+        f_alpha_divergence_coef=alpha,
+        **extra,
+    )
+    grads = torch.autograd.grad(losses.sum(), (pc, pr), allow_unused=True)
+
+    ref_inputs = [x.detach().double().requires_grad_(True) for x in (pc, pr)]
+    naive_extra = {{"reward_shift": "delta", "discopop_tau": "tau"}[k]: v for k, v in extra.items()}
+    expected = naive_family(
+        loss_type,
+        *ref_inputs,
+        rc.double(),
+        rr.double(),
+        nw,
+        nl,
+        beta=beta,
+        eps=eps,
+        f_type=f_type,
+        alpha=alpha,
+        **naive_extra,
+    )
+    expected_grads = torch.autograd.grad(expected.sum(), ref_inputs, allow_unused=True)
+
+    assert losses.dtype == dtype and losses.shape == pc.shape
+    assert torch.isfinite(losses).all()
+    torch.testing.assert_close(losses.double(), expected, **TOL[dtype])
+    for grad, expected_grad in zip(grads, expected_grads):
+        if expected_grad is None:  # e.g. sft does not depend on the rejected response
+            assert grad is None or not grad.any()
+            continue
+        torch.testing.assert_close(grad.double(), expected_grad, **TOL[dtype])
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("shape_name", list(SHAPES))
+@pytest.mark.parametrize(("loss_type", "eps", "extra"), FAMILY, ids=[f"{n}-{e}-{x}" for n, e, x in FAMILY])
+def test_family_values_and_gradients_match_naive(loss_type, eps, extra, shape_name, dtype):
+    check_against_naive(loss_type, eps, extra, shape_name, dtype)
+
+
+F_DIVERGENCE_CASES = [
+    ("forward_kl", 0.5),
+    ("js_divergence", 0.5),
+    ("alpha_divergence", 0.5),
+    ("alpha_divergence", 0.3),
+    ("alpha_divergence_trl", 0.3),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize(
+    "shape_name", ["realistic", "batch1"]
+)  # |log-ratio| <~ 15: u = exp(log-ratio) stays finite
+@pytest.mark.parametrize(("f_type", "alpha"), F_DIVERGENCE_CASES)
+@pytest.mark.parametrize(
+    ("loss_type", "eps"),
+    [
+        ("sigmoid", 0.0),
+        ("sigmoid", 0.1),
+        ("hinge", 0.0),
+        ("ipo", 0.0),
+        ("robust", 0.1),
+        ("exo_pair", 0.01),
+        ("discopop", 0.0),
+        ("sigmoid_norm", 0.0),
+        ("ipo_trl", 0.0),
+        ("sft", 0.0),
+    ],
+)
+def test_f_divergences_match_naive(loss_type, eps, f_type, alpha, shape_name, dtype):
+    check_against_naive(loss_type, eps, {}, shape_name, dtype, f_type=f_type, alpha=alpha)
+
+
+def test_f_divergence_special_cases():
+    """alpha_divergence is the paper's (1 - u^-a)/a: a -> 0 is reverse KL, a = 1 forward KL; TRL's code form
+    (u^(a-1) - 1)/(a - 1) is the paper's at 1 - a, and reverse KL at a = 1."""
+    from dpo_trainer.losses import f_divergence_scores
+
+    lr = torch.linspace(-6, 6, 25, dtype=torch.float64)
+    close = torch.testing.assert_close
+    close(f_divergence_scores(lr, "alpha_divergence", 1e-9), lr)
+    close(f_divergence_scores(lr, "alpha_divergence", 1.0), f_divergence_scores(lr, "forward_kl"))
+    close(f_divergence_scores(lr, "alpha_divergence_trl", 1.0), lr)
+    close(
+        f_divergence_scores(lr, "alpha_divergence_trl", 0.3), f_divergence_scores(lr, "alpha_divergence", 0.7)
+    )
+    close(
+        f_divergence_scores(lr, "alpha_divergence_trl", 0.5), f_divergence_scores(lr, "alpha_divergence", 0.5)
+    )
+    for f_type in F_DIVERGENCES:  # every score vanishes where the policy equals the reference
+        assert f_divergence_scores(torch.zeros(1, dtype=torch.float64), f_type, 0.3).abs().item() < 1e-12
+    # large log-ratios stay finite in float32: the exponent is capped at 80, as in TRL
+    assert torch.isfinite(f_divergence_scores(torch.tensor([-500.0]), "alpha_divergence", 0.5)).all()
+
+
+# ---------------------------------------------------------------- hand-derived values of the family
+
+
+def test_family_hand_values():
+    """All log-ratios 0 (policy = reference): each loss at its neutral point, derived by hand."""
+    z = t(0.0)
+    ones = torch.tensor([1])
+
+    def at_zero(loss_type, **kw):
+        losses, _, _ = preference_loss(z, z, z, z, beta=0.5, loss_type=loss_type, **kw)
+        return losses
+
+    ln2 = math.log(2)
+    eps = 0.01
+    # EXO: q = (1/2, 1/2): 1/2 (ln 1/2 - ln(1 - eps)) + 1/2 (ln 1/2 - ln eps)
+    torch.testing.assert_close(
+        at_zero("exo_pair", label_smoothing=eps), t(-ln2 - 0.5 * math.log((1 - eps) * eps))
+    )
+    torch.testing.assert_close(at_zero("nca_pair"), t(2 * ln2))  # ln 2 + ln2/2 + ln2/2
+    torch.testing.assert_close(at_zero("bco_pair_trl"), t(2 * ln2))
+    torch.testing.assert_close(at_zero("apo_zero"), t(1.0))  # (1 - 1/2) + 1/2
+    torch.testing.assert_close(at_zero("apo_down"), t(1.0))  # 1/2 + (1 - 1/2)
+    torch.testing.assert_close(at_zero("discopop"), t(0.5 * ln2 + 0.5))  # (1 - 1/2) ln 2 + 1/2 e^0
+    torch.testing.assert_close(at_zero("sppo_hard"), t(2.0))  # (0 - 1)^2 + (0 + 1)^2 with 1/(2 beta) = 1
+    torch.testing.assert_close(at_zero("sigmoid_norm", chosen_lengths=ones, rejected_lengths=ones), t(ln2))
+    torch.testing.assert_close(at_zero("ipo_trl", chosen_lengths=ones, rejected_lengths=ones), t(1.0))
+
+
+def test_bco_reward_shift_centres_the_classifier():
+    """r_w = r_l = delta: both terms are -ln sigmoid(0), 2 ln 2; the same rewards without the shift differ."""
+    pc, pr, rc, rr = t(-1.0), t(-3.0), t(-4.0), t(-6.0)  # log-ratios 3 and 3
+    beta = 0.5
+    shifted, _, _ = preference_loss(pc, pr, rc, rr, beta=beta, loss_type="bco_pair", reward_shift=beta * 3.0)
+    torch.testing.assert_close(shifted, t(2 * math.log(2)))
+    unshifted, _, _ = preference_loss(pc, pr, rc, rr, beta=beta, loss_type="bco_pair")
+    trl_variant, _, _ = preference_loss(pc, pr, rc, rr, beta=beta, loss_type="bco_pair_trl")
+    torch.testing.assert_close(unshifted, trl_variant)
+    assert unshifted.item() > 2 * math.log(2) + 0.5  # -ln sigmoid(1.5) - ln sigmoid(-1.5) = 1.90
+
+
+def test_sppo_hard_minimum_at_its_targets():
+    """lr_w = 1/(2 beta), lr_l = -1/(2 beta) is the zero of the SPPO square loss."""
+    beta = 0.25
+    losses, _, _ = preference_loss(
+        t(-3.0 + 2.0), t(-5.0 - 2.0), t(-3.0), t(-5.0), beta=beta, loss_type="sppo_hard"
+    )
+    torch.testing.assert_close(losses, t(0.0))
+
+
+def test_sft_batch_mean_is_the_token_mean_nll():
+    pc = t(-6.0, -20.0, -3.0)
+    lengths = torch.tensor([3, 10, 2])
+    losses, _, _ = preference_loss(
+        pc,
+        t(-1.0, -1.0, -1.0),
+        t(-5.0, -5.0, -5.0),
+        t(-1.0, -1.0, -1.0),
+        loss_type="sft",
+        chosen_lengths=lengths,
+        rejected_lengths=lengths,
+    )
+    torch.testing.assert_close(losses.mean(), t(29.0 / 15.0).squeeze())
+
+
+def test_aot_depends_on_the_batch_not_on_the_order_of_rows():
+    """AOT compares sorted quantiles: permuting the rows leaves the sorted per-quantile losses unchanged."""
+    pc, pr, rc, rr, beta = random_pair_logps("realistic", torch.float64)
+    perm = torch.randperm(len(pc), generator=torch.Generator().manual_seed(0))
+    for loss_type in ("aot", "aot_unpaired"):
+        base, _, _ = preference_loss(pc, pr, rc, rr, beta=beta, loss_type=loss_type)
+        permuted, _, _ = preference_loss(
+            pc[perm], pr[perm], rc[perm], rr[perm], beta=beta, loss_type=loss_type
+        )
+        torch.testing.assert_close(base, permuted)
+
+
+# ---------------------------------------------------------------- combinations (MPO)
+
+
+def test_weighted_list_is_the_weighted_sum_with_gradients():
+    pc, pr, rc, rr, beta = random_pair_logps("realistic", torch.float64)
+    nw, nl = random_lengths(len(pc))
+    pc.requires_grad_(True)
+    kw = dict(beta=beta, chosen_lengths=nw, rejected_lengths=nl)
+    names, weights = ["sigmoid", "bco_pair", "sft"], [0.8, 0.2, 1.0]
+    combined, chosen, rejected = preference_loss(pc, pr, rc, rr, loss_type=names, loss_weights=weights, **kw)
+    parts = [preference_loss(pc, pr, rc, rr, loss_type=name, **kw)[0] for name in names]
+    expected = sum(w * part for w, part in zip(weights, parts))
+    torch.testing.assert_close(combined, expected)
+    (grad,) = torch.autograd.grad(combined.sum(), pc)
+    (expected_grad,) = torch.autograd.grad(expected.sum(), pc)
+    torch.testing.assert_close(grad, expected_grad)
+    torch.testing.assert_close(chosen, beta * (pc.detach() - rc))  # rewards do not depend on the losses
+    unweighted, _, _ = preference_loss(pc, pr, rc, rr, loss_type=names, **kw)
+    torch.testing.assert_close(unweighted, sum(parts))
+
+
+# ---------------------------------------------------------------- validation of the family
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        (dict(loss_type="exo_pair"), "exo_pair' needs label_smoothing > 0"),
+        (dict(loss_type="sigmoid_norm"), "sigmoid_norm' needs chosen_lengths"),
+        (dict(loss_type=["sigmoid", "sft"]), "sft' needs chosen_lengths"),
+        (dict(loss_type="nca_pair", f_divergence_type="forward_kl"), r"not \['nca_pair'\]"),
+        (dict(loss_type="sigmoid", f_divergence_type="chi2"), "unknown f_divergence_type 'chi2'"),
+        (dict(loss_type=["sigmoid", "sft"], loss_weights=[1.0]), "1 weights for 2 loss types"),
+        (dict(loss_type=["sigmoid"], loss_weights=[float("nan")]), "finite"),
+        (dict(loss_type=[]), "non-empty list"),
+        (dict(loss_type=["sigmoid", "nope"]), "unknown loss_type 'nope'"),
+        (dict(loss_type="discopop", discopop_tau=0.0), "discopop_tau must be > 0"),
+        (
+            dict(
+                loss_type="sigmoid",
+                f_divergence_type="alpha_divergence",
+                f_alpha_divergence_coef=float("inf"),
+            ),
+            "finite",
+        ),
+    ],
+)
+def test_family_settings_are_validated(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        preference_loss(*pair_with_h(1.0), **kwargs)
+
+
+def test_lengths_must_match_the_batch():
+    with pytest.raises(ValueError, match=r"chosen_lengths must have the log-probs' shape \(1,\), got \(2,\)"):
+        preference_loss(
+            *pair_with_h(1.0),
+            loss_type="sigmoid_norm",
+            chosen_lengths=torch.ones(2),
+            rejected_lengths=torch.ones(1),
+        )
+
+
+# ---------------------------------------------------------------- DPOConfig: TRL's fields, defaults, validation
+
+
+def test_config_loss_fields_have_trls_defaults(tmp_path):
+    import dataclasses
+
+    import trl
+
+    from dpo_trainer import DPOConfig
+
+    ours = {f.name: f for f in dataclasses.fields(DPOConfig)}
+    theirs = {f.name: f for f in dataclasses.fields(trl.DPOConfig)}
+    names = [
+        "loss_type",
+        "loss_weights",
+        "discopop_tau",
+        "use_weighting",
+        "ld_alpha",
+        "f_divergence_type",
+        "f_alpha_divergence_coef",
+        "sync_ref_model",
+        "ref_model_mixup_alpha",
+        "ref_model_sync_steps",
+        "label_smoothing",
+        "beta",
+    ]
+
+    def default(f):
+        return f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+
+    for name in names:
+        assert default(ours[name]) == default(theirs[name]), name
+
+
+def test_config_accepts_a_name_or_a_list(tmp_path):
+    from conftest import dpo_config
+
+    assert dpo_config(tmp_path, loss_type="ipo").loss_type == ["ipo"]
+    config = dpo_config(tmp_path, loss_type=["sigmoid", "bco_pair", "sft"], loss_weights=[0.8, 0.2, 1.0])
+    assert config.loss_type == ["sigmoid", "bco_pair", "sft"] and config.loss_weights == [0.8, 0.2, 1.0]
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (dict(loss_type="nope"), "unknown DPOConfig.loss_type 'nope'"),
+        (
+            dict(loss_type=["sigmoid", "sft"], loss_weights=[1.0, 2.0, 3.0]),
+            "DPOConfig.loss_weights must have one",
+        ),
+        (dict(loss_type="exo_pair"), r"needs DPOConfig.label_smoothing > 0"),
+        (dict(loss_type="hinge", label_smoothing=0.1), r"DPOConfig.label_smoothing=0.1 is not used by"),
+        (dict(loss_type="bco_pair", f_divergence_type="js_divergence"), "applies to the losses built on"),
+        (dict(f_divergence_type="kl"), "unknown DPOConfig.f_divergence_type"),
+        (dict(discopop_tau=0.0), "discopop_tau must be > 0"),
+        (dict(use_weighting=True), "use_weighting"),
+        (dict(use_weighting=True, loss_type="aot"), "aot"),
+        (dict(ld_alpha=1.5), r"ld_alpha must be in \[0, 1\]"),
+        (dict(ld_alpha=0.5), "ld_alpha"),
+        (dict(sync_ref_model=True, ref_model_mixup_alpha=0.0), r"ref_model_mixup_alpha must be in \(0, 1\]"),
+        (
+            dict(sync_ref_model=True, ref_model_sync_steps=0),
+            "ref_model_sync_steps must be a positive integer",
+        ),
+        (dict(sync_ref_model=True, precompute_ref_log_probs=True), "precompute_ref_log_probs"),
+    ],
+)
+def test_config_rejects_bad_loss_settings(tmp_path, overrides, message):
+    from conftest import dpo_config
+
+    with pytest.raises(ValueError, match=message):
+        dpo_config(tmp_path, **overrides)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -9,7 +10,7 @@ from transformers import TrainingArguments
 
 from .data.layouts import LAYOUTS
 from .data.tokenize import TRUNCATION_MODES
-from .losses import loss_names
+from .losses import check_loss_settings
 
 
 @dataclass
@@ -25,11 +26,34 @@ class DPOConfig(TrainingArguments):
     Parameters:
         beta: Strength of the KL penalty toward the reference model (the paper's β). Must be > 0. Smaller β
             lets the policy move further from the reference.
-        loss_type: Name of a loss in `dpo_trainer.losses.LOSSES` (built-ins: `sigmoid` (paper Eq. 7),
-            `ipo`, `hinge`, `robust`). Rows with K > 2 ranked responses always use the Plackett-Luce loss
-            (paper App. A.3), which requires `sigmoid`.
+        loss_type: A loss name in `dpo_trainer.losses.LOSSES`, or a list of names combined with `loss_weights`
+            (stored as a list, as in TRL). Built-ins: `sigmoid` (paper Eq. 7), `ipo`, `hinge`, `robust`,
+            `exo_pair`, `nca_pair`, `bco_pair`, `sppo_hard`, `aot`, `aot_unpaired`, `apo_zero`, `apo_down`,
+            `discopop`, `sft`, `sigmoid_norm`, and TRL's variants of losses that TRL computes otherwise than
+            their papers: `ipo_trl`, `bco_pair_trl` (README, "Differences from TRL"). Rows with K > 2 ranked
+            responses always use the Plackett-Luce loss (paper App. A.3), which requires `["sigmoid"]`.
+        loss_weights: One weight per entry of `loss_type`; the pair's loss is the weighted sum (MPO uses
+            `loss_type=["sigmoid", "bco_pair", "sft"]`, `loss_weights=[0.8, 0.2, 1.0]`). None: all 1.
         label_smoothing: Assumed rate ε of flipped preference labels, in [0, 0.5). With `sigmoid` it gives
-            conservative DPO, with `robust` the unbiased robust loss; `ipo` and `hinge` do not use it.
+            conservative DPO (TRL's sigmoid ignores it), with `robust` the unbiased robust loss; `exo_pair`
+            (which needs ε > 0; the EXO paper uses 1e-3), `aot` and `aot_unpaired` use it too. Setting it for
+            losses that all ignore it is an error.
+        f_divergence_type: The f-divergence regulariser of f-DPO (Wang et al. 2023, arXiv 2309.16240):
+            `reverse_kl` (DPO), `forward_kl`, `js_divergence`, `alpha_divergence` (the paper's α of u^-α, as
+            TRL documents it) or `alpha_divergence_trl` (TRL 1.16's code, u^(α-1); equal at α = 0.5). Only
+            losses built on the chosen-rejected score difference accept a non-default value.
+        f_alpha_divergence_coef: α of the alpha divergence (TRL's default 0.5).
+        discopop_tau: Temperature τ > 0 of the `discopop` loss (DiscoPOP paper: 0.05).
+        use_weighting: WPO weighting (Zhou et al. 2024, arXiv 2406.11827) of each pair by the policy's
+            length-normalised probabilities. Not supported yet: True raises.
+        ld_alpha: LD-DPO's α in [0, 1] (Liu et al. 2024, arXiv 2409.06411), weight of the tokens past the
+            shorter response's length. Not supported yet: a value other than None raises.
+        sync_ref_model: TR-DPO (Gorbatovski et al. 2024, arXiv 2404.09656): every `ref_model_sync_steps`
+            optimizer steps set the reference to `ref_model_mixup_alpha` x policy + (1 - α) x reference
+            (`dpo_trainer.callbacks.SyncRefModelCallback`). Needs a separate reference model: not with a
+            PEFT adapter (as in TRL) nor with `precompute_ref_log_probs`.
+        ref_model_mixup_alpha: TR-DPO's α in (0, 1]; 1 copies the policy into the reference (TRL: 0.6).
+        ref_model_sync_steps: TR-DPO's τ, optimizer steps between reference updates (TRL: 512).
         rpo_alpha: Add `rpo_alpha` x the chosen response's mean token negative log-likelihood under the
             policy to each pair's loss (TRL's `rpo_alpha`; Pang et al. 2024). It keeps the chosen responses
             likely while DPO widens the margin, against the drift of both log-probs downwards. None: off.
@@ -94,8 +118,28 @@ class DPOConfig(TrainingArguments):
     )
 
     beta: float = field(default=0.1, metadata={"help": "KL penalty strength β; must be > 0."})
-    loss_type: str = field(default="sigmoid", metadata={"help": "Loss name from dpo_trainer.losses."})
+    loss_type: list[str] = field(
+        default_factory=lambda: ["sigmoid"],
+        metadata={"help": "Loss name(s) from dpo_trainer.losses; several are summed with loss_weights."},
+    )
+    loss_weights: list[float] | None = field(
+        default=None, metadata={"help": "One weight per loss type (None: all 1)."}
+    )
     label_smoothing: float = field(default=0.0, metadata={"help": "Label-flip rate ε in [0, 0.5)."})
+    f_divergence_type: str = field(
+        default="reverse_kl",
+        metadata={
+            "help": "f-DPO regulariser.",
+            "choices": ["reverse_kl", "forward_kl", "js_divergence", "alpha_divergence", "alpha_divergence_trl"],
+        },
+    )
+    f_alpha_divergence_coef: float = field(default=0.5, metadata={"help": "α of the alpha divergence."})
+    discopop_tau: float = field(default=0.05, metadata={"help": "Temperature of the discopop loss."})
+    use_weighting: bool = field(default=False, metadata={"help": "WPO weighting (not supported yet)."})
+    ld_alpha: float | None = field(default=None, metadata={"help": "LD-DPO α in [0, 1] (not supported yet)."})
+    sync_ref_model: bool = field(default=False, metadata={"help": "TR-DPO reference updates."})
+    ref_model_mixup_alpha: float = field(default=0.6, metadata={"help": "TR-DPO α: policy share of the update."})
+    ref_model_sync_steps: int = field(default=512, metadata={"help": "TR-DPO τ: steps between updates."})
     rpo_alpha: float | None = field(
         default=None, metadata={"help": "Weight of the chosen response's NLL added to the loss (TRL's name)."}
     )
@@ -146,22 +190,53 @@ class DPOConfig(TrainingArguments):
         default=False, metadata={"help": "Keep saved activations in CPU memory during training steps."}
     )
 
+    def _check_loss_extras(self) -> None:
+        """TRL's validation of the loss-family fields (TRL raises some of these in the trainer)."""
+        if not (isinstance(self.discopop_tau, (int, float)) and self.discopop_tau > 0):
+            raise ValueError(f"DPOConfig.discopop_tau must be > 0, got {self.discopop_tau!r}.")
+        if not math.isfinite(self.f_alpha_divergence_coef):
+            raise ValueError(f"DPOConfig.f_alpha_divergence_coef must be finite, got {self.f_alpha_divergence_coef}.")
+        if self.ld_alpha is not None:
+            if not 0.0 <= self.ld_alpha <= 1.0:
+                raise ValueError(f"DPOConfig.ld_alpha must be in [0, 1] or None, got {self.ld_alpha}.")
+            raise ValueError("DPOConfig.ld_alpha (LD-DPO) is not supported yet; leave it None.")
+        if self.use_weighting:
+            if {"aot", "aot_unpaired"} & set(self.loss_type):
+                raise ValueError(
+                    "DPOConfig.use_weighting does not apply to 'aot' / 'aot_unpaired', which sort the pairs of "
+                    "a batch (per-pair weights would be misaligned)."
+                )
+            raise ValueError("DPOConfig.use_weighting (WPO) is not supported yet; leave it False.")
+        if self.sync_ref_model:
+            if not 0.0 < self.ref_model_mixup_alpha <= 1.0:
+                raise ValueError(
+                    f"DPOConfig.ref_model_mixup_alpha must be in (0, 1], got {self.ref_model_mixup_alpha}."
+                )
+            if not isinstance(self.ref_model_sync_steps, int) or self.ref_model_sync_steps < 1:
+                raise ValueError(
+                    f"DPOConfig.ref_model_sync_steps must be a positive integer, got {self.ref_model_sync_steps!r}."
+                )
+            if self.precompute_ref_log_probs:
+                raise ValueError(
+                    "DPOConfig.sync_ref_model=True updates the reference during training, which makes "
+                    "precompute_ref_log_probs=True stale; set one of them off."
+                )
+
     def __post_init__(self):
         if not self.beta > 0:
             raise ValueError(f"DPOConfig.beta must be > 0, got {self.beta}.")
-        if self.loss_type not in loss_names():
-            raise ValueError(
-                f"DPOConfig.loss_type must be one of {', '.join(loss_names())}; got {self.loss_type!r}."
-            )
-        if not 0.0 <= self.label_smoothing < 0.5:
-            raise ValueError(f"DPOConfig.label_smoothing must be in [0, 0.5), got {self.label_smoothing}.")
+        if isinstance(self.loss_type, str):
+            self.loss_type = [self.loss_type]
+        self.loss_type = check_loss_settings(
+            self.loss_type,
+            loss_weights=self.loss_weights,
+            label_smoothing=self.label_smoothing,
+            f_divergence_type=self.f_divergence_type,
+            owner="DPOConfig.",
+        )
+        self._check_loss_extras()
         if self.rpo_alpha is not None and not self.rpo_alpha >= 0:
             raise ValueError(f"DPOConfig.rpo_alpha must be >= 0 or None, got {self.rpo_alpha}.")
-        if self.label_smoothing > 0 and self.loss_type in ("ipo", "hinge"):
-            raise ValueError(
-                f"DPOConfig.label_smoothing applies to the sigmoid and robust losses, not {self.loss_type!r}; "
-                "set it to 0."
-            )
         if self.layout not in ("auto",) + LAYOUTS:
             raise ValueError(
                 f"DPOConfig.layout must be one of auto, {', '.join(LAYOUTS)}; got {self.layout!r}."

@@ -1,39 +1,89 @@
 """Preference losses on per-sequence log-probabilities (DPO, Rafailov et al. 2023, arXiv 2305.18290).
 
 Every loss here is a pure function. Inputs are per-sequence *summed* log-probabilities, shape
-``(batch,)``; no model, tokenizer or reduction over the batch happens in this module.
+``(batch,)``; no model, tokenizer or reduction over the batch happens in this module (``aot``,
+``aot_unpaired`` and ``sft`` couple the examples of one batch, as their definitions do).
 
 Legend:
 
 * ``pi_w, pi_l``: log pi_theta(y_w | x), log pi_theta(y_l | x), policy log-probs of the chosen
-  (w) and rejected (l) responses.
-* ``ref_w, ref_l``: the same under the frozen reference model pi_ref.
-* ``h = (pi_w - ref_w) - (pi_l - ref_l)``: difference of log-ratios (the IPO paper's h_pi).
+  (w) and rejected (l) responses; ``ref_w, ref_l``: the same under the frozen reference pi_ref.
+* ``lr_w = pi_w - ref_w``, ``lr_l = pi_l - ref_l``: log-ratios; ``n_w, n_l``: response token counts.
+* ``s_w, s_l``: scores f'(pi / pi_ref) of the f-divergence regulariser (f-DPO, Wang et al. 2023,
+  arXiv 2309.16240); under the default reverse KL ``s = lr``.
+* ``h = s_w - s_l``: difference of scores (with reverse KL the IPO paper's h_pi).
 * ``beta``: strength of the KL penalty toward pi_ref; ``eps``: label-smoothing / flip rate.
 
-Pairwise variants live in the registry ``LOSSES`` (name -> ``fn(h, *, beta, label_smoothing)``)
-and are selected by name in :func:`preference_loss`; add your own with :func:`register_loss`.
+Pairwise variants live in the registry ``LOSSES`` and are selected by name (or a weighted list of
+names) in :func:`preference_loss`; add your own with :func:`register_loss`. A loss is called as
+``fn(h, *, beta, ...)`` and receives, by keyword, those of :data:`LOSS_INPUTS` that its signature names.
+
+Where TRL 1.16 computes a loss differently from the paper that defines it, the name follows the paper
+and TRL's computation has its own name: ``ipo`` / ``ipo_trl``, ``bco_pair`` / ``bco_pair_trl``,
+``alpha_divergence`` / ``alpha_divergence_trl`` (see each docstring and the README).
 """
 
-from collections.abc import Callable
+from __future__ import annotations
+
+import inspect
+import math
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
 
-__all__ = ["LOSSES", "loss_names", "plackett_luce_loss", "preference_loss", "register_loss"]
+__all__ = [
+    "F_DIVERGENCES",
+    "F_DIVERGENCE_LOSSES",
+    "LOSSES",
+    "LOSS_INPUTS",
+    "RunningMean",
+    "check_loss_settings",
+    "f_divergence_scores",
+    "loss_names",
+    "loss_uses",
+    "plackett_luce_loss",
+    "preference_loss",
+    "register_loss",
+]
 
 LossFn = Callable[..., torch.Tensor]
 
-#: Registry of pairwise losses: name -> ``fn(h: Tensor (batch,), *, beta, label_smoothing) -> Tensor (batch,)``.
+#: Registry of pairwise losses: name -> ``fn(h: Tensor (batch,), *, beta, ...) -> Tensor (batch,)``.
 LOSSES: dict[str, LossFn] = {}
+#: Losses built on the score difference ``h`` alone, which accept a non-default ``f_divergence_type``.
+F_DIVERGENCE_LOSSES: set[str] = set()
+#: Keyword inputs a loss may name in its signature, each a tensor of shape ``(batch,)`` unless noted.
+LOSS_INPUTS = (
+    "beta",  # float
+    "label_smoothing",  # float eps
+    "chosen_logratios",  # lr_w
+    "rejected_logratios",  # lr_l
+    "chosen_scores",  # s_w
+    "rejected_scores",  # s_l
+    "policy_chosen_logps",
+    "policy_rejected_logps",
+    "ref_chosen_logps",
+    "ref_rejected_logps",
+    "chosen_lengths",  # n_w, response token counts (None when the caller has none)
+    "rejected_lengths",  # n_l
+    "discopop_tau",  # float
+    "reward_shift",  # float or 0-dim tensor, BCO's delta
+)
+#: f-divergence regularisers (f-DPO): see :func:`f_divergence_scores`.
+F_DIVERGENCES = ("reverse_kl", "forward_kl", "js_divergence", "alpha_divergence", "alpha_divergence_trl")
 
 
-def register_loss(name: str, *, overwrite: bool = False) -> Callable[[LossFn], LossFn]:
+def register_loss(
+    name: str, *, overwrite: bool = False, f_divergence: bool = False
+) -> Callable[[LossFn], LossFn]:
     """Decorator adding a pairwise loss to :data:`LOSSES` under ``name``.
 
-    The function receives ``h`` (shape ``(batch,)``, the difference of log-ratios) and the
-    keywords ``beta`` and ``label_smoothing``; it returns per-example losses of shape ``(batch,)``.
-    Raises ``ValueError`` if ``name`` is taken, unless ``overwrite=True``.
+    The function receives ``h`` (shape ``(batch,)``, the difference of scores) and, by keyword, the
+    inputs of :data:`LOSS_INPUTS` that its signature names (e.g. ``beta``, ``label_smoothing``,
+    ``chosen_lengths``); it returns per-example losses of shape ``(batch,)``. ``f_divergence=True``
+    declares that the loss depends on the scores only, so that it may be used with a non-default
+    ``f_divergence_type``. Raises ``ValueError`` if ``name`` is taken, unless ``overwrite=True``.
 
     >>> @register_loss("doc_squared")
     ... def doc_squared(h, *, beta, label_smoothing):
@@ -49,6 +99,10 @@ def register_loss(name: str, *, overwrite: bool = False) -> Callable[[LossFn], L
 
     def decorator(fn: LossFn) -> LossFn:
         LOSSES[name] = fn
+        if f_divergence:
+            F_DIVERGENCE_LOSSES.add(name)
+        else:
+            F_DIVERGENCE_LOSSES.discard(name)
         return fn
 
     return decorator
@@ -57,26 +111,28 @@ def register_loss(name: str, *, overwrite: bool = False) -> Callable[[LossFn], L
 def loss_names() -> tuple[str, ...]:
     """Sorted names of the registered pairwise losses.
 
-    >>> loss_names()
-    ('hinge', 'ipo', 'robust', 'sigmoid')
+    >>> loss_names()  # doctest: +NORMALIZE_WHITESPACE
+    ('aot', 'aot_unpaired', 'apo_down', 'apo_zero', 'bco_pair', 'bco_pair_trl', 'discopop', 'exo_pair',
+     'hinge', 'ipo', 'ipo_trl', 'nca_pair', 'robust', 'sft', 'sigmoid', 'sigmoid_norm', 'sppo_hard')
     """
     return tuple(sorted(LOSSES))
 
 
-def _reject_label_smoothing(name: str, label_smoothing: float) -> None:
-    if label_smoothing != 0:
-        raise ValueError(
-            f"loss_type {name!r} does not use label_smoothing (got {label_smoothing}); "
-            "label_smoothing applies to sigmoid and robust"
-        )
+def loss_uses(name: str, input_name: str) -> bool:
+    """Whether the registered loss ``name`` takes the keyword ``input_name`` (see :data:`LOSS_INPUTS`)."""
+    parameters = inspect.signature(LOSSES[name]).parameters
+    return input_name in parameters or any(p.kind is p.VAR_KEYWORD for p in parameters.values())
 
 
-@register_loss("sigmoid")
+# ---------------------------------------------------------------- losses on h (any f-divergence)
+
+
+@register_loss("sigmoid", f_divergence=True)
 def sigmoid_loss(h: torch.Tensor, *, beta: float, label_smoothing: float = 0.0) -> torch.Tensor:
-    """DPO loss; with ``label_smoothing = eps > 0``, conservative DPO.
+    """DPO loss; with ``label_smoothing = eps > 0``, conservative DPO (TRL 1.16's sigmoid ignores eps).
 
     Args:
-        h: difference of log-ratios, shape ``(batch,)``.
+        h: difference of scores, shape ``(batch,)``.
 
     Returns:
         per-example losses, shape ``(batch,)``.
@@ -86,35 +142,62 @@ def sigmoid_loss(h: torch.Tensor, *, beta: float, label_smoothing: float = 0.0) 
     return -(1 - eps) * F.logsigmoid(beta * h) - eps * F.logsigmoid(-beta * h)
 
 
-@register_loss("ipo")
-def ipo_loss(h: torch.Tensor, *, beta: float, label_smoothing: float = 0.0) -> torch.Tensor:
-    """IPO loss: regress ``h`` onto ``1 / (2 beta)``. ``h`` is used as given (no length normalisation).
+@register_loss("ipo", f_divergence=True)
+def ipo_loss(h: torch.Tensor, *, beta: float) -> torch.Tensor:
+    """IPO loss: regress ``h`` onto ``1 / (2 beta)``, with ``h`` from *summed* log-probs as in the paper.
+
+    TRL 1.16 divides each score by its response's token count first: that is ``ipo_trl``.
 
     Args:
-        h: difference of log-ratios, shape ``(batch,)``.
+        h: difference of scores, shape ``(batch,)``.
 
     Returns:
         per-example losses, shape ``(batch,)``.
     """
-    _reject_label_smoothing("ipo", label_smoothing)
     return (h - 1 / (2 * beta)) ** 2  # Azar et al. 2023 (arXiv 2310.12036) Eq. 17, tau = beta.
 
 
-@register_loss("hinge")
-def hinge_loss(h: torch.Tensor, *, beta: float, label_smoothing: float = 0.0) -> torch.Tensor:
-    """SLiC hinge loss on the scaled difference of log-ratios.
+@register_loss("ipo_trl", f_divergence=True)
+def ipo_trl_loss(
+    h: torch.Tensor,
+    *,
+    beta: float,
+    chosen_scores: torch.Tensor,
+    rejected_scores: torch.Tensor,
+    chosen_lengths: torch.Tensor,
+    rejected_lengths: torch.Tensor,
+) -> torch.Tensor:
+    """TRL 1.16's ``ipo``: the IPO square on per-token mean scores, ``(s_w/n_w - s_l/n_l - 1/(2 beta))^2``.
+
+    The IPO paper's Eq. 17 uses sequence log-probs (our ``ipo``); TRL normalises by the completion
+    token counts (clamped to >= 1), stating that the IPO authors confirmed this form for their results.
 
     Args:
-        h: difference of log-ratios, shape ``(batch,)``.
+        h: unused (the normalised difference is formed here), shape ``(batch,)``.
+        chosen_scores, rejected_scores: s_w, s_l, shape ``(batch,)``.
+        chosen_lengths, rejected_lengths: response token counts n_w, n_l, shape ``(batch,)``.
 
     Returns:
         per-example losses, shape ``(batch,)``.
     """
-    _reject_label_smoothing("hinge", label_smoothing)
+    delta = _per_token(chosen_scores, chosen_lengths) - _per_token(rejected_scores, rejected_lengths)
+    return (delta - 1 / (2 * beta)) ** 2  # Azar et al. 2023 (arXiv 2310.12036) Eq. 17 on per-token means
+
+
+@register_loss("hinge", f_divergence=True)
+def hinge_loss(h: torch.Tensor, *, beta: float) -> torch.Tensor:
+    """SLiC hinge loss on the scaled difference of scores.
+
+    Args:
+        h: difference of scores, shape ``(batch,)``.
+
+    Returns:
+        per-example losses, shape ``(batch,)``.
+    """
     return F.relu(1 - beta * h)  # SLiC calibration loss, Zhao et al. 2023 (arXiv 2305.10425), margin 1.
 
 
-@register_loss("robust")
+@register_loss("robust", f_divergence=True)
 def robust_loss(h: torch.Tensor, *, beta: float, label_smoothing: float = 0.0) -> torch.Tensor:
     """Robust DPO: unbiased estimate of the clean DPO loss when labels flip with rate ``eps``.
 
@@ -122,7 +205,7 @@ def robust_loss(h: torch.Tensor, *, beta: float, label_smoothing: float = 0.0) -
     Individual values may be negative.
 
     Args:
-        h: difference of log-ratios, shape ``(batch,)``.
+        h: difference of scores, shape ``(batch,)``.
 
     Returns:
         per-example losses, shape ``(batch,)``.
@@ -132,9 +215,407 @@ def robust_loss(h: torch.Tensor, *, beta: float, label_smoothing: float = 0.0) -
     return (-(1 - eps) * F.logsigmoid(beta * h) + eps * F.logsigmoid(-beta * h)) / (1 - 2 * eps)
 
 
+@register_loss("exo_pair", f_divergence=True)
+def exo_pair_loss(h: torch.Tensor, *, beta: float, label_smoothing: float) -> torch.Tensor:
+    """EXO-pref for a pair: ``KL(p_theta || p_eps)`` over {chosen, rejected}.
+
+    ``p_theta = (sigmoid(beta h), sigmoid(-beta h))`` and the smoothed labels ``p_eps = (1 - eps, eps)``;
+    eps must be > 0 (the paper uses 1e-3).
+
+    Args:
+        h: difference of scores, shape ``(batch,)``.
+
+    Returns:
+        per-example losses (>= 0), shape ``(batch,)``.
+    """
+    eps = label_smoothing
+    if not 0 < eps < 1:
+        raise ValueError(
+            f"loss_type 'exo_pair' needs label_smoothing in (0, 1), got {eps}; the EXO paper uses 1e-3"
+        )
+    log_qw, log_ql = F.logsigmoid(beta * h), F.logsigmoid(-beta * h)
+    # Ji et al. 2024 (arXiv 2402.00856) Eq. 16, EXO-pref with K = 2 and beta_r labels smoothed to (1-eps, eps).
+    return log_qw.exp() * (log_qw - math.log1p(-eps)) + log_ql.exp() * (log_ql - math.log(eps))
+
+
+@register_loss("discopop", f_divergence=True)
+def discopop_loss(h: torch.Tensor, *, beta: float, discopop_tau: float = 0.05) -> torch.Tensor:
+    """DiscoPOP's log-ratio modulated loss (LRML): logistic and exponential losses blended by sigmoid(x/tau).
+
+    With ``x = beta h``: ``(1 - sigmoid(x/tau)) * -logsigmoid(x) + sigmoid(x/tau) * exp(-x)``. The
+    second product is evaluated as ``exp(logsigmoid(x/tau) - x)``, finite where ``exp(-x)`` overflows.
+
+    Args:
+        h: difference of scores, shape ``(batch,)``.
+        discopop_tau: temperature tau > 0 (paper: 0.05).
+
+    Returns:
+        per-example losses, shape ``(batch,)``.
+    """
+    if not discopop_tau > 0:
+        raise ValueError(f"discopop_tau must be > 0, got {discopop_tau}")
+    x = beta * h
+    # Chris Lu et al. 2024 (arXiv 2406.08414) Eq. 5, LRML.
+    return torch.sigmoid(-x / discopop_tau) * -F.logsigmoid(x) + torch.exp(F.logsigmoid(x / discopop_tau) - x)
+
+
+@register_loss("sigmoid_norm", f_divergence=True)
+def sigmoid_norm_loss(
+    h: torch.Tensor,
+    *,
+    beta: float,
+    chosen_scores: torch.Tensor,
+    rejected_scores: torch.Tensor,
+    chosen_lengths: torch.Tensor,
+    rejected_lengths: torch.Tensor,
+) -> torch.Tensor:
+    """Length-normalised DPO: ``-logsigmoid(beta (s_w/n_w - s_l/n_l))``, token counts clamped to >= 1.
+
+    Args:
+        h: unused (the normalised difference is formed here), shape ``(batch,)``.
+        chosen_scores, rejected_scores: s_w, s_l, shape ``(batch,)``.
+        chosen_lengths, rejected_lengths: response token counts n_w, n_l, shape ``(batch,)``.
+
+    Returns:
+        per-example losses, shape ``(batch,)``.
+    """
+    delta = _per_token(chosen_scores, chosen_lengths) - _per_token(rejected_scores, rejected_lengths)
+    # Length-normalised DPO of Tulu 3 (Lambert et al. 2024, arXiv 2411.15124): DPO Eq. 7 on per-token means.
+    return -F.logsigmoid(beta * delta)
+
+
+@register_loss("sft", f_divergence=True)
+def sft_loss(
+    h: torch.Tensor, *, policy_chosen_logps: torch.Tensor, chosen_lengths: torch.Tensor
+) -> torch.Tensor:
+    """Negative log-likelihood of the chosen responses, averaged over all their tokens in the batch.
+
+    Each example gets ``-pi_w * batch / sum(n_w)``, so that the batch mean is the token mean
+    ``-sum(pi_w) / sum(n_w)``, the language-modelling loss TRL's ``sft`` uses (MPO's generation
+    loss, Wang et al. 2024, arXiv 2411.10442). Not a function of h: f-divergence-neutral.
+
+    Args:
+        h: unused, shape ``(batch,)``.
+        policy_chosen_logps: summed pi_w, shape ``(batch,)``.
+        chosen_lengths: response token counts n_w, shape ``(batch,)``.
+
+    Returns:
+        per-example losses, shape ``(batch,)``.
+    """
+    tokens = chosen_lengths.sum().clamp_min(1).to(policy_chosen_logps.dtype)
+    return -policy_chosen_logps * (policy_chosen_logps.shape[0] / tokens)
+
+
+# ---------------------------------------------------------------- losses on the log-ratios (reverse KL only)
+
+
+@register_loss("nca_pair")
+def nca_pair_loss(
+    h: torch.Tensor, *, beta: float, chosen_logratios: torch.Tensor, rejected_logratios: torch.Tensor
+) -> torch.Tensor:
+    """Noise Contrastive Alignment for a pair: ``-logsigmoid(r_w) - (logsigmoid(-r_w) + logsigmoid(-r_l)) / 2``.
+
+    With the implicit rewards ``r = beta * lr``. Unlike DPO it pushes r_w up in absolute terms.
+
+    Args:
+        h: unused, shape ``(batch,)``.
+        chosen_logratios, rejected_logratios: lr_w, lr_l, shape ``(batch,)``.
+
+    Returns:
+        per-example losses, shape ``(batch,)``.
+    """
+    r_w, r_l = beta * chosen_logratios, beta * rejected_logratios
+    # Chen et al. 2024 (arXiv 2402.05369), the NCA loss for K = 2 responses with binary preference.
+    return -F.logsigmoid(r_w) - 0.5 * F.logsigmoid(-r_w) - 0.5 * F.logsigmoid(-r_l)
+
+
+@register_loss("bco_pair")
+def bco_pair_loss(
+    h: torch.Tensor,
+    *,
+    beta: float,
+    chosen_logratios: torch.Tensor,
+    rejected_logratios: torch.Tensor,
+    reward_shift: float | torch.Tensor = 0.0,
+) -> torch.Tensor:
+    """Binary Classifier Optimization: chosen classified as 1, rejected as 0, around a reward shift delta.
+
+    ``-logsigmoid(r_w - delta) - logsigmoid(-(r_l - delta))`` with ``r = beta * lr``. In the paper
+    delta is a running mean of the rewards; it is state, so the caller keeps it and passes it as
+    ``reward_shift`` (the trainer uses :class:`RunningMean` of each training batch's mean reward, over
+    chosen and rejected, across processes). TRL 1.16's ``bco_pair`` has no shift: ``bco_pair_trl``.
+
+    Args:
+        h: unused, shape ``(batch,)``.
+        chosen_logratios, rejected_logratios: lr_w, lr_l, shape ``(batch,)``.
+        reward_shift: delta, a float or 0-dim tensor (no gradient flows through it).
+
+    Returns:
+        per-example losses, shape ``(batch,)``.
+    """
+    delta = reward_shift.detach() if isinstance(reward_shift, torch.Tensor) else reward_shift
+    r_w, r_l = beta * chosen_logratios, beta * rejected_logratios
+    # Jung et al. 2024 (arXiv 2404.04656), the BCO loss with reward shift delta.
+    return -F.logsigmoid(r_w - delta) - F.logsigmoid(-(r_l - delta))
+
+
+@register_loss("bco_pair_trl")
+def bco_pair_trl_loss(
+    h: torch.Tensor, *, beta: float, chosen_logratios: torch.Tensor, rejected_logratios: torch.Tensor
+) -> torch.Tensor:
+    """TRL 1.16's ``bco_pair``: the BCO loss with the reward shift fixed at 0.
+
+    Args:
+        h: unused, shape ``(batch,)``.
+        chosen_logratios, rejected_logratios: lr_w, lr_l, shape ``(batch,)``.
+
+    Returns:
+        per-example losses, shape ``(batch,)``.
+    """
+    return bco_pair_loss(
+        h, beta=beta, chosen_logratios=chosen_logratios, rejected_logratios=rejected_logratios
+    )
+
+
+@register_loss("sppo_hard")
+def sppo_hard_loss(
+    h: torch.Tensor, *, beta: float, chosen_logratios: torch.Tensor, rejected_logratios: torch.Tensor
+) -> torch.Tensor:
+    """SPPO with hard preference probabilities: ``(lr_w - 1/(2 beta))^2 + (lr_l + 1/(2 beta))^2``.
+
+    Args:
+        h: unused, shape ``(batch,)``.
+        chosen_logratios, rejected_logratios: lr_w, lr_l, shape ``(batch,)``.
+
+    Returns:
+        per-example losses, shape ``(batch,)``.
+    """
+    # Wu et al. 2024 (arXiv 2405.00675) Eq. 4.7 (Algorithm 1) with eta = 1/beta, P = 1 for y_w and 0 for y_l.
+    return (chosen_logratios - 0.5 / beta) ** 2 + (rejected_logratios + 0.5 / beta) ** 2
+
+
+@register_loss("apo_zero")
+def apo_zero_loss(
+    h: torch.Tensor, *, beta: float, chosen_logratios: torch.Tensor, rejected_logratios: torch.Tensor
+) -> torch.Tensor:
+    """APO-zero: raise the chosen likelihood and lower the rejected, each against the reference.
+
+    ``(1 - sigmoid(beta lr_w)) + sigmoid(beta lr_l)``; for chosen responses better than the model's own.
+
+    Args:
+        h: unused, shape ``(batch,)``.
+        chosen_logratios, rejected_logratios: lr_w, lr_l, shape ``(batch,)``.
+
+    Returns:
+        per-example losses in ``[0, 2]``, shape ``(batch,)``.
+    """
+    # D'Oosterlinck et al. 2024 (arXiv 2408.06266) Eq. 7.
+    return torch.sigmoid(-beta * chosen_logratios) + torch.sigmoid(beta * rejected_logratios)
+
+
+@register_loss("apo_down")
+def apo_down_loss(
+    h: torch.Tensor, *, beta: float, chosen_logratios: torch.Tensor, rejected_logratios: torch.Tensor
+) -> torch.Tensor:
+    """APO-down: lower the chosen likelihood, and the rejected one more.
+
+    ``sigmoid(beta lr_w) + (1 - sigmoid(beta (lr_w - lr_l)))``; for chosen responses worse than the model's.
+
+    Args:
+        h: unused, shape ``(batch,)``.
+        chosen_logratios, rejected_logratios: lr_w, lr_l, shape ``(batch,)``.
+
+    Returns:
+        per-example losses in ``[0, 2]``, shape ``(batch,)``.
+    """
+    # D'Oosterlinck et al. 2024 (arXiv 2408.06266) Eq. 8.
+    return torch.sigmoid(beta * chosen_logratios) + torch.sigmoid(
+        -beta * (chosen_logratios - rejected_logratios)
+    )
+
+
+@register_loss("aot")
+def aot_loss(
+    h: torch.Tensor,
+    *,
+    beta: float,
+    label_smoothing: float = 0.0,
+    policy_chosen_logps: torch.Tensor,
+    policy_rejected_logps: torch.Tensor,
+    ref_chosen_logps: torch.Tensor,
+    ref_rejected_logps: torch.Tensor,
+) -> torch.Tensor:
+    """AOT (paired): the policy's margins ``pi_w - pi_l`` should dominate the reference's, quantile by quantile.
+
+    Both margin vectors are sorted over the batch and compared in order with the (cDPO-smoothed) logistic
+    loss: a one-dimensional optimal-transport surrogate of first-order stochastic dominance. The i-th
+    output belongs to the i-th quantile, not to example i; only the batch mean is meaningful.
+
+    Args:
+        h: unused, shape ``(batch,)``.
+        policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps: shape ``(batch,)``.
+
+    Returns:
+        per-quantile losses, shape ``(batch,)``.
+    """
+    margins, _ = torch.sort(policy_chosen_logps - policy_rejected_logps)
+    ref_margins, _ = torch.sort(ref_chosen_logps - ref_rejected_logps)
+    # Melnyk et al. 2024 (arXiv 2406.05882), AOT paired: sorted (quantile) matching, logistic loss.
+    return sigmoid_loss(margins - ref_margins, beta=beta, label_smoothing=label_smoothing)
+
+
+@register_loss("aot_unpaired")
+def aot_unpaired_loss(
+    h: torch.Tensor,
+    *,
+    beta: float,
+    label_smoothing: float = 0.0,
+    chosen_logratios: torch.Tensor,
+    rejected_logratios: torch.Tensor,
+) -> torch.Tensor:
+    """AOT (unpaired): the chosen log-ratios should dominate the rejected ones, quantile by quantile.
+
+    ``lr_w`` and ``lr_l`` are sorted over the batch separately and compared in order with the
+    (cDPO-smoothed) logistic loss. Output i belongs to quantile i, not example i.
+
+    Args:
+        h: unused, shape ``(batch,)``.
+        chosen_logratios, rejected_logratios: lr_w, lr_l, shape ``(batch,)``.
+
+    Returns:
+        per-quantile losses, shape ``(batch,)``.
+    """
+    chosen_sorted, _ = torch.sort(chosen_logratios)
+    rejected_sorted, _ = torch.sort(rejected_logratios)
+    # Melnyk et al. 2024 (arXiv 2406.05882), AOT unpaired: sorted (quantile) matching, logistic loss.
+    return sigmoid_loss(chosen_sorted - rejected_sorted, beta=beta, label_smoothing=label_smoothing)
+
+
+def _per_token(scores: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    return scores / lengths.clamp_min(1).to(scores.dtype)
+
+
+# ---------------------------------------------------------------- f-divergences
+
+
+def _expm1_capped(x: torch.Tensor) -> torch.Tensor:
+    """``exp(x) - 1`` with x capped where the result would overflow its dtype (TRL's caps: 11 / 80)."""
+    cap = {torch.float16: 11.0, torch.bfloat16: 80.0, torch.float32: 80.0}.get(x.dtype)
+    work = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+    if cap is not None:
+        work = work.clamp(max=cap)
+    return torch.expm1(work).to(x.dtype)
+
+
+def f_divergence_scores(
+    logratios: torch.Tensor, f_divergence_type: str = "reverse_kl", alpha: float = 0.5
+) -> torch.Tensor:
+    """Scores ``f'(u)`` at ``u = pi / pi_ref``, the terms whose difference f-DPO feeds to its losses.
+
+    f-DPO (Wang et al. 2023, arXiv 2309.16240, Table 1 and Thm. 1) replaces ``log u`` in DPO's
+    ``beta (log u_w - log u_l)`` by ``f'(u)`` of the divergence regulariser. Each ``f'`` here is shifted by
+    a constant so that ``f'(1) = 0`` (as in TRL; a constant cancels in ``h`` but not in the per-token
+    means of ``sigmoid_norm`` / ``ipo_trl``):
+
+    * ``reverse_kl``: ``log u`` (DPO);
+    * ``forward_kl``: ``1 - 1/u``;
+    * ``js_divergence``: ``log(2u / (1 + u)) = log 2 + logsigmoid(log u)``;
+    * ``alpha_divergence``: ``(1 - u^-alpha) / alpha`` (the paper's alpha in (0, 1); alpha -> 0 gives
+      reverse KL, alpha = 1 forward KL);
+    * ``alpha_divergence_trl``: TRL 1.16's code, ``(u^(alpha-1) - 1) / (alpha - 1)``, which is the
+      paper's form at ``1 - alpha`` (equal at TRL's default 0.5; TRL's docs describe the paper's ``u^-alpha``).
+
+    Exponents are capped at 80 (11 in float16) before ``exp``, as TRL does.
+
+    Args:
+        logratios: ``log u = log pi - log pi_ref``, any shape.
+        f_divergence_type: one of :data:`F_DIVERGENCES`.
+        alpha: the alpha-divergence coefficient.
+
+    Returns:
+        scores, the shape of ``logratios``.
+    """
+    if f_divergence_type == "reverse_kl":
+        return logratios
+    if f_divergence_type == "forward_kl":
+        return -torch.expm1(-logratios)
+    if f_divergence_type == "js_divergence":
+        return math.log(2) + F.logsigmoid(logratios)
+    if f_divergence_type in ("alpha_divergence", "alpha_divergence_trl"):
+        if not math.isfinite(alpha):
+            raise ValueError(f"f_alpha_divergence_coef must be finite, got {alpha}")
+        # exponent coefficient a: paper u^-alpha; TRL u^(alpha - 1)
+        a = -alpha if f_divergence_type == "alpha_divergence" else alpha - 1.0
+        if abs(a) < 1e-6:  # the limit a -> 0 is log u
+            return logratios
+        return _expm1_capped(a * logratios) / a
+    raise ValueError(f"unknown f_divergence_type {f_divergence_type!r}; valid: {', '.join(F_DIVERGENCES)}")
+
+
+# ---------------------------------------------------------------- the entry point
+
+
 def _check_beta(beta: float) -> None:
     if not beta > 0:  # also rejects NaN
         raise ValueError(f"beta must be > 0, got {beta}")
+
+
+def _as_list(loss_type: str | Sequence[str]) -> list[str]:
+    if isinstance(loss_type, str):
+        return [loss_type]
+    if not isinstance(loss_type, Sequence) or not loss_type or not all(isinstance(n, str) for n in loss_type):
+        raise ValueError(f"loss_type must be a name or a non-empty list of names, got {loss_type!r}")
+    return list(loss_type)
+
+
+def check_loss_settings(
+    loss_type: str | Sequence[str],
+    *,
+    loss_weights: Sequence[float] | None = None,
+    label_smoothing: float = 0.0,
+    f_divergence_type: str = "reverse_kl",
+    owner: str = "",
+) -> list[str]:
+    """Validate a loss selection (names, weights, label smoothing, f-divergence); returns the list of names.
+
+    Shared by :func:`preference_loss` and `DPOConfig` (``owner="DPOConfig."`` prefixes the field names in
+    the messages), so that a bad setting fails when the config is built.
+    """
+    names = _as_list(loss_type)
+    unknown = [name for name in names if name not in LOSSES]
+    if unknown:
+        raise ValueError(f"unknown {owner}loss_type {unknown[0]!r}; valid names: {', '.join(loss_names())}")
+    if loss_weights is not None:
+        if len(loss_weights) != len(names):
+            raise ValueError(
+                f"{owner}loss_weights must have one weight per loss type: {len(loss_weights)} weights for "
+                f"{len(names)} loss types {names}"
+            )
+        if not all(isinstance(w, (int, float)) and math.isfinite(w) for w in loss_weights):
+            raise ValueError(f"{owner}loss_weights must be finite numbers, got {list(loss_weights)}")
+    if not 0 <= label_smoothing < 0.5:
+        raise ValueError(f"{owner}label_smoothing must be in [0, 0.5), got {label_smoothing}")
+    if label_smoothing != 0 and not any(loss_uses(name, "label_smoothing") for name in names):
+        users = [name for name in loss_names() if loss_uses(name, "label_smoothing")]
+        raise ValueError(
+            f"{owner}label_smoothing={label_smoothing} is not used by loss_type {names}; the losses that use "
+            f"it: {', '.join(users)}"
+        )
+    if "exo_pair" in names and label_smoothing == 0:
+        raise ValueError(f"loss_type 'exo_pair' needs {owner}label_smoothing > 0; the EXO paper uses 1e-3")
+    if f_divergence_type not in F_DIVERGENCES:
+        raise ValueError(
+            f"unknown {owner}f_divergence_type {f_divergence_type!r}; valid: {', '.join(F_DIVERGENCES)}"
+        )
+    if f_divergence_type != "reverse_kl":
+        unsupported = [name for name in names if name not in F_DIVERGENCE_LOSSES]
+        if unsupported:
+            raise ValueError(
+                f"{owner}f_divergence_type={f_divergence_type!r} applies to the losses built on the "
+                f"chosen-rejected score difference ({', '.join(sorted(F_DIVERGENCE_LOSSES))}), not "
+                f"{unsupported}; use f_divergence_type='reverse_kl' with these"
+            )
+    return names
 
 
 def preference_loss(
@@ -144,8 +625,15 @@ def preference_loss(
     ref_rejected_logps: torch.Tensor,
     *,
     beta: float = 0.1,
-    loss_type: str = "sigmoid",
+    loss_type: str | Sequence[str] = "sigmoid",
     label_smoothing: float = 0.0,
+    loss_weights: Sequence[float] | None = None,
+    chosen_lengths: torch.Tensor | None = None,
+    rejected_lengths: torch.Tensor | None = None,
+    f_divergence_type: str = "reverse_kl",
+    f_alpha_divergence_coef: float = 0.5,
+    discopop_tau: float = 0.05,
+    reward_shift: float | torch.Tensor = 0.0,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per-example pairwise preference loss and implicit rewards.
 
@@ -155,8 +643,16 @@ def preference_loss(
         ref_chosen_logps: summed log pi_ref(y_w | x), shape ``(batch,)``.
         ref_rejected_logps: summed log pi_ref(y_l | x), shape ``(batch,)``.
         beta: KL-penalty strength, > 0.
-        loss_type: a name in :func:`loss_names`.
-        label_smoothing: assumed label-flip rate eps in ``[0, 0.5)``; used by sigmoid (cDPO) and robust.
+        loss_type: a name in :func:`loss_names`, or a list of names whose losses are summed with
+            ``loss_weights`` (MPO, Wang et al. 2024, arXiv 2411.10442: e.g. sigmoid, bco_pair, sft).
+        label_smoothing: assumed label-flip rate eps in ``[0, 0.5)``; used by sigmoid (cDPO), robust,
+            exo_pair, aot and aot_unpaired. An error if no selected loss uses it.
+        loss_weights: one weight per loss type (None: all 1).
+        chosen_lengths, rejected_lengths: response token counts, shape ``(batch,)``; needed by the
+            per-token losses (sigmoid_norm, ipo_trl, sft).
+        f_divergence_type, f_alpha_divergence_coef: the f-DPO regulariser (:func:`f_divergence_scores`).
+        discopop_tau: DiscoPOP's temperature.
+        reward_shift: BCO's delta for ``bco_pair`` (state kept by the caller, e.g. :class:`RunningMean`).
 
     Returns:
         ``(losses, chosen_rewards, rejected_rewards)``, each shape ``(batch,)``. The rewards
@@ -173,10 +669,12 @@ def preference_loss(
     (tensor([0.3133]), tensor([1.]), tensor([0.]))
     """
     _check_beta(beta)
-    if not 0 <= label_smoothing < 0.5:
-        raise ValueError(f"label_smoothing must be in [0, 0.5), got {label_smoothing}")
-    if loss_type not in LOSSES:
-        raise ValueError(f"unknown loss_type {loss_type!r}; valid names: {', '.join(loss_names())}")
+    names = check_loss_settings(
+        loss_type,
+        loss_weights=loss_weights,
+        label_smoothing=label_smoothing,
+        f_divergence_type=f_divergence_type,
+    )
     logps = {
         "policy_chosen_logps": policy_chosen_logps,
         "policy_rejected_logps": policy_rejected_logps,
@@ -189,19 +687,81 @@ def preference_loss(
     for name, t in logps.items():
         if not t.is_floating_point():
             raise ValueError(f"{name} must be a floating-point tensor, got dtype {t.dtype}")
+    for name, lengths in (("chosen_lengths", chosen_lengths), ("rejected_lengths", rejected_lengths)):
+        if lengths is not None and tuple(lengths.shape) != shapes["policy_chosen_logps"]:
+            raise ValueError(
+                f"{name} must have the log-probs' shape {shapes['policy_chosen_logps']}, got {tuple(lengths.shape)}"
+            )
 
     # Log-ratios are subtracted first: they are small, the raw log-probs are not.
     chosen_logratios = policy_chosen_logps - ref_chosen_logps
     rejected_logratios = policy_rejected_logps - ref_rejected_logps
-    h = chosen_logratios - rejected_logratios
-    losses = LOSSES[loss_type](h, beta=beta, label_smoothing=label_smoothing)
-    if losses.shape != h.shape:
-        raise ValueError(
-            f"loss {loss_type!r} returned shape {tuple(losses.shape)}, expected {tuple(h.shape)}"
-        )
+    chosen_scores = f_divergence_scores(chosen_logratios, f_divergence_type, f_alpha_divergence_coef)
+    rejected_scores = f_divergence_scores(rejected_logratios, f_divergence_type, f_alpha_divergence_coef)
+    h = chosen_scores - rejected_scores
+    inputs = {
+        **logps,
+        "beta": beta,
+        "label_smoothing": label_smoothing,
+        "chosen_logratios": chosen_logratios,
+        "rejected_logratios": rejected_logratios,
+        "chosen_scores": chosen_scores,
+        "rejected_scores": rejected_scores,
+        "chosen_lengths": chosen_lengths,
+        "rejected_lengths": rejected_lengths,
+        "discopop_tau": discopop_tau,
+        "reward_shift": reward_shift,
+    }
+    weights = [1.0] * len(names) if loss_weights is None else list(loss_weights)
+    losses = None
+    for name, weight in zip(names, weights):
+        part = _call_loss(name, h, inputs)
+        losses = weight * part if losses is None else losses + weight * part
     chosen_rewards = beta * chosen_logratios.detach()  # implicit reward r = beta log(pi / pi_ref), Eq. 5
     rejected_rewards = beta * rejected_logratios.detach()
     return losses, chosen_rewards, rejected_rewards
+
+
+def _call_loss(name: str, h: torch.Tensor, inputs: dict) -> torch.Tensor:
+    fn = LOSSES[name]
+    parameters = inspect.signature(fn).parameters
+    takes_all = any(p.kind is p.VAR_KEYWORD for p in parameters.values())
+    kwargs = {}
+    for key, value in inputs.items():
+        if key in parameters or takes_all:
+            if value is None:
+                if key in parameters and parameters[key].default is inspect.Parameter.empty:
+                    raise ValueError(
+                        f"loss_type {name!r} needs {key} (per-response token counts); pass chosen_lengths and "
+                        "rejected_lengths"
+                    )
+                continue
+            kwargs[key] = value
+    losses = fn(h, **kwargs)
+    if losses.shape != h.shape:
+        raise ValueError(f"loss {name!r} returned shape {tuple(losses.shape)}, expected {tuple(h.shape)}")
+    return losses
+
+
+class RunningMean:
+    """Running mean of scalars, the caller-held state behind BCO's reward shift delta (``bco_pair``).
+
+    ``update(x)`` adds one value (e.g. a training batch's mean reward over chosen and rejected responses,
+    already averaged over processes) and returns the new mean, which includes it. The state is not part
+    of a checkpoint: a resumed run starts the mean afresh.
+
+    >>> shift = RunningMean()
+    >>> shift.update(1.0), shift.update(3.0), shift.mean
+    (1.0, 2.0, 2.0)
+    """
+
+    def __init__(self) -> None:
+        self.mean, self.count = 0.0, 0
+
+    def update(self, value: float) -> float:
+        self.count += 1
+        self.mean += (float(value) - self.mean) / self.count
+        return self.mean
 
 
 def plackett_luce_loss(

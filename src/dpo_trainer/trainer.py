@@ -13,6 +13,7 @@ Hooks meant for subclassing (e.g. in a notebook):
 from __future__ import annotations
 
 import contextlib
+import inspect
 import logging
 import os
 from collections.abc import Mapping
@@ -36,7 +37,7 @@ from .data.layouts import GroupedCollator
 from .engines import frozen_copy, policy_as_reference, prepare_reference, release_reference
 from .guards import NonFiniteError, invalid_reference, nonfinite_parameters, reference_problem
 from .logprobs import is_fsdp_module, sequence_logps, unwrap
-from .losses import plackett_luce_loss, preference_loss
+from .losses import RunningMean, plackett_luce_loss, preference_loss
 from .reference import (
     cache_dir_problem,
     cache_path,
@@ -795,13 +796,30 @@ class DPOTrainer(Trainer):
         """(B, K) summed log-probs of each response under π_ref: precomputed, or computed without gradient."""
         return _reference_logps(self.model, self.ref_model, batch, chunk_size=self.args.logprob_chunk_size)
 
-    def dpo_loss(self, policy_logps: torch.Tensor, reference_logps: torch.Tensor):
+    def dpo_loss(
+        self,
+        policy_logps: torch.Tensor,
+        reference_logps: torch.Tensor,
+        response_lengths: torch.Tensor | None = None,
+    ):
         """Per-example losses (B,) and detached implicit rewards β·log(π/π_ref) (B, K).
 
-        Pairs (K = 2) use `args.loss_type`; rankings (K > 2) the Plackett-Luce loss (paper App. A.3).
+        Pairs (K = 2) use `args.loss_type` (weighted by `args.loss_weights`); rankings (K > 2) the
+        Plackett-Luce loss (paper App. A.3). `response_lengths` (B, K), the scored tokens per response, feed
+        the per-token losses (`sigmoid_norm`, `ipo_trl`, `sft`). `bco_pair`'s reward shift δ is the running
+        mean of the training batches' mean rewards (over processes), kept here and not checkpointed.
         """
         args = self.args
         if policy_logps.shape[1] == 2:
+            reward_shift = 0.0
+            if "bco_pair" in ([args.loss_type] if isinstance(args.loss_type, str) else args.loss_type):
+                if not hasattr(self, "_bco_reward_shift"):
+                    self._bco_reward_shift = RunningMean()
+                if self.model.training:  # δ includes this batch, as in the BCO reference code; eval only reads it
+                    batch_mean = (args.beta * (policy_logps - reference_logps)).detach().mean().reshape(1)
+                    self._bco_reward_shift.update(self.accelerator.gather(batch_mean).mean().item())
+                reward_shift = self._bco_reward_shift.mean
+            lengths = (None, None) if response_lengths is None else (response_lengths[:, 0], response_lengths[:, 1])
             losses, chosen, rejected = preference_loss(
                 policy_logps[:, 0],
                 policy_logps[:, 1],
@@ -810,6 +828,13 @@ class DPOTrainer(Trainer):
                 beta=args.beta,
                 loss_type=args.loss_type,
                 label_smoothing=args.label_smoothing,
+                loss_weights=args.loss_weights,
+                chosen_lengths=lengths[0],
+                rejected_lengths=lengths[1],
+                f_divergence_type=args.f_divergence_type,
+                f_alpha_divergence_coef=args.f_alpha_divergence_coef,
+                discopop_tau=args.discopop_tau,
+                reward_shift=reward_shift,
             )
             return losses, torch.stack([chosen, rejected], dim=1)
         losses = plackett_luce_loss(policy_logps, reference_logps, beta=args.beta)
@@ -821,7 +846,10 @@ class DPOTrainer(Trainer):
         # Trainer's default calls model(**inputs) and reads .loss; DPO needs two scorings and a pairwise loss.
         policy = self.policy_logps(model, inputs)
         reference = self.reference_logps(inputs).to(policy.device)
-        losses, rewards = self.dpo_loss(policy, reference)
+        # the token counts go to a `dpo_loss` that takes them (a subclass's may not: the hook's older signature)
+        takes_lengths = "response_lengths" in inspect.signature(self.dpo_loss).parameters
+        extra = {"response_lengths": inputs["response_lengths"]} if takes_lengths else {}
+        losses, rewards = self.dpo_loss(policy, reference, **extra)
         if self.args.rpo_alpha:
             # + alpha x the chosen response's mean token NLL (an emptied response counts one token)
             tokens = inputs["response_lengths"][:, 0].clamp_min(1).to(policy.dtype)
@@ -1143,6 +1171,9 @@ class DPOTrainer(Trainer):
                 else "a frozen copy"
             )
         )
+        names = [self.args.loss_type] if isinstance(self.args.loss_type, str) else self.args.loss_type
+        weights = self.args.loss_weights or [None] * len(names)
+        loss_label = " + ".join(f"`{n}`" if w is None else f"{w} x `{n}`" for n, w in zip(names, weights))
         card = f"""---
 library_name: transformers
 tags: [{", ".join(tags)}]
@@ -1156,7 +1187,7 @@ Trained from `{name}` with Direct Preference Optimization (DPO; Rafailov et al.,
 | setting | value |
 |---|---|
 | method | DPO |
-| loss | `{self.args.loss_type}` |
+| loss | {loss_label} |
 | beta | {self.args.beta} |
 | label_smoothing | {self.args.label_smoothing} |
 | learning_rate | {self.args.learning_rate} |
