@@ -203,6 +203,10 @@ def test_plot_frontier(tmp_path):
     }  # fmt: skip
     path = plot_frontier(points, tmp_path / "plots" / "frontier.png")
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    far = dict(points, Unlikelihood=[{"kl": 40.0, "reward": 0.2}])
+    assert plot_frontier(far, tmp_path / "symlog.png", kl_scale="symlog").read_bytes()[:4] == b"\x89PNG"
+    with pytest.raises(ValueError, match="kl_scale must be"):
+        plot_frontier(points, tmp_path / "x.png", kl_scale="log")
     with pytest.raises(ValueError, match="point 0 of method 'SFT' has no 'kl'"):
         plot_frontier({"SFT": [{"reward": 0.1}]}, tmp_path / "x.png")
 

@@ -155,14 +155,18 @@ def plot_frontier(
     *,
     title: str = "Reward against KL from the reference",
     reward_label: str = "Mean reward",
+    kl_scale: str = "linear",
 ) -> Path:
     """The reward/KL frontier of the paper's Fig. 2 (left): mean reward against KL(π‖π_ref); save a PNG.
 
     ``points[method]`` is a list of ``{"kl", "reward"}`` dicts, optionally with ``"kl_stderr"``,
     ``"reward_stderr"`` (error bars) and ``"label"`` (written beside the point, e.g. "β=0.1"). One colour
-    per method, in the order given; a method's points are joined in order of KL. Creates the parent
-    folder and returns ``path`` as a `Path`.
+    per method, in the order given; a method's points are joined in order of KL. ``kl_scale="symlog"``
+    makes the KL axis linear up to 1 nat and logarithmic beyond (for a method far out, e.g. Unlikelihood).
+    Creates the parent folder and returns ``path`` as a `Path`.
     """
+    if kl_scale not in ("linear", "symlog"):
+        raise ValueError(f"kl_scale must be 'linear' or 'symlog', got {kl_scale!r}")
     if not points:
         raise ValueError("plot_frontier needs at least one method in points, got none")
     for method, method_points in points.items():
@@ -189,6 +193,8 @@ def plot_frontier(
                     point["label"], (point["kl"], point["reward"]), textcoords="offset points",
                     xytext=(4, 4), fontsize="x-small", color=line[0].get_color(),
                 )  # fmt: skip
+    if kl_scale == "symlog":
+        axes.set_xscale("symlog", linthresh=1.0)
     axes.set_xlabel("KL(π ‖ π_ref) (nats per sequence)")
     axes.set_ylabel(reward_label)
     axes.set_title(title)
