@@ -2,11 +2,18 @@
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
 from dpo_trainer.data import PaddedCollator
-from dpo_trainer.logprobs import auto_chunk_size, fused_linear_head, head_token_logps, sequence_logps
+from dpo_trainer.logprobs import (
+    auto_chunk_size,
+    autocast_dtype,
+    fused_linear_head,
+    head_token_logps,
+    sequence_logps,
+)
 
 VOCAB = 50
 
@@ -94,11 +101,83 @@ def test_sharded_head_still_gets_its_gradient_when_nothing_upstream_trains():
     torch.testing.assert_close(head.weight.grad, want, rtol=1e-5, atol=1e-6)
 
 
-def test_empty_selection_gives_empty_result_with_graph():
-    head = nn.Linear(4, VOCAB)
+@pytest.mark.parametrize("fused", [True, False])
+def test_empty_selection_gives_empty_result_with_graph(fused):
+    # A process whose batch scores no token still runs backward, and every trainable parameter of the
+    # head gets a (zero) gradient, as DDP's reducer expects.
+    linear = nn.Linear(4, VOCAB)
+    head = linear if fused else nn.Sequential(linear)
     hidden = torch.randn(0, 4, requires_grad=True)
     out = head_token_logps(hidden, head, torch.zeros(0, dtype=torch.long))
-    assert out.shape == (0,)
+    assert out.shape == (0,) and out.dtype == torch.float32
+    assert out.requires_grad
+    out.sum().backward()
+    assert hidden.grad is not None and hidden.grad.shape == (0, 4)
+    for param in linear.parameters():
+        assert param.grad is not None and param.grad.shape == param.shape
+        assert not param.grad.any()
+
+
+# Under autocast the head's matmul runs in the low-precision dtype; the error against float64 is bounded by
+# that rounding (logits of |z| ~ 50 round by up to 0.125 in bfloat16), forward and backward alike.
+AUTOCAST_TOLERANCE = {torch.bfloat16: (1e-2, 6e-2), torch.float16: (2e-3, 1e-2)}  # (values, gradients)
+
+
+def _relative_error(got, want):
+    return float((got.detach().double() - want).norm() / want.norm())
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("softcap", [None, 30.0])
+@pytest.mark.parametrize("seed", [0, 1])
+def test_linear_head_under_autocast_matches_float64_like_plain_autograd(dtype, softcap, seed):
+    torch.manual_seed(seed)
+    n, h, v = 48, 32, 384
+    head = nn.Linear(h, v)
+    hidden = torch.randn(n, h)
+    with torch.no_grad():  # logits of |z| ~ 50, where low-precision rounding matters
+        head.weight.mul_(50.0 / F.linear(hidden, head.weight).std())
+    targets = torch.randint(0, v, (n,))
+    upstream = torch.randn(n)
+
+    hidden64 = hidden.double().requires_grad_()
+    params64 = [head.weight.detach().double().requires_grad_(), head.bias.detach().double().requires_grad_()]
+    ref = naive_token_logps(hidden64, *params64, targets, softcap)
+    ref_grads = torch.autograd.grad((ref * upstream.double()).sum(), [hidden64, *params64])
+
+    def plain(x):
+        logits = F.linear(x, head.weight, head.bias).float()
+        if softcap is not None:
+            logits = softcap * torch.tanh(logits / softcap)
+        return torch.log_softmax(logits, -1).gather(-1, targets[:, None]).squeeze(-1)
+
+    def ours(x):
+        return head_token_logps(x, head, targets, chunk_size=10, softcap=softcap)
+
+    errors = {}
+    for name, function in (("ours", ours), ("plain", plain)):
+        x = hidden.clone().requires_grad_()
+        with torch.autocast("cpu", dtype=dtype):
+            values = function(x)
+        grads = torch.autograd.grad((values * upstream).sum(), [x, head.weight, head.bias])
+        assert values.dtype == torch.float32 and all(g.dtype == torch.float32 for g in grads)
+        errors[name] = (
+            _relative_error(values, ref.detach()),
+            max(_relative_error(g, r) for g, r in zip(grads, ref_grads)),
+        )
+    value_tol, grad_tol = AUTOCAST_TOLERANCE[dtype]
+    assert errors["ours"][0] < value_tol and errors["ours"][1] < grad_tol, errors
+    # no worse than autograd through the full logits under the same autocast
+    assert errors["ours"][0] <= 1.25 * errors["plain"][0] + 1e-6, errors
+    assert errors["ours"][1] <= 1.25 * errors["plain"][1] + 1e-6, errors
+
+
+def test_autocast_dtype_reads_the_callers_autocast():
+    assert autocast_dtype("cpu") is None
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert autocast_dtype("cpu") == torch.bfloat16
+        with torch.autocast("cpu", enabled=False):
+            assert autocast_dtype("cpu") is None
 
 
 def test_auto_chunk_size_bounds_logits_per_chunk():

@@ -69,8 +69,17 @@ class DPOConfig(TrainingArguments):
             keyed by fingerprints of the reference weights and the tokenized data, and reused next time.
         ref_logps_cache_dir: Where precomputed reference log-probs are cached. None means
             `$HF_HOME/dpo_trainer/ref_logps` (`~/.cache/huggingface/dpo_trainer/ref_logps`).
-        disable_dropout: Set every dropout probability of the policy and reference to 0, so that the policy
-            equals the reference at step 0 and the implicit reward is deterministic.
+        disable_dropout: Set every dropout probability of the policy and reference to 0 (dropout modules and
+            the attention dropout their attention layers keep), so that the policy equals the reference at
+            step 0 and the implicit reward is deterministic. The model's config, which is saved, is unchanged.
+        check_logprobs: When the trainer is built, score the first two rows with the chunked LM head and
+            compare with the model's own `log_softmax(logits)`; a model whose logits it cannot reproduce (an
+            unknown logit transform, an attention that does not take the layout's mask) is refused with a
+            `ValueError`. Skipped under DeepSpeed and FSDP.
+        router_aux_loss_coef: Weight of the Mixture-of-Experts load-balancing loss added to the training loss
+            (TRL's field). None: the model config's own `router_aux_loss_coef`; 0 turns it off. Models whose
+            config has `output_router_logits` then return the loss, logged as `aux_loss`; such a run uses the
+            `padded` layout. Setting it for a model without a router is an error.
         dataset_num_proc: Processes used to tokenize the datasets (None: the calling process).
         pad_to_multiple_of: Round the padded length of each batch up to a multiple of this. `"auto"`
             (TRL's default): 128 on Neuron devices, which compile once per shape, else None.
@@ -158,6 +167,12 @@ class DPOConfig(TrainingArguments):
         default=None, metadata={"help": "Reference log-prob cache folder."}
     )
     disable_dropout: bool = field(default=True, metadata={"help": "Zero every dropout probability."})
+    check_logprobs: bool = field(
+        default=True, metadata={"help": "Check the LM head's log-probs against the model's logits at start."}
+    )
+    router_aux_loss_coef: float | None = field(
+        default=None, metadata={"help": "MoE load-balancing loss weight (None: the model config's)."}
+    )
     dataset_num_proc: int | None = field(default=None, metadata={"help": "Tokenization processes."})
     pad_to_multiple_of: int | str | None = field(
         default="auto", metadata={"help": "Pad batch length to a multiple ('auto': 128 on Neuron, else none)."}

@@ -14,7 +14,9 @@ engine's hooks gather the weight for each call and again for the recomputation i
 from __future__ import annotations
 
 import inspect
-from collections.abc import Mapping
+import itertools
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -32,7 +34,20 @@ def auto_chunk_size(vocab_size: int) -> int:
     return max(1, AUTO_CHUNK_LOGITS // vocab_size)
 
 
+def autocast_dtype(device_type: str) -> torch.dtype | None:
+    """The dtype autocast runs a matmul in on `device_type`, or None when autocast is off there."""
+    return torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
+
+
+def _cast(tensor: torch.Tensor | None, dtype: torch.dtype | None) -> torch.Tensor | None:
+    # autocast's own rule: floating tensors go to the autocast dtype, float64 stays as it is
+    if tensor is None or dtype is None or tensor.dtype == torch.float64:
+        return tensor
+    return tensor.to(dtype)
+
+
 def _logits(hidden: torch.Tensor, weight, bias, softcap: float | None, scale: float):
+    """(n, V) float32 logits from inputs already in the matmul dtype, and tanh(z / c) when soft-capped."""
     raw = F.linear(hidden, weight, bias).float()
     if scale != 1.0:
         raw = raw * scale
@@ -43,19 +58,27 @@ def _logits(hidden: torch.Tensor, weight, bias, softcap: float | None, scale: fl
 
 
 class _LinearHeadLogProbs(torch.autograd.Function):
-    """token_logps[n] = log_softmax(scale * (hidden[n] @ weight.T + bias), softcapped)[targets[n]], chunked."""
+    """token_logps[n] = log_softmax(scale * (hidden[n] @ weight.T + bias), softcapped)[targets[n]], chunked.
+
+    One dtype policy for the forward pass and the backward pass's recomputation: the matmuls run in
+    `matmul_dtype` (the autocast dtype when the caller runs under autocast, else the inputs' own), the
+    log-normaliser and the logits' gradient in float32, as plain autograd does for
+    `log_softmax(F.linear(hidden, weight, bias).float())` under the same autocast.
+    """
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, chunk_size, softcap, scale):
+    def forward(ctx, hidden, weight, bias, targets, chunk_size, softcap, scale, matmul_dtype):
         out = hidden.new_empty(hidden.shape[0], dtype=torch.float32)
         lse = hidden.new_empty(hidden.shape[0], dtype=torch.float32)
-        for start in range(0, hidden.shape[0], chunk_size):
-            chunk = slice(start, start + chunk_size)
-            logits, _ = _logits(hidden[chunk], weight, bias, softcap, scale)
-            lse[chunk] = torch.logsumexp(logits, dim=-1)
-            out[chunk] = logits.gather(-1, targets[chunk, None]).squeeze(-1) - lse[chunk]
+        with torch.autocast(hidden.device.type, enabled=False):
+            w, b = _cast(weight, matmul_dtype), _cast(bias, matmul_dtype)
+            for start in range(0, hidden.shape[0], chunk_size):
+                chunk = slice(start, start + chunk_size)
+                logits, _ = _logits(_cast(hidden[chunk], matmul_dtype), w, b, softcap, scale)
+                lse[chunk] = torch.logsumexp(logits, dim=-1)
+                out[chunk] = logits.gather(-1, targets[chunk, None]).squeeze(-1) - lse[chunk]
         ctx.save_for_backward(hidden, weight, bias, targets, lse)
-        ctx.chunk_size, ctx.softcap, ctx.scale = chunk_size, softcap, scale
+        ctx.chunk_size, ctx.softcap, ctx.scale, ctx.matmul_dtype = chunk_size, softcap, scale, matmul_dtype
         return out
 
     @staticmethod
@@ -69,27 +92,31 @@ class _LinearHeadLogProbs(torch.autograd.Function):
             torch.zeros(weight.shape, dtype=acc_dtype, device=weight.device) if need_weight else None
         )
         grad_bias = torch.zeros(bias.shape, dtype=acc_dtype, device=bias.device) if need_bias else None
-        for start in range(0, hidden.shape[0], ctx.chunk_size):
-            chunk = slice(start, start + ctx.chunk_size)
-            logits, tanh = _logits(hidden[chunk], weight, bias, ctx.softcap, ctx.scale)
-            g = grad_out[chunk, None]
-            # d/dz [z[y] - logsumexp(z)] = onehot(y) - softmax(z)
-            grad_logits = -g * torch.exp(logits - lse[chunk, None])
-            grad_logits.scatter_add_(-1, targets[chunk, None], g)
-            if tanh is not None:
-                grad_logits = grad_logits * (1 - tanh * tanh)
-            grad_logits = (grad_logits * ctx.scale).to(weight.dtype)
-            if need_hidden:
-                grad_hidden[chunk] = grad_logits @ weight
-            if need_weight:
-                grad_weight += (grad_logits.T @ hidden[chunk]).to(acc_dtype)
-            if need_bias:
-                grad_bias += grad_logits.sum(0).to(acc_dtype)
+        with torch.autocast(hidden.device.type, enabled=False):
+            w, b = _cast(weight, ctx.matmul_dtype), _cast(bias, ctx.matmul_dtype)
+            for start in range(0, hidden.shape[0], ctx.chunk_size):
+                chunk = slice(start, start + ctx.chunk_size)
+                h = _cast(hidden[chunk], ctx.matmul_dtype)
+                logits, tanh = _logits(h, w, b, ctx.softcap, ctx.scale)  # the forward's logits, recomputed
+                g = grad_out[chunk, None]
+                # d/dz [z[y] - logsumexp(z)] = onehot(y) - softmax(z)
+                grad_logits = -g * torch.exp(logits - lse[chunk, None])
+                grad_logits.scatter_add_(-1, targets[chunk, None], g)
+                if tanh is not None:
+                    grad_logits = grad_logits * (1 - tanh * tanh)
+                grad_logits = grad_logits * ctx.scale
+                if need_bias:
+                    grad_bias += grad_logits.sum(0).to(acc_dtype)
+                grad_logits = grad_logits.to(w.dtype)
+                if need_hidden:
+                    grad_hidden[chunk] = grad_logits @ w
+                if need_weight:
+                    grad_weight += (grad_logits.T @ h).to(acc_dtype)
         if grad_weight is not None:
             grad_weight = grad_weight.to(weight.dtype)
         if grad_bias is not None:
             grad_bias = grad_bias.to(bias.dtype)
-        return grad_hidden, grad_weight, grad_bias, None, None, None, None
+        return grad_hidden, grad_weight, grad_bias, None, None, None, None, None
 
 
 def _is_sharded(tensor: torch.Tensor) -> bool:
@@ -145,7 +172,8 @@ def head_token_logps(
     Args:
         hidden: (N, H) hidden states, one per scored token (the position that predicts it).
         head: the LM head; a plain `nn.Linear` with a whole weight takes the fused path (`fused_linear_head`),
-            anything else is called per chunk.
+            anything else is called per chunk. Under autocast the head's matmul runs in the autocast dtype
+            in the forward pass and in the backward pass's recomputation alike; logsumexp in float32.
         targets: (N,) long, the token ids whose log-probabilities are wanted.
         chunk_size: rows per chunk; None chooses from the vocabulary size.
         softcap: Gemma-style final logit soft-capping `c * tanh(z / c)`, or None.
@@ -154,11 +182,15 @@ def head_token_logps(
     Returns:
         (N,) float32 log-probabilities.
     """
-    if hidden.shape[0] == 0:
-        return hidden.new_zeros(0, dtype=torch.float32) + 0 * hidden.sum()
-    if fused_linear_head(head):
+    if fused_linear_head(head):  # also with no rows: the head's parameters then get zero gradients
         size = chunk_size or auto_chunk_size(head.out_features)
-        return _LinearHeadLogProbs.apply(hidden, head.weight, head.bias, targets, size, softcap, scale)
+        matmul_dtype = autocast_dtype(hidden.device.type)
+        return _LinearHeadLogProbs.apply(
+            hidden, head.weight, head.bias, targets, size, softcap, scale, matmul_dtype
+        )
+    if hidden.shape[0] == 0:  # still part of the graph, so that every trainable parameter gets a gradient
+        connected = 0 * hidden.sum() + sum(0 * p.sum() for p in head.parameters() if p.requires_grad)
+        return hidden.new_zeros(0, dtype=torch.float32) + connected
     vocab = getattr(head, "out_features", None) or 32768
     size = chunk_size or auto_chunk_size(vocab)
     parts = []
@@ -190,13 +222,75 @@ def unwrap(model: nn.Module) -> nn.Module:
             return model
 
 
-def _head_transform(config) -> tuple[float | None, float]:
-    softcap = getattr(config, "final_logit_softcapping", None)
-    scale = getattr(config, "logit_scale", None)
-    return softcap, float(scale) if isinstance(scale, int | float) else 1.0
+@dataclass(frozen=True)
+class LogitTransform:
+    """What a model does to its head's output before the softmax: `z = scale * head(h)`, then, when
+    `softcap` is set, `z = softcap * tanh(z / softcap)` (Gemma-2's final logit soft-capping)."""
+
+    scale: float = 1.0
+    softcap: float | None = None
 
 
-def sequence_logps(model: nn.Module, batch: Mapping[str, torch.Tensor], *, chunk_size: int | None = None):
+def _number(config, name: str, default: float | None) -> float | None:
+    value = getattr(config, name, None)
+    return default if value is None else float(value)
+
+
+def _softcapped(name: str = "final_logit_softcapping"):
+    return lambda config: LogitTransform(softcap=_number(config, name, None))
+
+
+def _times(name: str):
+    return lambda config: LogitTransform(scale=_number(config, name, 1.0))
+
+
+def _divided_by(name: str):
+    return lambda config: LogitTransform(scale=1.0 / _number(config, name, 1.0))
+
+
+# The logit transforms of transformers' causal LMs (written against transformers 5.24: the lines of each
+# `<Model>ForCausalLM.forward` between the LM head and the returned logits), keyed by the model type of the
+# text config. Each entry is tested on a tiny model of its architecture (tests/test_head.py). A model not
+# listed gets no transform; `check_sequence_logps` refuses it when its logits say otherwise.
+LOGIT_TRANSFORMS = {
+    "gemma2": _softcapped(),
+    "gemma3_text": _softcapped(),
+    "gemma4_text": _softcapped(),
+    "vaultgemma": _softcapped(),
+    "nanochat": _softcapped(),
+    "beam": _softcapped(),
+    "inkling2_text": _softcapped(),
+    "recurrent_gemma": _softcapped("logits_soft_cap"),
+    "cohere": _times("logit_scale"),
+    "cohere2": _times("logit_scale"),
+    "cohere2_moe": _times("logit_scale"),
+    "granite": _divided_by("logits_scaling"),
+    "granite_swa": _divided_by("logits_scaling"),
+    "granitemoe": _divided_by("logits_scaling"),
+    "granitemoe_swa": _divided_by("logits_scaling"),
+    "granitemoeshared": _divided_by("logits_scaling"),
+    "granitemoehybrid": _divided_by("logits_scaling"),
+    "minicpm3": _divided_by("logits_scaling"),  # divides the hidden state before its bias-free head
+    "hyperclovax": _times("logits_scaling"),  # Granite's name, the other way round
+    "falcon_h1": _times("lm_head_multiplier"),
+}
+
+
+def logit_transform(model: nn.Module) -> LogitTransform:
+    """The transform `model` applies to its head's output (`LOGIT_TRANSFORMS`); none for other models."""
+    config = unwrap(model).config
+    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    entry = LOGIT_TRANSFORMS.get(getattr(text_config, "model_type", None))
+    return entry(text_config) if entry is not None else LogitTransform()
+
+
+def sequence_logps(
+    model: nn.Module,
+    batch: Mapping[str, torch.Tensor],
+    *,
+    chunk_size: int | None = None,
+    return_aux_loss: bool = False,
+):
     """Summed log-probabilities of every response in `batch` under `model`.
 
     `model` is called through whatever wraps it (DDP, DeepSpeed, PEFT), so gradient synchronisation and
@@ -208,9 +302,14 @@ def sequence_logps(model: nn.Module, batch: Mapping[str, torch.Tensor], *, chunk
         batch: a collated batch with `input_ids`, `attention_mask` (optional `position_ids`) of shape
             (rows, T) and the scoring plan `score_index`, `score_target`, `score_seq` (N,) and
             `response_lengths` (B, K); rows are response-major (row k*B + b is response k of example b).
+        return_aux_loss: also return the Mixture-of-Experts router's load-balancing loss of this forward
+            pass (the model's own `aux_loss`, requested with `output_router_logits=True`). Other calls ask
+            MoE models for no router logits, whatever their config says. Needs a `padded` batch: the model
+            computes the loss from a (rows, T) padding mask.
 
     Returns:
-        (B, K) float32: column k is the summed log-probability of response k.
+        (B, K) float32: column k is the summed log-probability of response k; with `return_aux_loss`,
+        also the scalar aux loss (with gradient).
     """
     inner = unwrap(model)
     decoder, head = inner.get_decoder(), inner.get_output_embeddings()
@@ -225,21 +324,131 @@ def sequence_logps(model: nn.Module, batch: Mapping[str, torch.Tensor], *, chunk
         model_inputs["position_ids"] = batch["position_ids"]
     else:
         model_inputs["attention_mask"] = batch.get("attention_mask")
-    if "logits_to_keep" in inspect.signature(inner.forward).parameters:
+    parameters = inspect.signature(inner.forward).parameters
+    if "logits_to_keep" in parameters:
         model_inputs["logits_to_keep"] = 1
+    if "output_router_logits" in parameters:
+        model_inputs["output_router_logits"] = return_aux_loss
+    elif return_aux_loss:
+        raise ValueError(
+            f"{type(inner).__name__}.forward takes no output_router_logits: it has no router aux loss."
+        )
+    if return_aux_loss and "doc_ids" in batch:
+        raise ValueError(
+            "The router aux loss needs a padded batch: the model computes it from a (rows, T) padding mask, "
+            "and a packed / shared-prompt batch carries a (rows, 1, T, T) attention mask."
+        )
     handle = decoder.register_forward_hook(keep_hidden)
     try:
-        model(**model_inputs)
+        outputs = model(**model_inputs)
     finally:
         handle.remove()
 
     hidden = captured["hidden"]
     flat = hidden.reshape(-1, hidden.shape[-1]).index_select(0, batch["score_index"])
-    softcap, scale = _head_transform(inner.config)
+    transform = logit_transform(inner)
     token_logps = head_token_logps(
-        flat, head, batch["score_target"], chunk_size=chunk_size, softcap=softcap, scale=scale
+        flat,
+        head,
+        batch["score_target"],
+        chunk_size=chunk_size,
+        softcap=transform.softcap,
+        scale=transform.scale,
     )
     b, k = batch["response_lengths"].shape
     per_sequence = torch.zeros(k * b, dtype=torch.float32, device=token_logps.device)
     per_sequence = per_sequence.index_add(0, batch["score_seq"], token_logps)
+    if return_aux_loss:
+        aux_loss = torch.as_tensor(outputs.aux_loss, dtype=torch.float32, device=token_logps.device)
+        return per_sequence.view(k, b).T, aux_loss
     return per_sequence.view(k, b).T
+
+
+# Largest mean difference per scored token (nats) between `sequence_logps` and the model's own logits that
+# `check_sequence_logps` accepts: float32 rounding, or 16-bit rounding of the same computation.
+CHECK_TOLERANCE = {torch.float64: 1e-4, torch.float32: 1e-3}
+CHECK_TOLERANCE_16BIT = 0.1
+
+
+def _floating_dtype(model: nn.Module) -> torch.dtype:
+    return next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+
+
+def _plain_logps(model: nn.Module, features: Sequence[Mapping], device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, K) summed response log-probs from `log_softmax(model(...).logits)`, each prompt + response run
+    alone (no padding), and (B, K) scored-token counts. Only the response's logits are kept when the model
+    takes `logits_to_keep`, so a 128k vocabulary costs (response length, 128k) floats, not (T, 128k)."""
+    keep = "logits_to_keep" in inspect.signature(unwrap(model).forward).parameters
+    b, k = len(features), len(features[0]["response_ids"])
+    totals = torch.zeros(b, k, dtype=torch.float64)
+    counts = torch.zeros(b, k, dtype=torch.float64)
+    for i, row in enumerate(features):
+        for j, response in enumerate(row["response_ids"]):
+            ids = torch.tensor([row["prompt_ids"] + response], device=device)
+            kwargs = {"logits_to_keep": len(response) + 1} if keep else {}
+            logits = model(input_ids=ids, use_cache=False, **kwargs).logits[0, -len(response) - 1 : -1]
+            logps = torch.log_softmax(logits.float(), dim=-1)
+            targets = torch.tensor(response, device=logps.device)
+            totals[i, j] = logps.gather(-1, targets[:, None]).double().sum().item()
+            counts[i, j] = len(response)
+    return totals, counts
+
+
+def check_sequence_logps(
+    model: nn.Module, features: Sequence[Mapping], collator=None, *, rows: int = 2
+) -> float:
+    """Refuse `model` when `sequence_logps` does not reproduce its own `log_softmax(logits)`.
+
+    The first `rows` tokenized examples (`prompt_ids`, `response_ids`) are collated by `collator` (the
+    training layout; None: `padded`) and scored by `sequence_logps`, and each sequence runs alone through a
+    plain forward pass (eval mode, no gradient) whose logits give the oracle. A head transform missing from
+    `LOGIT_TRANSFORMS`, or an attention that does not take the layout's mask, shows up as a difference.
+
+    Returns:
+        the largest mean difference per scored token (nats).
+
+    Raises:
+        ValueError: naming the model class and the size of the difference, when it exceeds the tolerance
+            of the model's dtype (`CHECK_TOLERANCE`).
+    """
+    from .data.collate import PaddedCollator
+
+    inner = unwrap(model)
+    features = [
+        {"prompt_ids": list(row["prompt_ids"]), "response_ids": [list(r) for r in row["response_ids"]]}
+        for row in itertools.islice(features, rows)
+    ]
+    if not features:
+        raise ValueError("check_sequence_logps needs at least one tokenized row.")
+    collator = collator if collator is not None else PaddedCollator(pad_token_id=0)
+    parameter = next(inner.parameters())
+    device = parameter.device
+    batch = {
+        key: value.to(device) if torch.is_tensor(value) else value
+        for key, value in collator(features).items()
+    }
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            ours = sequence_logps(model, batch).double().cpu()
+            oracle, counts = _plain_logps(model, features, device)
+    finally:
+        model.train(was_training)
+    per_token = ((ours - oracle).abs() / counts.clamp_min(1)).nan_to_num(float("inf"))
+    worst = float(per_token.max())
+    dtype = _floating_dtype(inner)
+    tolerance = CHECK_TOLERANCE.get(dtype, CHECK_TOLERANCE_16BIT)
+    if worst > tolerance:
+        b, k = divmod(int(per_token.argmax()), per_token.shape[1])
+        layout = "a packed / shared-prompt" if "doc_ids" in batch else "the padded"
+        raise ValueError(
+            f"{type(inner).__name__}: the log-probs dpo_trainer computes differ from the model's own "
+            f"log_softmax(logits) by {worst:.4g} nats per token (row {b}, response {k}: {float(ours[b, k]):.4f} "
+            f"against {float(oracle[b, k]):.4f}; tolerance {tolerance:g} for {dtype}). Its forward may transform "
+            f"the logits in a way dpo_trainer does not know (known: {logit_transform(inner)}; see "
+            f"dpo_trainer.logprobs.LOGIT_TRANSFORMS), or its attention may not take {layout} layout's mask "
+            "(try DPOConfig(layout='padded')). Training would be silently wrong; DPOConfig(check_logprobs=False) "
+            "skips this check."
+        )
+    return worst

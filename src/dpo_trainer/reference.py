@@ -44,16 +44,41 @@ def freeze(model: nn.Module) -> nn.Module:
     return model
 
 
+# Models whose forward reads a dropout probability from the config itself (transformers 5.24), which
+# `disable_dropout` leaves alone: the config is the caller's, and it is saved with the model.
+_DROPOUT_READ_FROM_CONFIG = {
+    "falcon": ("attention_dropout", "hidden_dropout"),
+    "persimmon": ("attention_dropout",),
+    "blt": ("dropout",),
+}
+
+
 def disable_dropout(model: nn.Module) -> None:
-    """Set every dropout probability in `model` to 0 (modules and the configs that attention reads)."""
+    """Set every dropout probability inside `model` to 0, leaving its config (which is saved) unchanged.
+
+    Zeroes the `nn.Dropout` modules (and their 1d/2d/3d/alpha variants) and the probabilities modules keep
+    as float attributes for a functional dropout: Llama-family attention copies `config.attention_dropout`
+    into `self.attention_dropout` when it is built, others keep `dropout`, `attn_pdrop`, `layerdrop`, ...
+    (every float attribute whose name contains "drop"). Warns for a model whose forward reads its dropout
+    from the config (`_DROPOUT_READ_FROM_CONFIG`).
+    """
     for module in model.modules():
-        if isinstance(module, nn.Dropout):
+        if isinstance(module, nn.modules.dropout._DropoutNd):
             module.p = 0.0
+        for name, value in vars(module).items():
+            if "drop" in name.lower() and isinstance(value, float) and value != 0.0:
+                setattr(module, name, 0.0)
     config = getattr(unwrap(model), "config", None)
-    if config is not None:
-        for name in ("attention_dropout", "attn_pdrop", "hidden_dropout", "resid_pdrop", "embd_pdrop"):
-            if isinstance(getattr(config, name, None), float):
-                setattr(config, name, 0.0)
+    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    names = _DROPOUT_READ_FROM_CONFIG.get(getattr(text_config, "model_type", None), ())
+    left = [name for name in names if getattr(text_config, name, 0.0)]
+    if left:
+        logger.warning(
+            "%s reads %s from its config in its forward pass; dropout stays on there (set them to 0 in the "
+            "config when loading the model to turn it off).",
+            type(unwrap(model)).__name__,
+            ", ".join(left),
+        )
 
 
 @contextlib.contextmanager

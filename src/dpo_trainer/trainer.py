@@ -36,7 +36,7 @@ from .data.batching import TokenBudgetBatchSampler, example_tokens
 from .data.layouts import GroupedCollator
 from .engines import frozen_copy, policy_as_reference, prepare_reference, release_reference
 from .guards import NonFiniteError, invalid_reference, nonfinite_parameters, reference_problem
-from .logprobs import is_fsdp_module, sequence_logps, unwrap
+from .logprobs import check_sequence_logps, is_fsdp_module, sequence_logps, unwrap
 from .losses import RunningMean, plackett_luce_loss, preference_loss
 from .reference import (
     cache_dir_problem,
@@ -335,7 +335,17 @@ class DPOTrainer(Trainer):
             }
         else:
             eval_dataset = self.prepare_dataset(eval_dataset, processing_class, args, "eval_dataset")
+        self.router_aux_loss_coef, self.aux_loss_enabled = self._router_aux_loss_settings(args, model)
+        self._router_aux_loss = None  # set by `policy_logps`, read by `compute_loss`
         self.layout = self._resolve_layout(args, model, ref_model)
+        if self.aux_loss_enabled and self.layout != "padded":
+            # the model computes its aux loss from a (rows, T) padding mask, which grouped layouts do not have
+            logger.warning(
+                "Layout %r is not available with the MoE router aux loss; using 'padded' "
+                "(router_aux_loss_coef=0 turns the aux loss off).",
+                self.layout,
+            )
+            self.layout = "padded"
         datasets = {"train_dataset": train_dataset, "eval_dataset": eval_dataset}
         self._check_positions([model, ref_model], datasets)  # before training, not an IndexError mid-run
         if self.layout != "padded":
@@ -377,6 +387,8 @@ class DPOTrainer(Trainer):
             # Placed like the policy: a DeepSpeed inference engine (partitioned under ZeRO-3), FSDP2 shards,
             # else the device with the run's autocast. Never given to an optimizer.
             self.ref_model = prepare_reference(self.ref_model, self.accelerator)
+        if args.check_logprobs:
+            self._check_logprobs()
         if args.precompute_ref_log_probs:
             self._precompute_reference()
 
@@ -560,6 +572,38 @@ class DPOTrainer(Trainer):
     def _choose_attention(args: DPOConfig, models, device_type: str) -> None:
         """Switch models to FlexAttention for the grouped layouts where `args.flex_attention` asks."""
         choose_attention(models, args.flex_attention, device_type, args.layout)
+
+    @staticmethod
+    def _router_aux_loss_settings(args: DPOConfig, model: nn.Module) -> tuple[float, bool]:
+        """(coefficient, enabled) of the MoE load-balancing loss, as TRL 1.16 decides them: enabled for a model
+        whose config has `output_router_logits` when the coefficient (`args`, else the config's) is not 0."""
+        config = unwrap(model).config
+        text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
+        has_router = hasattr(text_config, "output_router_logits")
+        if args.router_aux_loss_coef and not has_router:
+            raise ValueError(
+                f"DPOConfig.router_aux_loss_coef is {args.router_aux_loss_coef}, but {type(unwrap(model)).__name__} "
+                "is not a Mixture-of-Experts model that returns its router logits: there is no aux loss to weight."
+            )
+        coef = args.router_aux_loss_coef
+        if coef is None:
+            coef = getattr(text_config, "router_aux_loss_coef", None) or 0.0
+        return float(coef), has_router and coef != 0.0
+
+    def _check_logprobs(self) -> None:
+        """Refuse a policy or reference whose own logits `sequence_logps` does not reproduce, on the first two
+        rows of the training (else evaluation) data (`logprobs.check_sequence_logps`)."""
+        if self.is_deepspeed_enabled or self.is_fsdp_enabled:
+            return  # the engine holds the weights sharded: no plain forward pass before training starts
+        dataset = self.train_dataset if self.train_dataset is not None else self.eval_dataset
+        if isinstance(dataset, Mapping):
+            dataset = next(iter(dataset.values()), None)
+        if dataset is None:
+            return
+        rows = [row for _, row in zip(range(2), dataset)]
+        for model in (self.model, self.ref_model):
+            if model is not None:
+                check_sequence_logps(model, rows, self.data_collator)
 
     def train(self, resume_from_checkpoint: str | bool | None = None, trial=None, ignore_keys_for_eval=None):
         # `resume_from_checkpoint=True` takes the newest *complete* checkpoint, where Trainer would take the
@@ -789,7 +833,16 @@ class DPOTrainer(Trainer):
     # ------------------------------------------------------------------ hooks for subclasses
 
     def policy_logps(self, model: nn.Module, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
-        """(B, K) summed log-probs of each response under the policy, with gradient."""
+        """(B, K) summed log-probs of each response under the policy, with gradient.
+
+        For a Mixture-of-Experts policy with the router aux loss on, the same forward pass also gives the
+        model's own load-balancing loss, kept for `compute_loss`.
+        """
+        if self.aux_loss_enabled:
+            logps, self._router_aux_loss = sequence_logps(
+                model, batch, chunk_size=self.args.logprob_chunk_size, return_aux_loss=True
+            )
+            return logps
         return sequence_logps(model, batch, chunk_size=self.args.logprob_chunk_size)
 
     def reference_logps(self, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
@@ -845,6 +898,9 @@ class DPOTrainer(Trainer):
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         # Trainer's default calls model(**inputs) and reads .loss; DPO needs two scorings and a pairwise loss.
         policy = self.policy_logps(model, inputs)
+        aux_loss, self._router_aux_loss = self._router_aux_loss, None
+        if self.aux_loss_enabled and aux_loss is None:
+            raise ValueError("policy_logps did not keep the router aux loss (call DPOTrainer.policy_logps).")
         reference = self.reference_logps(inputs).to(policy.device)
         # the token counts go to a `dpo_loss` that takes them (a subclass's may not: the hook's older signature)
         takes_lengths = "response_lengths" in inspect.signature(self.dpo_loss).parameters
@@ -856,12 +912,17 @@ class DPOTrainer(Trainer):
             losses = losses - self.args.rpo_alpha * policy[:, 0] / tokens
         self._flag_step("train" if model.training else "eval", losses, reference)
         mode = "train" if model.training else self._eval_prefix
-        self._record_metrics(mode, policy.detach(), rewards, losses.detach())
+        self._record_metrics(mode, policy.detach(), rewards, losses.detach(), aux_loss)
         if model.training and num_items_in_batch is not None:
             # the mean over the step's pairs; DDP averages gradients over processes, hence the factor
-            loss = losses.sum() * self.accelerator.num_processes / num_items_in_batch
+            share = self.accelerator.num_processes / num_items_in_batch
+            loss = losses.sum() * share
         else:
+            share = 1 / losses.shape[0]
             loss = losses.mean()
+        if aux_loss is not None:
+            # + coef x the MoE load-balancing loss (TRL's aux_loss), each micro-batch weighted by its pairs
+            loss = loss + self.router_aux_loss_coef * aux_loss.to(loss.device) * (losses.shape[0] * share)
         return (loss, {"policy_logps": policy.detach(), "rewards": rewards}) if return_outputs else loss
 
     def _flag_step(self, mode: str, losses: torch.Tensor, reference: torch.Tensor) -> None:
@@ -1022,7 +1083,12 @@ class DPOTrainer(Trainer):
         return loss.detach(), logits, input_ids.unflatten(0, (k, -1)).permute(1, 2, 0)
 
     def _record_metrics(
-        self, mode: str, policy: torch.Tensor, rewards: torch.Tensor, losses: torch.Tensor
+        self,
+        mode: str,
+        policy: torch.Tensor,
+        rewards: torch.Tensor,
+        losses: torch.Tensor,
+        aux_loss: torch.Tensor | None = None,
     ) -> None:
         """Add per-example sums and the example count to the accumulator of `mode`, on the device.
 
@@ -1041,6 +1107,8 @@ class DPOTrainer(Trainer):
             "logps/rejected": policy[:, -1],
         }
         values["loss"] = losses
+        if aux_loss is not None:  # the batch's router aux loss, counted once per example like the others
+            values["aux_loss"] = aux_loss.detach().to(losses.device, losses.dtype).expand(losses.shape[0])
         names = self._metric_names(mode)
         stacked = torch.stack([values[name] for name in names], dim=1)
         # float64 sums: exact enough over millions of examples (MPS has no float64)
@@ -1051,9 +1119,9 @@ class DPOTrainer(Trainer):
         entry[0] += stacked.sum(dim=0)
         entry[1] += stacked.shape[0]  # known on the host: no sync
 
-    @staticmethod
-    def _metric_names(mode: str) -> tuple[str, ...]:
-        return METRIC_NAMES if mode == "train" else METRIC_NAMES + ("loss",)
+    def _metric_names(self, mode: str) -> tuple[str, ...]:
+        names = METRIC_NAMES if mode == "train" else METRIC_NAMES + ("loss",)
+        return names + ("aux_loss",) if getattr(self, "aux_loss_enabled", False) else names
 
     def _metric_means(self, mode: str, all_reduce: bool) -> dict[str, float]:
         """Means of `mode`'s accumulated metrics, then reset; `all_reduce` sums over processes first (every
