@@ -58,9 +58,9 @@ METHODS = ("dpo", "preferred_ft", "unlikelihood")
 # DPO-run settings for the offline tiny model; any flag given on the command line overrides them.
 TINY_DEFAULTS = {
     "max_steps": "120",
-    "per_device_train_batch_size": "16",
+    "per_device_train_batch_size": "32",
     "per_device_eval_batch_size": "128",
-    "learning_rate": "3e-4",
+    "learning_rate": "2e-4",
     "lr_scheduler_type": "constant_with_warmup",
     "warmup_steps": "10",
     "logging_steps": "10",
