@@ -125,11 +125,11 @@ def sample_responses(
                 )
                 processors = None
                 if not greedy:
-                    generators = [_generator(seed, *keys[position], device) for position in batches[number]]
+                    seeds = [_row_seed(seed, *keys[position]) for position in batches[number]]
                     warpers = [TemperatureLogitsWarper(temperature)]
                     if top_p < 1:
                         warpers.append(TopPLogitsWarper(top_p))
-                    processors = LogitsProcessorList([*warpers, GumbelNoise(generators)])
+                    processors = LogitsProcessorList([*warpers, GumbelNoise(seeds)])
                 output = model.generate(
                     input_ids=input_ids.to(device),
                     attention_mask=attention_mask.to(device),
@@ -162,19 +162,22 @@ def sample_responses(
 
 
 class GumbelNoise(LogitsProcessor):
-    """Adds standard Gumbel noise to each row's scores, row ``r`` drawing from ``generators[r]``: the
-    argmax of the result (greedy decoding) is then a draw from ``softmax(scores)`` (the Gumbel-max
-    trick); a score of ``-inf`` (outside the nucleus) stays ``-inf`` and is never drawn.
+    """Adds standard Gumbel noise to each row's scores, row ``r`` drawing from a generator seeded with
+    ``seeds[r]``: the argmax of the result (greedy decoding) is then a draw from ``softmax(scores)`` (the
+    Gumbel-max trick); a score of ``-inf`` (outside the nucleus) stays ``-inf`` and is never drawn.
 
-    ``scores``: ``(rows, vocab)``; the generators live on the scores' device.
+    ``scores``: ``(rows, vocab)``; the generators are made on the scores' device at the first call.
     """
 
-    def __init__(self, generators: list[torch.Generator]):
-        self.generators = generators
+    def __init__(self, seeds: list[int]):
+        self.seeds = seeds
+        self.generators: list[torch.Generator] | None = None
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
-        if scores.shape[0] != len(self.generators):
-            raise ValueError(f"{scores.shape[0]} rows of scores for {len(self.generators)} generators")
+        if scores.shape[0] != len(self.seeds):
+            raise ValueError(f"{scores.shape[0]} rows of scores for {len(self.seeds)} seeds")
+        if self.generators is None:
+            self.generators = [torch.Generator(device=scores.device).manual_seed(s) for s in self.seeds]
         uniform = torch.stack(
             [
                 torch.rand(scores.shape[-1], generator=generator, device=scores.device, dtype=torch.float32)
@@ -185,12 +188,10 @@ class GumbelNoise(LogitsProcessor):
         return scores.float() + gumbel
 
 
-def _generator(seed: int, prompt_index: int, sample_number: int, device: torch.device) -> torch.Generator:
-    """A generator on ``device`` seeded by hashing ``(seed, prompt_index, sample_number)``."""
+def _row_seed(seed: int, prompt_index: int, sample_number: int) -> int:
+    """A 63-bit seed hashed from ``(seed, prompt_index, sample_number)``."""
     digest = hashlib.blake2b(f"{seed}:{prompt_index}:{sample_number}".encode(), digest_size=8).digest()
-    generator = torch.Generator(device=device)
-    generator.manual_seed(int.from_bytes(digest, "little") & (2**63 - 1))
-    return generator
+    return int.from_bytes(digest, "little") & (2**63 - 1)
 
 
 def _process_share() -> tuple[int, int]:
