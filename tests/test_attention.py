@@ -216,7 +216,7 @@ def test_every_layout_scores_what_the_model_computes_or_is_refused(family, impl,
         return
 
     assert grouped_layout_unsupported(model) is None
-    assert resolve_layout("auto", [model]) == "shared_prompt"
+    assert resolve_layout("auto", [model]) == ("packed" if impl == "eager" else "shared_prompt")
     shortest = min(len(r["prompt_ids"]) + min(map(len, r["response_ids"])) for r in rows)
     assert all(shortest > 2 * w for w in windows_of(model))  # every window is exceeded
     for layout in ("packed", "shared_prompt"):
@@ -340,3 +340,96 @@ def test_models_that_cannot_be_served_exactly_are_refused_with_the_reason():
     assert grouped_layout_unsupported(mamba) is not None
     assert resolve_layout("packed", [build("llama"), mamba]) == "padded"
     assert resolve_layout("padded", [mamba]) == "padded"
+
+
+# ---------------------------------------------------------------- query-chunked SDPA (memory linear in T)
+
+
+def long_features(seed, b=2, k=2):
+    """Rows of 20-40 tokens: several query chunks of 8."""
+    rng = random.Random(seed)
+    return [
+        {
+            "prompt_ids": [rng.randrange(3, VOCAB) for _ in range(rng.randint(10, 20))],
+            "response_ids": [[rng.randrange(3, VOCAB) for _ in range(rng.randint(8, 20))] for _ in range(k)],
+        }
+        for _ in range(b)
+    ]
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "mistral", "gemma3_text", "gpt2"])
+def test_chunked_sdpa_gives_padded_logps_and_gradients_past_the_chunk_size(family, monkeypatch):
+    monkeypatch.setattr(attention, "QUERY_CHUNK", 8)
+    model = build(family, "sdpa")
+    attention.choose_attention([model], None, "cpu", "shared_prompt")
+    assert model.config._attn_implementation == attention.CHUNKED_SDPA
+    rows = long_features(seed=len(family), k=3)
+    expected = own_logps(model, rows)  # plain forwards: transformers' own SDPA path, unchanged
+    results = {}
+    for layout in ("padded", "packed", "shared_prompt"):
+        batch = collate(layout, rows)
+        assert batch["input_ids"].shape[1] > 3 * 8
+        model.zero_grad()
+        logps = sequence_logps(model, batch, chunk_size=5)
+        (logps * torch.tensor([1.0, -0.5, 0.25])).sum().backward()
+        results[layout] = (logps.detach(), [p.grad.clone() for p in model.parameters()])
+        torch.testing.assert_close(logps.double(), expected, rtol=1e-5, atol=1e-4, msg=layout)
+    for layout in ("packed", "shared_prompt"):
+        for got, want in zip(results[layout][1], results["padded"][1]):
+            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+
+
+def _square_saved(model, batch, width):
+    """Tensors autograd saves for the backward pass of `sequence_logps` whose last two dims are (T, T)."""
+    square = []
+
+    def pack(tensor):
+        if tensor.dim() >= 2 and tuple(tensor.shape[-2:]) == (width, width):
+            square.append(tuple(tensor.shape))
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        sequence_logps(model, batch).sum().backward()
+    return square
+
+
+def test_chunked_sdpa_keeps_no_row_by_row_matrix_for_the_backward_pass(monkeypatch):
+    """Dense SDPA saves a (rows, 1, T, T) mask in every layer; the chunked path saves no (T, T) tensor."""
+    monkeypatch.setattr(attention, "QUERY_CHUNK", 16)
+    batch = collate("shared_prompt", long_features(seed=4, b=4, k=2))
+    width = batch["input_ids"].shape[1]
+    assert width > 2 * 16
+    dense = build("mistral", "sdpa")
+    assert len(_square_saved(dense, dict(batch), width)) >= dense.config.num_hidden_layers
+    chunked = build("mistral", "sdpa")
+    attention.choose_attention([chunked], None, "cpu", "shared_prompt")
+    assert _square_saved(chunked, dict(batch), width) == []
+
+
+def test_choose_attention_keeps_eager_and_flex_and_refuses_nothing_silently():
+    eager, sdpa = build("llama", "eager"), build("llama", "sdpa")
+    attention.choose_attention([eager, sdpa, None], None, "cpu", "packed")
+    assert eager.config._attn_implementation == "eager"  # the user's explicit choice
+    assert sdpa.config._attn_implementation == attention.CHUNKED_SDPA
+    assert grouped_layout_unsupported(sdpa) is None
+    gemma2 = build("gemma2", "eager")  # soft-capped attention: stays eager
+    attention.choose_attention([gemma2], None, "cpu", "packed")
+    assert gemma2.config._attn_implementation == "eager"
+
+
+def test_auto_never_gives_eager_attention_a_mask_larger_than_padded(caplog):
+    """Eager attention takes a dense mask: `auto` picks `packed`, whose mask is never larger than padded's,
+    where `shared_prompt`'s can be (long responses). SDPA models keep `shared_prompt` (chunked: linear)."""
+    eager = build("llama", "eager")
+    with caplog.at_level("WARNING"):
+        assert resolve_layout("auto", [eager, None]) == "packed"
+    assert "eager attention" in caplog.text and "'packed'" in caplog.text
+    assert resolve_layout("auto", [build("llama", "sdpa")]) == "shared_prompt"
+    assert resolve_layout("shared_prompt", [eager]) == "shared_prompt"  # an explicit choice is kept
+
+    rows = [{"prompt_ids": list(range(3, 23)), "response_ids": [list(range(3, 33)), list(range(3, 38))]}] * 2
+    padded = collate("padded", rows)["input_ids"]
+    padded_cells = padded.shape[0] * padded.shape[1] ** 2  # transformers' (2B, 1, T, T) mask
+    for layout, larger in (("packed", False), ("shared_prompt", True)):
+        mask = attention.grouped_attention_mask(collate(layout, rows), eager)
+        assert (mask.numel() > padded_cells) is larger

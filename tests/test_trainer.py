@@ -459,9 +459,9 @@ def test_every_layout_trains_the_same(tmp_path, make_model, tokenizer, pairs):
     "setting,device,impl,expected",
     [
         (None, "cuda", "sdpa", "flex_attention"),  # auto: SDPA's dense mask -> BlockMask on CUDA
-        (None, "cpu", "sdpa", "sdpa"),  # auto keeps SDPA on CPU (FlexAttention is uncompiled there)
+        (None, "cpu", "sdpa", "dpo_chunked_sdpa"),  # CPU: no FlexAttention; SDPA query-chunked instead
         (None, "cuda", "eager", "eager"),  # auto never overrides an explicit non-SDPA choice
-        (False, "cuda", "sdpa", "sdpa"),
+        (False, "cuda", "sdpa", "dpo_chunked_sdpa"),
         (True, "cpu", "sdpa", "flex_attention"),
         (True, "cpu", "eager", "flex_attention"),
     ],

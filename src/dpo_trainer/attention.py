@@ -35,13 +35,17 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from .data.layouts import SHARED_BRANCH
 
 logger = logging.getLogger(__name__)
 
 # Implementations whose mask we build here; any other (flash attention, paged, kernels) takes no 4D mask.
-MASKED_IMPLEMENTATIONS = (None, "sdpa", "eager", "flex_attention")
+# The grouped layouts' SDPA path: query-chunked, its mask built per chunk (see `chunked_sdpa_attention`).
+CHUNKED_SDPA = "dpo_chunked_sdpa"
+QUERY_CHUNK = 512  # queries per chunk: a chunk's mask and scores are (rows, heads, QUERY_CHUNK, <= T)
+MASKED_IMPLEMENTATIONS = (None, "sdpa", "eager", "flex_attention", CHUNKED_SDPA)
 # Layer kinds in `config.layer_types` served here: attention ones, and token-wise ones that mix nothing.
 ATTENTION_LAYER_TYPES = ("full_attention", "sliding_attention")
 TOKENWISE_LAYER_TYPES = ("mlp", "moe")
@@ -188,8 +192,108 @@ def flex_mask_mod(
     return windowed_mask_mod
 
 
+@dataclass(frozen=True)
+class _GroupedIds:
+    doc_ids: torch.Tensor  # (rows, T)
+    branch_ids: torch.Tensor  # (rows, T)
+    position_ids: torch.Tensor  # (rows, T)
+    window: int | None
+    chunk: int
+
+
+def _ids_carrier(ids: _GroupedIds) -> torch.Tensor:
+    """A (rows, 1, T, T) bool tensor of stride 0 (no memory) carrying `ids` to `chunked_sdpa_attention`.
+
+    transformers passes a 4D mask to the attention function as given; all False, so that anything but
+    `chunked_sdpa_attention` reading it attends nowhere rather than everywhere.
+    """
+    rows, width = ids.doc_ids.shape
+    carrier = torch.zeros((), dtype=torch.bool, device=ids.doc_ids.device).expand(rows, 1, width, width)
+    carrier.dpo_grouped_ids = ids
+    return carrier
+
+
+def _chunk_attention(query, key, value, ids: _GroupedIds, start: int, end: int, low: int, scaling, dropout):
+    """SDPA of queries [start, end) over keys [low, end), with the chunk's slice of the layout's mask."""
+    doc, branch, pos = ids.doc_ids, ids.branch_ids, ids.position_ids
+    q_doc, k_doc = doc[:, start:end, None], doc[:, None, low:end]
+    q_branch, k_branch = branch[:, start:end, None], branch[:, None, low:end]
+    q_index = torch.arange(start, end, device=doc.device)[:, None]
+    k_index = torch.arange(low, end, device=doc.device)[None, :]
+    allowed = (k_index <= q_index) & (q_doc == k_doc) & ((k_branch == SHARED_BRANCH) | (k_branch == q_branch))
+    if ids.window is not None:
+        allowed &= (pos[:, start:end, None] - pos[:, None, low:end]) < ids.window
+    return torch.nn.functional.scaled_dot_product_attention(
+        query, key, value, attn_mask=allowed[:, None], dropout_p=dropout, scale=scaling
+    )
+
+
+def chunked_sdpa_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
+    """SDPA whose memory grows linearly in the row length T for the `packed` / `shared_prompt` layouts.
+
+    Registered with transformers as `CHUNKED_SDPA`. Given a mask from `grouped_attention_mask`, queries run
+    `QUERY_CHUNK` at a time over the keys from the first one their groups can see, the chunk's mask built
+    from the layout's ids; each chunk is recomputed in the backward pass (activation checkpointing), so no
+    (T, T) mask or score matrix exists, forward or backward. Any other mask (the `padded` layout,
+    generation) goes to transformers' own SDPA attention unchanged.
+
+    Args:
+        query: (rows, heads, T, d); key, value: (rows, kv_heads, T, d); returns ((rows, T, heads, d), None).
+    """
+    from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
+
+    ids = getattr(attention_mask, "dpo_grouped_ids", None)
+    if ids is None:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout, scaling, **kwargs)
+    if kwargs.get("softcap") is not None or getattr(module, "sinks", None) is not None:
+        raise ValueError(
+            f"{CHUNKED_SDPA} does not support attention soft-capping or sinks; use eager attention."
+        )
+    groups = getattr(module, "num_key_value_groups", 1)
+    key, value = repeat_kv(key, groups), repeat_kv(value, groups)
+    dropout = dropout if module.training else 0.0
+    width = query.shape[2]
+    # the first key a query can see: its group's first token (queries of a chunk share the earliest)
+    doc = ids.doc_ids
+    new_group = torch.ones_like(doc, dtype=torch.bool)
+    new_group[:, 1:] = doc[:, 1:] != doc[:, :-1]
+    index = torch.arange(width, device=doc.device).expand_as(doc)
+    group_start = torch.where(new_group, index, 0).cummax(dim=1).values
+    outputs = []
+    for start in range(0, width, ids.chunk):
+        end = min(start + ids.chunk, width)
+        low = int(group_start[:, start].min())
+        args = (
+            query[:, :, start:end],
+            key[:, :, low:end],
+            value[:, :, low:end],
+            ids,
+            start,
+            end,
+            low,
+            scaling,
+        )
+        needs_grad = query.requires_grad or key.requires_grad or value.requires_grad
+        if width > ids.chunk and torch.is_grad_enabled() and needs_grad:  # keep no chunk's mask or scores
+            outputs.append(checkpoint(_chunk_attention, *args, dropout, use_reentrant=False))
+        else:
+            outputs.append(_chunk_attention(*args, dropout))
+    return torch.cat(outputs, dim=2).transpose(1, 2).contiguous(), None
+
+
+def register_chunked_sdpa() -> None:
+    """Register `CHUNKED_SDPA` with transformers: our attention function, SDPA's mask for other layouts."""
+    from transformers import AttentionInterface, AttentionMaskInterface
+    from transformers.masking_utils import sdpa_mask
+
+    AttentionInterface.register(CHUNKED_SDPA, chunked_sdpa_attention)
+    AttentionMaskInterface.register(CHUNKED_SDPA, sdpa_mask)
+
+
 def _mask(batch: Mapping[str, torch.Tensor], implementation: str, window: int | None, dtype: torch.dtype):
     doc_ids, branch_ids, position_ids = batch["doc_ids"], batch["branch_ids"], batch["position_ids"]
+    if implementation == CHUNKED_SDPA:
+        return _ids_carrier(_GroupedIds(doc_ids, branch_ids, position_ids, window, QUERY_CHUNK))
     if implementation == "flex_attention":
         from torch.nn.attention.flex_attention import create_block_mask
 
@@ -231,54 +335,79 @@ def grouped_attention_mask(batch: Mapping[str, torch.Tensor], model: nn.Module):
 def resolve_layout(requested: str, models: Iterable[nn.Module | None]) -> str:
     """The layout to use: the requested one if every model's attention can take its mask, else `padded`.
 
-    `auto` means `shared_prompt` where possible. A refusal is logged once, with the reason.
+    `auto` means `shared_prompt` (SDPA models get `CHUNKED_SDPA`, FlexAttention a `BlockMask`: memory
+    linear in the row length), except for eager attention, which takes a dense (rows, 1, T, T) mask: a
+    `shared_prompt` row (prompt + every response) can be twice as long as a padded one, so its mask and
+    scores up to twice the padded layout's, while `packed` rows are never longer than padded ones and never
+    more numerous. A refusal or a change is logged once, with the reason.
     """
     if requested == "padded":
         return "padded"
+    models = [model for model in models if model is not None]
     for model in models:
-        reason = None if model is None else grouped_layout_unsupported(model)
+        reason = grouped_layout_unsupported(model)
         if reason:
             logger.warning("Layout %r is not available (%s); using 'padded'.", requested, reason)
             return "padded"
-    return "shared_prompt" if requested == "auto" else requested
+    if requested != "auto":
+        return requested
+    eager = [type(_unwrap(m)).__name__ for m in models if _unwrap(m).config._attn_implementation == "eager"]
+    if eager:
+        logger.warning(
+            "Layout 'auto': %s uses eager attention, whose dense (T, T) mask would make 'shared_prompt' rows "
+            "cost up to twice the padded layout's memory; using 'packed' (never more than padded).",
+            eager[0],
+        )
+        return "packed"
+    return "shared_prompt"
 
 
 def choose_attention(
     models: Iterable[nn.Module | None], flex: bool | None, device_type: str, layout: str
 ) -> None:
-    """Switch models to FlexAttention for a grouped layout where `flex` (`DPOConfig.flex_attention`) asks.
+    """Pick each model's attention for a grouped layout: FlexAttention where `flex` asks, else chunked SDPA.
 
-    None (auto) switches SDPA models on CUDA only, where FlexAttention is compiled and its `BlockMask` skips
-    the blocks no query sees; True switches any model and raises `ValueError` if one cannot switch.
+    `flex` is `DPOConfig.flex_attention`: None (auto) switches SDPA models to FlexAttention on CUDA only, where
+    it is compiled and its `BlockMask` skips the blocks no query sees; True switches any model and raises
+    `ValueError` if one cannot switch. SDPA models left over get `CHUNKED_SDPA` (same results as SDPA, memory
+    linear in the row length; `padded` batches and generation run transformers' SDPA unchanged). Eager
+    attention is the user's explicit choice and is kept.
     """
     wanted = flex if flex is not None else device_type == "cuda"
-    if not wanted:
-        return
     for candidate in models:
         inner = None if candidate is None else _unwrap(candidate)
         current = getattr(getattr(inner, "config", None), "_attn_implementation", None)
-        if inner is None or current == "flex_attention":
+        if inner is None or current in ("flex_attention", CHUNKED_SDPA):
             continue
-        if current != "sdpa" and flex is None:
-            continue  # auto only replaces SDPA; eager (or a kernel) was the user's explicit choice
-        try:
-            inner.set_attn_implementation("flex_attention")
-        except (ValueError, ImportError, AttributeError) as error:
-            if flex:
-                raise ValueError(
-                    f"DPOConfig.flex_attention=True, but {type(inner).__name__} cannot use FlexAttention: {error}"
-                ) from error
-            logger.warning(
-                "Keeping %s attention (FlexAttention is not available for %s: %s).",
-                current,
-                type(inner).__name__,
-                error,
-            )
+        if wanted and (current == "sdpa" or flex) and _switch_to_flex(inner, current, flex, layout):
             continue
-        if getattr(inner.config, "_attn_implementation", None) == "flex_attention":
-            logger.info("Layout %r: %s now uses FlexAttention.", layout, type(inner).__name__)
-        elif flex:
+        if current == "sdpa":
+            register_chunked_sdpa()
+            inner.set_attn_implementation(CHUNKED_SDPA)
+            logger.info("Layout %r: %s now uses query-chunked SDPA.", layout, type(inner).__name__)
+
+
+def _switch_to_flex(inner: nn.Module, current: str | None, flex: bool | None, layout: str) -> bool:
+    try:
+        inner.set_attn_implementation("flex_attention")
+    except (ValueError, ImportError, AttributeError) as error:
+        if flex:
             raise ValueError(
-                f"DPOConfig.flex_attention=True, but {type(inner).__name__} does not support switching its "
-                "attention implementation."
-            )
+                f"DPOConfig.flex_attention=True, but {type(inner).__name__} cannot use FlexAttention: {error}"
+            ) from error
+        logger.warning(
+            "Keeping %s attention (FlexAttention is not available for %s: %s).",
+            current,
+            type(inner).__name__,
+            error,
+        )
+        return False
+    if getattr(inner.config, "_attn_implementation", None) == "flex_attention":
+        logger.info("Layout %r: %s now uses FlexAttention.", layout, type(inner).__name__)
+        return True
+    if flex:
+        raise ValueError(
+            f"DPOConfig.flex_attention=True, but {type(inner).__name__} does not support switching its "
+            "attention implementation."
+        )
+    return False
