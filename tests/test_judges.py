@@ -4,6 +4,7 @@ import copy
 import importlib
 import importlib.util
 import json
+import math
 import re
 import socket
 import threading
@@ -25,6 +26,7 @@ from dpo_trainer.evaluation import (
     RuleJudge,
     ScoringJudge,
     parse_verdict,
+    win_rate,
 )
 
 EXAMPLES_DATA = Path(__file__).resolve().parents[1] / "examples" / "data"
@@ -209,7 +211,8 @@ class ChatServer:
 
     ``reply(content) -> str`` writes the assistant message from the prompt; ``failures`` is a list of
     statuses answered (in order, one per request) before it behaves; ``raw`` replaces the body of a
-    200 answer; ``delay_first`` sleeps before the first answer. Every request is recorded.
+    200 answer; ``delay_first`` sleeps before the first answer; ``custom(handler)``, when set, answers
+    instead (trickling, redirecting, echoing headers, huge bodies). Every request is recorded.
     """
 
     def __init__(self):
@@ -218,6 +221,7 @@ class ChatServer:
         self.failures = []
         self.raw = None
         self.delay_first = 0.0
+        self.custom = None  # custom(handler) answers the request itself when set
         state = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -226,7 +230,9 @@ class ChatServer:
                 state.requests.append((self.path, dict(self.headers), body))
                 if state.delay_first and len(state.requests) == 1:
                     time.sleep(state.delay_first)
-                if state.failures:
+                if state.custom is not None:
+                    state.custom(self)
+                elif state.failures:
                     status = state.failures.pop(0)
                     self._send(status, json.dumps({"error": {"message": f"boom {status}"}}).encode())
                 elif state.raw is not None:
@@ -406,15 +412,35 @@ def test_parse_verdict(reply, verdict):
     assert parse_verdict(reply) == verdict
 
 
-def test_unparseable_reply_is_a_tie_warned_once(server):
-    server.reply = lambda content: "They are both lovely."
-    judge = _judge(server.url)
+def test_unparseable_replies_are_counted_and_left_out_of_the_win_rate(server):
+    server.reply = lambda content: (
+        "They are both lovely." if "q1" in content or "q3" in content else prefer_longer(content)
+    )
+    judge = _judge(server.url, max_unparsed=0.5)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        assert judge.compare(["q1", "q2", "q3"], ["a"] * 3, ["b"] * 3) == [0.5] * 3
-        judge.compare(["q4"], ["a"], ["b"])
-    assert judge.unparsed == 4
+        outcomes = judge.compare(["q0", "q1", "q2", "q3"], ["long answer"] * 4, ["b"] * 4)
+    assert outcomes[0] == outcomes[2] == 1.0 and math.isnan(outcomes[1]) and math.isnan(outcomes[3])
+    assert judge.unparsed == 2
     assert len(caught) == 1 and "They are both lovely." in str(caught[0].message)
+    result = win_rate(outcomes)  # a broken reply is no tie: 2 of 2 verdicts are wins, not 3 of 4
+    assert (result.rate, result.n, result.unparsed) == (1.0, 2, 2)
+    assert "2 unparsed" in str(result)
+
+
+def test_too_many_unparsed_replies_fail_the_run(server):
+    server.reply = lambda content: "I cannot decide."
+    with pytest.raises(JudgeError, match=r"3 of 3 replies named no verdict.*max_unparsed=0.1"):
+        _judge(server.url).compare(["q1", "q2", "q3"], ["a"] * 3, ["b"] * 3)
+
+
+def test_null_content_is_unparsed(server):
+    server.raw = json.dumps({"choices": [{"message": {"role": "assistant", "content": None}}]}).encode()
+    judge = _judge(server.url, max_unparsed=1.0)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert all(math.isnan(x) for x in judge.compare(["q1", "q2"], ["a"] * 2, ["b"] * 2))
+    assert judge.unparsed == 2 and "content: null" in str(caught[0].message)
 
 
 @pytest.mark.parametrize("failures", [[500, 500], [429], [502, 429, 503]])
@@ -479,6 +505,132 @@ def test_llm_judge_validates_arguments():
     with pytest.raises(ValueError, match="responses_a has 2 entries"):
         LLMJudge("http://127.0.0.1:1/v1", "m").compare(["q"], ["a", "b"], ["c"])
     assert LLMJudge("http://h/v1/chat/completions/", "m").url == "http://h/v1/chat/completions"
+
+
+# ------------------------------------------------------------------- misbehaving endpoints, cache, the key
+
+
+def _chat_answer(letter="A"):
+    message = {"role": "assistant", "content": f"Comparison: x.\nMore helpful: {letter}"}
+    return json.dumps({"choices": [{"index": 0, "message": message}]}).encode()
+
+
+def test_a_trickling_server_cannot_stall_a_request_past_its_deadline(server):
+    payload = _chat_answer()
+
+    def trickle(handler):  # headers at once, then one byte every 0.1 s (each read is quick; the whole is not)
+        handler.send_response(200)
+        handler.send_header("Content-Length", str(len(payload)))
+        handler.end_headers()
+        for byte in payload[:100]:  # bounded: about 10 s at most if nobody hangs up
+            handler.wfile.write(bytes([byte]))
+            handler.wfile.flush()
+            time.sleep(0.1)
+
+    server.custom = trickle
+    started = time.monotonic()
+    with pytest.raises(JudgeError, match=r"failed 2 times.*within timeout=0.5s"):
+        _judge(server.url, timeout=0.5, max_retries=1).compare(["q"], ["a"], ["b"])
+    assert time.monotonic() - started < 4  # two attempts of 0.5 s, not 2 x 10 s of trickling
+    assert server.attempts == 2
+
+
+@pytest.mark.parametrize("declared", [True, False])
+def test_a_huge_body_is_refused_without_reading_it_all(server, declared):
+    block = b"x" * 65536
+
+    def huge(handler):  # 3 MB, with or without a Content-Length (then it ends when the server closes)
+        handler.send_response(200)
+        if declared:
+            handler.send_header("Content-Length", str(300_000_000))
+        handler.send_header("Connection", "close")
+        handler.end_headers()
+        for _ in range(48):
+            handler.wfile.write(block)
+
+    server.custom = huge
+    with pytest.raises(JudgeError, match="max_response_bytes=1000000"):
+        _judge(server.url).compare(["q"], ["a"], ["b"])
+    assert server.attempts == 1
+
+
+@pytest.mark.parametrize("status", [302, 307])
+def test_redirects_are_not_followed_with_the_key(server, status):
+    other = ChatServer()
+    try:
+
+        def redirect(handler):
+            handler.send_response(status)
+            handler.send_header("Location", other.url + "/chat/completions")
+            handler.send_header("Content-Length", "0")
+            handler.end_headers()
+
+        server.custom = redirect
+        with pytest.raises(JudgeError, match=rf"redirected \(status {status}\).*not followed"):
+            _judge(server.url, api_key="sk-secret-123").compare(["q"], ["a"], ["b"])
+        assert other.attempts == 0  # the key never reached the other address
+    finally:
+        other.stop()
+
+
+def test_the_key_is_redacted_from_an_error_echoing_the_request(server):
+    def echo(handler):  # some proxies answer 401 with the request's headers in the body
+        payload = json.dumps({"error": "unauthorized", "request_headers": dict(handler.headers)}).encode()
+        handler.send_response(401)
+        handler.send_header("Content-Length", str(len(payload)))
+        handler.end_headers()
+        handler.wfile.write(payload)
+
+    server.custom = echo
+    with pytest.raises(JudgeError) as error:
+        _judge(server.url, api_key="sk-secret-123").compare(["q"], ["a"], ["b"])
+    assert "sk-secret-123" not in str(error.value) and "<redacted>" in str(error.value)
+    assert "API key" in str(error.value)
+
+
+def test_plain_http_to_another_machine_with_a_key_is_warned_about():
+    with pytest.warns(UserWarning, match="plain http"):
+        LLMJudge("http://judge.example.com/v1", "m", api_key="k")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        LLMJudge("https://judge.example.com/v1", "m", api_key="k")
+        LLMJudge("http://127.0.0.1:8000/v1", "m", api_key="k")
+        LLMJudge("http://localhost:8000/v1", "m", api_key="k")
+        LLMJudge("http://judge.example.com/v1", "m", api_key="")
+
+
+def test_verdicts_are_cached_and_reused_after_a_failure(server, tmp_path):
+    cache = tmp_path / "verdicts.jsonl"
+    prompts, responses_a, responses_b, expected = _items(6)
+    answered = []
+
+    def fail_after_three(handler):  # three verdicts paid for, then the endpoint breaks
+        if len(answered) >= 3:
+            handler._send(400, b'{"error": "quota exceeded"}')
+            return
+        body = handler.server_state_body
+        answered.append(body)
+        handler._send(200, json.dumps({"choices": [{"message": {"content": prefer_longer(body)}}]}).encode())
+
+    def custom(handler):
+        handler.server_state_body = server.requests[-1][2]["messages"][0]["content"]
+        fail_after_three(handler)
+
+    server.custom = custom
+    with pytest.raises(JudgeError, match="quota exceeded"):
+        _judge(server.url, cache_file=cache).compare(prompts, responses_a, responses_b)
+    assert len(cache.read_text().splitlines()) == 3
+
+    server.custom = None
+    before = server.attempts
+    assert _judge(server.url, cache_file=cache).compare(prompts, responses_a, responses_b) == expected
+    assert server.attempts - before == 3  # only the three verdicts not paid for yet
+    before = server.attempts
+    assert _judge(server.url, cache_file=cache).compare(prompts, responses_a, responses_b) == expected
+    assert server.attempts == before  # all six from the cache
+    with open(cache, "a") as handle:
+        handle.write('{"key": "cut sho')  # a kill in the middle of a line
+    assert _judge(server.url, cache_file=cache).compare(prompts, responses_a, responses_b) == expected
 
 
 # -------------------------------------------------------------------------------------------- the package

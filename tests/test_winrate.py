@@ -75,10 +75,19 @@ def test_no_outcomes_rejected():
         win_rate([])
 
 
-@pytest.mark.parametrize("bad", [0.3, 2.0, -1.0, 0.25, math.nan, math.inf])
+@pytest.mark.parametrize("bad", [0.3, 2.0, -1.0, 0.25, math.inf])
 def test_bad_values_rejected(bad):
     with pytest.raises(ValueError, match=r"outcome 2 is"):
         win_rate([1.0, 0.0, bad])
+
+
+def test_nan_outcomes_are_unparsed_and_left_out():
+    # a judge's reply without a verdict is no tie: 2 wins of 3 verdicts, the NaN counted apart
+    result = win_rate([1.0, math.nan, 1.0, 0.0])
+    assert (result.n, result.wins, result.unparsed) == (3, 2.0, 1)
+    assert result.rate == pytest.approx(2 / 3)
+    with pytest.raises(ValueError, match="all 2 are unparsed"):
+        win_rate([math.nan, math.nan])
 
 
 @pytest.mark.parametrize("bad", ["1", None, True, [1.0]])

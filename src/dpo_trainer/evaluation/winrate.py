@@ -31,9 +31,11 @@ class WinRate:
     n: int
     wins: float
     ties: int
+    unparsed: int = 0  # outcomes without a verdict (NaN), left out of n
 
     def __str__(self) -> str:
-        return f"{self.rate:.2f} [{self.low:.2f}, {self.high:.2f}] (n={self.n})"
+        extra = f", {self.unparsed} unparsed" if self.unparsed else ""
+        return f"{self.rate:.2f} [{self.low:.2f}, {self.high:.2f}] (n={self.n}{extra})"
 
 
 def wilson_interval(rate: float, n: int, confidence: float = 0.95) -> tuple[float, float]:
@@ -72,13 +74,23 @@ def win_rate(outcomes: Sequence[float], confidence: float = 0.95) -> WinRate:
     binomial proportion over ``n`` outcomes; since a tie (0.5) varies less than a win or loss, this is
     slightly conservative when there are ties.
 
+    A NaN outcome is a comparison without a verdict (an LLM judge's unparsed reply): it is left out of
+    ``n`` and counted in ``unparsed``.
+
     Raises ``ValueError`` for no outcomes or a value other than 0, 0.5 or 1 (naming its index), and
     ``TypeError`` for something that is not a real number.
     """
     outcomes = list(outcomes)
     if not outcomes:
         raise ValueError("win_rate needs at least one outcome, got none")
+    unparsed = sum(isinstance(o, float) and math.isnan(o) for o in outcomes)
+    if unparsed == len(outcomes):
+        raise ValueError(
+            f"win_rate needs at least one outcome with a verdict; all {unparsed} are unparsed (NaN)"
+        )
     for index, outcome in enumerate(outcomes):
+        if isinstance(outcome, float) and math.isnan(outcome):
+            continue
         if isinstance(outcome, bool) or not isinstance(outcome, numbers.Real):
             raise TypeError(
                 f"outcome {index} is {outcome!r} ({type(outcome).__name__}); expected 1.0 (A wins), "
@@ -88,9 +100,10 @@ def win_rate(outcomes: Sequence[float], confidence: float = 0.95) -> WinRate:
             raise ValueError(
                 f"outcome {index} is {outcome!r}; expected 1.0 (A wins), 0.0 (B wins) or 0.5 (tie)"
             )
+    outcomes = [outcome for outcome in outcomes if not (isinstance(outcome, float) and math.isnan(outcome))]
     n = len(outcomes)
     wins = float(sum(float(outcome) for outcome in outcomes))
     ties = sum(float(outcome) == 0.5 for outcome in outcomes)
     rate = wins / n
     low, high = wilson_interval(rate, n, confidence)
-    return WinRate(rate=rate, low=low, high=high, n=n, wins=wins, ties=ties)
+    return WinRate(rate=rate, low=low, high=high, n=n, wins=wins, ties=ties, unparsed=unparsed)
