@@ -2,6 +2,11 @@
 
     python examples/sentiment.py                 # offline: tiny model, bundled reviews_tiny data, VADER reward
     accelerate launch examples/sentiment.py      # the same under accelerate
+    python examples/sentiment.py --model "$(python -c 'from dpo_trainer.gguf import smollm2_path; print(smollm2_path())')" \\
+        --sft_max_steps 40 --sft_learning_rate 1e-4 --max_steps 30 --per_device_train_batch_size 8 \\
+        --learning_rate 5e-4 --betas 0.1,0.5 --pair_prompts 48 --eval_prompts 48 --bon_n 1,2,4 \\
+        --max_new_tokens 32 --max_length 96 --max_prompt_length 32 --per_device_eval_batch_size 48 \\
+        --output_dir runs/smollm2               # a real pretrained model (SmolLM2-135M-Instruct, LoRA) on CPU
     accelerate launch examples/sentiment.py --model gpt2-large --dataset imdb \\
         --reward_model siebert/sentiment-roberta-large-english --betas 0.05,0.1,0.5,1,5 \\
         --learning_rate 1e-6 --bf16 --output_dir runs/imdb-gpt2-large
@@ -266,6 +271,14 @@ def wait_for_everyone():
     PartialState().wait_for_everyone()
 
 
+def load_tokenizer(path: str):
+    """The model's tokenizer; one without a pad token (GPT-2) pads with its EOS."""
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
 def load_causal_lm(path: str, config: DPOConfig):
     return AutoModelForCausalLM.from_pretrained(path, **(config.model_init_kwargs or {}))
 
@@ -360,7 +373,7 @@ def run_sft(script_args: ScriptArguments, config: DPOConfig, base: str, train, o
     )
     trainer = sft_trainer(
         load_causal_lm(base, config),
-        AutoTokenizer.from_pretrained(base),
+        load_tokenizer(base),
         args,
         review_rows(train, script_args, config.seed),
         max_length=config.max_length,
@@ -394,7 +407,7 @@ def run_pairs(script_args: ScriptArguments, config: DPOConfig, sft: str, train, 
         if config.process_index == 0:
             samples, scores = sample_and_score(
                 load_causal_lm(sft, config),
-                AutoTokenizer.from_pretrained(sft),
+                load_tokenizer(sft),
                 prompts,
                 make_scorer(script_args),
                 n=script_args.samples_per_prompt,
@@ -460,7 +473,7 @@ def run_dpo(
         load_causal_lm(sft, config),
         args=run_config,
         train_dataset=rows,
-        processing_class=AutoTokenizer.from_pretrained(sft),
+        processing_class=load_tokenizer(sft),
         peft_config=peft_config(script_args),
     )
     trainer.train(resume_from_checkpoint=last_complete_checkpoint(folder))
@@ -492,7 +505,7 @@ def run_baseline(
     started = time.time()
     learning_rate = script_args.baseline_learning_rate or config.learning_rate
     args = training_args(config, folder, max_steps=config.max_steps, learning_rate=learning_rate)
-    model, tokenizer = load_causal_lm(sft, config), AutoTokenizer.from_pretrained(sft)
+    model, tokenizer = load_causal_lm(sft, config), load_tokenizer(sft)
     if peft_config(script_args) is not None:
         from peft import get_peft_model
 
@@ -666,7 +679,7 @@ def run_eval(
             prompts.append(split[0])
         if len(prompts) == script_args.eval_prompts:
             break
-    tokenizer = AutoTokenizer.from_pretrained(sft)
+    tokenizer = load_tokenizer(sft)
     scorer = make_scorer(script_args)
     reference = load_causal_lm(sft, config)
     results = {

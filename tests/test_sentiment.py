@@ -224,6 +224,16 @@ def test_load_reviews_from_a_local_file_and_a_folder(sentiment, tmp_path):
     assert (len(train), len(test)) == (10, 3) and train[0]["text"].startswith(("I ", "My ", "This ", "We "))
 
 
+def test_a_tokenizer_without_pad_token_pads_with_eos(sentiment, tokenizer, tmp_path):
+    tokenizer.save_pretrained(tmp_path / "tok")
+    config = json.loads((tmp_path / "tok" / "tokenizer_config.json").read_text())
+    config.pop("pad_token", None)
+    (tmp_path / "tok" / "tokenizer_config.json").write_text(json.dumps(config))
+    assert transformers.AutoTokenizer.from_pretrained(tmp_path / "tok").pad_token is None
+    loaded = sentiment.load_tokenizer(str(tmp_path / "tok"))
+    assert loaded.pad_token == loaded.eos_token == "<eos>"
+
+
 def test_the_bundled_reviews_regenerate_byte_for_byte(tmp_path):
     command = [sys.executable, os.path.join(REVIEWS, "make_reviews_data.py"), "--out", str(tmp_path)]
     subprocess.run(command + ["--train", "2000", "--test", "200", "--seed", "0"], check=True)
