@@ -1,0 +1,252 @@
+"""TRL 1.16's loss family as the oracle: for every loss type both libraries define alike, our evaluation loss
+and reward metrics equal TRL's on the same policy, reference and rows.
+
+One TRL trainer and one of ours are built per data format (standard and conversational, the tiny tokenizer's
+chat template) and reused: each case sets the loss settings on both (TRL reads `loss_types`,
+`loss_weights`, `label_smoothing`, `f_divergence_type`, `f_alpha_divergence_coef` and `args.discopop_tau`
+when it computes the loss) and runs one `evaluate()` each, so TRL's numbers come from its own code path.
+
+The reference is the policy with every weight perturbed slightly: log-ratios of order 1, where every loss is
+away from its neutral point (a policy equal to its reference would make most losses a constant).
+
+Names that differ on purpose (README, "Differences from TRL"): TRL's `ipo` is our `ipo_trl` (ours is the IPO
+paper's summed form), TRL's `bco_pair` our `bco_pair_trl` (ours has BCO's reward shift, 0 before any training
+step), TRL's `alpha_divergence` with coefficient a our `alpha_divergence_trl` a, i.e. our `alpha_divergence`
+1 - a (the paper's exponent).
+"""
+
+import copy
+
+import pytest
+import torch
+import trl
+from datasets import Dataset
+
+import dpo_trainer
+from dpo_trainer.tiny import CHAT_TEMPLATE, tiny_causal_lm
+
+from conftest import preference_rows
+
+pytestmark = pytest.mark.slow  # about 30 s: two pairs of trainers, 45 evaluations
+
+NUM_ROWS, EVAL_BATCH, BETA = (
+    8,
+    4,
+    0.5,
+)  # two equal eval batches: TRL averages batch means, we average examples
+COMPARED = (
+    "eval_loss",
+    "eval_rewards/chosen",
+    "eval_rewards/rejected",
+    "eval_rewards/margins",
+    "eval_rewards/accuracies",
+    "eval_logps/chosen",
+    "eval_logps/rejected",
+)
+
+# (id, TRL settings, our settings); settings: loss_type, loss_weights, label_smoothing, f_divergence_type,
+# f_alpha_divergence_coef, discopop_tau
+DEFAULTS = dict(
+    loss_weights=None,
+    label_smoothing=0.0,
+    f_divergence_type="reverse_kl",
+    f_alpha_divergence_coef=0.5,
+    discopop_tau=0.05,
+)
+
+
+def case(case_id, trl_loss, our_loss=None, **settings):
+    theirs = {**DEFAULTS, **settings, "loss_type": trl_loss}
+    ours = {**DEFAULTS, **settings, "loss_type": our_loss or trl_loss}
+    if "our_alpha" in settings:
+        theirs.pop("our_alpha")
+        ours["f_alpha_divergence_coef"] = ours.pop("our_alpha")
+    return pytest.param(theirs, ours, id=case_id)
+
+
+CASES = [
+    case("sigmoid", ["sigmoid"]),
+    case("hinge", ["hinge"]),
+    case("robust", ["robust"], label_smoothing=0.1),
+    case("ipo", ["ipo"], ["ipo_trl"]),
+    case("exo_pair", ["exo_pair"], label_smoothing=1e-3),
+    case("nca_pair", ["nca_pair"]),
+    case("bco_pair", ["bco_pair"], ["bco_pair_trl"]),
+    case("sppo_hard", ["sppo_hard"]),
+    case("aot", ["aot"], label_smoothing=0.1),
+    case("aot_unpaired", ["aot_unpaired"]),
+    case("apo_zero", ["apo_zero"]),
+    case("apo_down", ["apo_down"]),
+    case("discopop", ["discopop"]),
+    case("discopop_tau2", ["discopop"], discopop_tau=2.0),
+    case("sft", ["sft"]),
+    case("sigmoid_norm", ["sigmoid_norm"]),
+    case(
+        "mpo",
+        ["sigmoid", "bco_pair", "sft"],
+        ["sigmoid", "bco_pair_trl", "sft"],
+        loss_weights=[0.8, 0.2, 1.0],
+    ),
+    case("forward_kl", ["sigmoid"], f_divergence_type="forward_kl"),
+    case("js_divergence", ["exo_pair"], f_divergence_type="js_divergence", label_smoothing=0.01),
+    case("alpha_0.5", ["sigmoid_norm"], f_divergence_type="alpha_divergence"),
+    case(
+        "alpha_trl_0.3",
+        ["ipo"],
+        ["ipo_trl"],
+        f_divergence_type="alpha_divergence",
+        f_alpha_divergence_coef=0.3,
+        our_alpha=0.3,
+    ),
+]
+# TRL's alpha_divergence at 0.3 is our alpha_divergence at 0.7 (the paper's exponent) and alpha_divergence_trl at 0.3
+CASES[-1].values[1]["f_divergence_type"] = "alpha_divergence_trl"
+CASES.append(
+    case(
+        "alpha_paper_0.7",
+        ["hinge"],
+        f_divergence_type="alpha_divergence",
+        f_alpha_divergence_coef=0.3,
+        our_alpha=0.7,
+    )
+)
+
+
+def chat_tokenizer(tokenizer):
+    """The tiny tokenizer with a chat template whose assistant turns end in EOS (as ChatML's end in <|im_end|>)."""
+    chat = copy.deepcopy(tokenizer)
+    chat.chat_template = CHAT_TEMPLATE.replace(
+        "{{ '\\n\\nAssistant: ' + message['content'] }}",
+        "{{ '\\n\\nAssistant: ' + message['content'] + eos_token }}",
+    )
+    assert chat.chat_template != CHAT_TEMPLATE
+    return chat
+
+
+def conversational(rows):
+    return [
+        {
+            "prompt": [{"role": "user", "content": row["prompt"]}],
+            "chosen": [{"role": "assistant", "content": row["chosen"].lstrip()}],
+            "rejected": [{"role": "assistant", "content": row["rejected"].lstrip()}],
+        }
+        for row in rows
+    ]
+
+
+@pytest.fixture(scope="module")
+def trainers(tokenizer, tmp_path_factory):
+    """{format: (TRL trainer, our trainer)} on the same policy, reference and rows."""
+    torch.manual_seed(0)
+    policy = tiny_causal_lm(tokenizer, hidden_size=32, num_layers=2, num_heads=4, seed=1)
+    reference = copy.deepcopy(policy)
+    generator = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for param in reference.parameters():
+            param.add_(0.05 * torch.randn(param.shape, generator=generator))
+    standard = preference_rows(NUM_ROWS, seed=4)
+    out = {}
+    formats = (
+        ("standard", standard, tokenizer),
+        ("conversational", conversational(standard), chat_tokenizer(tokenizer)),
+    )
+    for fmt, rows, tokenizer in formats:
+        tmp = tmp_path_factory.mktemp(fmt)
+        trl_args = trl.DPOConfig(
+            output_dir=str(tmp / "trl"),
+            report_to="none",
+            use_cpu=True,
+            bf16=False,
+            fp16=False,
+            gradient_checkpointing=False,
+            prediction_loss_only=True,
+            per_device_eval_batch_size=EVAL_BATCH,
+            max_length=None,
+            beta=BETA,
+            disable_dropout=True,
+            disable_tqdm=True,
+            save_strategy="no",
+            seed=0,
+        )
+        theirs = trl.DPOTrainer(
+            copy.deepcopy(policy),
+            ref_model=copy.deepcopy(reference),
+            args=trl_args,
+            train_dataset=Dataset.from_list(rows),
+            eval_dataset=Dataset.from_list(rows),
+            processing_class=copy.deepcopy(tokenizer),
+        )
+        our_args = dpo_trainer.DPOConfig(
+            output_dir=str(tmp / "ours"),
+            report_to="none",
+            use_cpu=True,
+            per_device_eval_batch_size=EVAL_BATCH,
+            max_length=None,
+            beta=BETA,
+            disable_tqdm=True,
+            save_strategy="no",
+            seed=0,
+        )
+        ours = dpo_trainer.DPOTrainer(
+            copy.deepcopy(policy),
+            ref_model=copy.deepcopy(reference),
+            args=our_args,
+            train_dataset=rows,
+            eval_dataset=rows,
+            processing_class=tokenizer,
+        )
+        for index, (a, b) in enumerate(zip(theirs.eval_dataset, ours.eval_dataset, strict=True)):
+            assert a["prompt_ids"] == b["prompt_ids"], f"{fmt} row {index}: prompt ids differ"
+            assert [a["chosen_ids"], a["rejected_ids"]] == b["response_ids"], (
+                f"{fmt} row {index}: responses differ"
+            )
+        # a non-trivial comparison: log-ratios of order 1, margins of both signs
+        batch = ours.data_collator([ours.eval_dataset[i] for i in range(NUM_ROWS)])
+        with torch.no_grad():
+            logratios = ours.policy_logps(ours.model, batch) - ours.reference_logps(batch)
+        margins = logratios[:, 0] - logratios[:, 1]
+        assert logratios.abs().max() > 0.5 and (margins > 0).any() and (margins < 0).any(), logratios
+        out[fmt] = (theirs, ours)
+    return out
+
+
+def apply_trl(trainer, settings):
+    trainer.loss_types = list(settings["loss_type"])
+    trainer.loss_weights = settings["loss_weights"] or [1.0] * len(trainer.loss_types)
+    trainer.label_smoothing = settings["label_smoothing"]
+    trainer.f_divergence_type = settings["f_divergence_type"]
+    trainer.f_alpha_divergence_coef = settings["f_alpha_divergence_coef"]
+    trainer.args.discopop_tau = settings["discopop_tau"]
+
+
+def apply_ours(trainer, settings):
+    for name, value in settings.items():
+        setattr(trainer.args, name, value)
+    trainer.args._check_loss_extras()  # the combination is one DPOConfig accepts
+    dpo_trainer.losses.check_loss_settings(
+        settings["loss_type"],
+        loss_weights=settings["loss_weights"],
+        label_smoothing=settings["label_smoothing"],
+        f_divergence_type=settings["f_divergence_type"],
+    )
+
+
+@pytest.mark.parametrize("fmt", ["standard", "conversational"])
+@pytest.mark.parametrize(("trl_settings", "our_settings"), CASES)
+def test_loss_family_matches_trl(trainers, fmt, trl_settings, our_settings):
+    theirs, ours = trainers[fmt]
+    apply_trl(theirs, trl_settings)
+    apply_ours(ours, our_settings)
+    trl_metrics, our_metrics = theirs.evaluate(), ours.evaluate()
+    for name in COMPARED:
+        assert our_metrics[name] == pytest.approx(trl_metrics[name], rel=1e-4, abs=1e-5), name
+
+
+def test_cases_are_not_all_one_number(trainers):
+    """The losses differ from one another on these rows, so equal metrics above are not a coincidence."""
+    _, ours = trainers["standard"]
+    values = set()
+    for param in CASES:
+        apply_ours(ours, param.values[1])
+        values.add(round(ours.evaluate()["eval_loss"], 5))
+    assert len(values) == len(CASES)
