@@ -392,3 +392,50 @@ def test_trl_style_notebook_runs_with_the_import_changed(tmp_path, model_dir, li
     assert before["eval_rewards/accuracies"] == 0.0 and after["eval_loss"] != before["eval_loss"]
     assert (tmp_path / "notebook-out" / "adapter_model.safetensors").exists()
     assert dpo_trainer.__version__  # the package under test is importable alongside TRL
+
+
+def test_trust_remote_code_reaches_model_and_tokenizer(tmp_path, model_dir, pairs, monkeypatch):
+    import transformers
+
+    seen = []
+    for cls in (transformers.AutoModelForCausalLM, transformers.AutoTokenizer):
+        real = cls.from_pretrained.__func__
+
+        def spy(klass, *args, _real=real, **kwargs):
+            seen.append((klass.__name__, kwargs.get("trust_remote_code")))
+            return _real(klass, *args, **kwargs)
+
+        monkeypatch.setattr(cls, "from_pretrained", classmethod(spy))
+    DPOTrainer(model_dir, args=dpo_config(tmp_path, trust_remote_code=True), train_dataset=pairs[:4])
+    assert ("AutoModelForCausalLM", True) in seen and ("AutoTokenizer", True) in seen
+
+
+def test_precompute_ref_batch_size_sets_the_batches_not_the_values(
+    tmp_path, make_model, tokenizer, pairs, monkeypatch
+):
+    import dpo_trainer.trainer as trainer_module
+
+    totals = []
+    real = trainer_module.compute_dataset_reference_logps
+
+    def spy(batches, score, *, total, **kwargs):
+        totals.append(total)
+        return real(batches, score, total=total, **kwargs)
+
+    monkeypatch.setattr(trainer_module, "compute_dataset_reference_logps", spy)
+
+    def column(**overrides):
+        args = dpo_config(tmp_path / str(overrides), precompute_ref_log_probs=True, **overrides)
+        trainer = DPOTrainer(make_model(), args=args, train_dataset=pairs, processing_class=tokenizer)
+        return torch.tensor(trainer.train_dataset["ref_logps"])
+
+    default_values = column()
+    batched = column(precompute_ref_batch_size=3)
+    assert totals == [4, 6]  # 16 rows: batches of per_device_eval_batch_size=4, then of 3
+    torch.testing.assert_close(batched, default_values, atol=1e-5, rtol=1e-5)
+
+
+def test_without_args_the_output_folder_is_named_as_trls(tmp_path, model_dir, pairs, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    trainer = DPOTrainer(model_dir, train_dataset=pairs[:4])
+    assert trainer.args.output_dir.endswith("tiny-model-DPO")
