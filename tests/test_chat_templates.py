@@ -610,3 +610,14 @@ def test_trainer_takes_tool_calls_tools_and_chat_template_kwargs(tmp_path, token
             assert b["response_ids"] == [a["chosen_ids"], a["rejected_ids"]], set_name
     # policy == reference at step 0: the loss is ln 2
     assert ours.evaluate()["eval_loss"] == pytest.approx(math.log(2), abs=1e-5)
+
+
+def test_a_reply_at_odds_with_the_template_is_refused_naming_the_row(tokenizers_by_name):
+    # Qwen3 with thinking off renders an empty thought block as the generation prompt, while a reply that
+    # holds reasoning renders it in full: the prompt alone is no prefix of the conversation. TRL trains on
+    # the shared start (a context inference never shows); we refuse the row.
+    row = {**thinking_rows()[1], "chat_template_kwargs": {"enable_thinking": False}}
+    with pytest.raises(
+        ValueError, match=r"row 1, field 'chosen'.*renders the prompt differently.*enable_thinking"
+    ):
+        to_example(row, 1, "standard", tokenizers_by_name["qwen3"])

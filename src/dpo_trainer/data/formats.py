@@ -231,7 +231,9 @@ def _render(
             raise ValueError(
                 f"{_where(index, field)}: the chat template renders the prompt differently on its own (with "
                 "add_generation_prompt=True) than at the start of the full conversation, so the response "
-                f"cannot be cut from it; prompt renders as {prompt_text!r}, full conversation as {full!r}"
+                f"cannot be cut from it; prompt renders as {prompt_text!r}, full conversation as {full!r}. "
+                "Training on the shared start only would teach a context never seen at inference; make the "
+                "row agree with the template (e.g. no reasoning in a reply when enable_thinking is False)"
             )
         texts.append(full[len(prompt_text) :])
     return Example(prompt_text, tuple(texts), templated=True)
