@@ -145,3 +145,30 @@ def test_aux_loss_off_or_refused(tmp_path, tokenizer, make_model):
             train_dataset=preference_rows(4, seed=0),
             processing_class=tokenizer,
         )
+
+
+def test_evaluation_matches_trl_with_the_aux_loss(tmp_path, tokenizer):
+    # TRL 1.16 adds coef x aux_loss to its (evaluation) loss and logs aux_loss: same rows, same models.
+    import copy
+
+    from test_trl_oracle import assert_same_metrics, assert_same_token_ids, our_trainer, trl_trainer
+
+    rows = preference_rows(16, seed=0)
+    torch.manual_seed(0)
+    policy = mixtral(len(tokenizer))
+    torch.manual_seed(1)
+    reference = mixtral(len(tokenizer))
+    kwargs = dict(beta=0.2, router_aux_loss_coef=COEF)
+    theirs = trl_trainer(
+        tmp_path, copy.deepcopy(policy), tokenizer, rows, ref_model=copy.deepcopy(reference), **kwargs
+    )
+    ours = our_trainer(
+        tmp_path, copy.deepcopy(policy), tokenizer, rows, ref_model=copy.deepcopy(reference), **kwargs
+    )
+    assert theirs.aux_loss_enabled and ours.aux_loss_enabled
+    assert_same_token_ids(theirs, ours, tokenizer)
+    trl_metrics, our_metrics = theirs.evaluate(), ours.evaluate()
+    assert_same_metrics(trl_metrics, our_metrics)
+    assert our_metrics["eval_aux_loss"] == pytest.approx(trl_metrics["eval_aux_loss"], rel=1e-4)
+    # the aux term is in both losses: without it the loss would be off by far more than the tolerance
+    assert COEF * our_metrics["eval_aux_loss"] > 1e-2 * our_metrics["eval_loss"]

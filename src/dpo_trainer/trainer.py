@@ -910,19 +910,18 @@ class DPOTrainer(Trainer):
             # + alpha x the chosen response's mean token NLL (an emptied response counts one token)
             tokens = inputs["response_lengths"][:, 0].clamp_min(1).to(policy.dtype)
             losses = losses - self.args.rpo_alpha * policy[:, 0] / tokens
+        if aux_loss is not None:
+            # + coef x the MoE load-balancing loss (TRL's aux_loss): the batch's value on each of its pairs, so
+            # the loss of a batch (and TRL's eval_loss) is its mean DPO loss + coef x aux_loss
+            losses = losses + self.router_aux_loss_coef * aux_loss.to(losses.device, losses.dtype)
         self._flag_step("train" if model.training else "eval", losses, reference)
         mode = "train" if model.training else self._eval_prefix
         self._record_metrics(mode, policy.detach(), rewards, losses.detach(), aux_loss)
         if model.training and num_items_in_batch is not None:
             # the mean over the step's pairs; DDP averages gradients over processes, hence the factor
-            share = self.accelerator.num_processes / num_items_in_batch
-            loss = losses.sum() * share
+            loss = losses.sum() * self.accelerator.num_processes / num_items_in_batch
         else:
-            share = 1 / losses.shape[0]
             loss = losses.mean()
-        if aux_loss is not None:
-            # + coef x the MoE load-balancing loss (TRL's aux_loss), each micro-batch weighted by its pairs
-            loss = loss + self.router_aux_loss_coef * aux_loss.to(loss.device) * (losses.shape[0] * share)
         return (loss, {"policy_logps": policy.detach(), "rewards": rewards}) if return_outputs else loss
 
     def _flag_step(self, mode: str, losses: torch.Tensor, reference: torch.Tensor) -> None:
