@@ -37,6 +37,7 @@ defaults below suit it; flags given on the command line win.
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import json
 import os
@@ -46,7 +47,6 @@ from dataclasses import asdict, dataclass, field
 
 from datasets import load_dataset
 from transformers import AutoModelForCausalLM, AutoTokenizer, HfArgumentParser, TrainingArguments
-from transformers.trainer_utils import get_last_checkpoint
 
 from dpo_trainer import DPOConfig, DPOTrainer
 from dpo_trainer.checkpoints import last_complete_checkpoint
@@ -132,6 +132,10 @@ class ScriptArguments:
     reward_model: str | None = field(default=None, metadata={"help": "Sequence classifier (judge reward)."})
     tiny_hidden_size: int = field(default=128, metadata={"help": "Width of the offline tiny model."})
     tiny_layers: int = field(default=3, metadata={"help": "Layers of the offline tiny model."})
+    restart_stale: bool = field(
+        default=False,
+        metadata={"help": "Start over the stages of --output_dir whose settings changed (kept aside)."},
+    )
 
 
 def parse_args(argv: list[str]) -> tuple[ScriptArguments, DPOConfig]:
@@ -140,9 +144,13 @@ def parse_args(argv: list[str]) -> tuple[ScriptArguments, DPOConfig]:
     if "model" not in given:
         tiny = {**TINY_DEFAULTS, **TINY_SCRIPT_DEFAULTS}
         defaults = [f"--{k}={v}" for k, v in tiny.items() if k not in given]
-    if "output_dir" not in given:
-        defaults.append(f"--output_dir={os.path.join('runs', 'hh-' + time.strftime('%Y%m%d-%H%M%S'))}")
     parser = HfArgumentParser((ScriptArguments, DPOConfig))
+    if "output_dir" not in given:
+        # rerunning the same command continues the last default run; other settings start a new one
+        script_args, config = parser.parse_args_into_dataclasses(
+            defaults + ["--output_dir=runs/unset"] + argv
+        )
+        defaults.append(f"--output_dir={default_output_dir(run_manifest(script_args, config))}")
     script_args, config = parser.parse_args_into_dataclasses(defaults + argv)
     if script_args.judge not in ("rule", "llm", "reward"):
         raise SystemExit(f"--judge must be rule, llm or reward, got {script_args.judge!r}.")
@@ -334,9 +342,10 @@ def run_pairs(script_args: ScriptArguments, config: DPOConfig, sft: str, train, 
                     "[pairs] every prompt's samples scored alike: no preference pair to train on."
                 )
             os.makedirs(folder, exist_ok=True)
-            with open(path, "w", encoding="utf-8") as handle:
+            with open(f"{path}.tmp", "w", encoding="utf-8") as handle:
                 for pair in pairs:
                     handle.write(json.dumps(pair) + "\n")
+            os.replace(f"{path}.tmp", path)  # whole or not at all
             gaps = [pair["chosen_score"] - pair["rejected_score"] for pair in pairs]
             stats = {
                 "prompts": len(prompts),
@@ -412,13 +421,23 @@ def load_policy(path: str, sft: str, script_args: ScriptArguments, config: DPOCo
     return load_causal_lm(path, script_args, config)
 
 
-def make_judge(script_args: ScriptArguments):
+def make_judge(script_args: ScriptArguments, cache_dir: str | None = None):
+    """The judge the flags name; an LLM judge keeps its replies in `cache_dir` (reused on a rerun)."""
     from dpo_trainer.evaluation import LLMJudge, RewardModelJudge, RuleJudge
 
     if script_args.judge == "llm":
         if not (script_args.judge_url and script_args.judge_model):
             raise SystemExit("--judge llm needs --judge_url and --judge_model.")
-        return LLMJudge(script_args.judge_url, script_args.judge_model, task=script_args.judge_task)
+        cache_file = os.path.join(cache_dir, "llm_judge_replies.jsonl") if cache_dir else None
+        try:
+            return LLMJudge(
+                script_args.judge_url,
+                script_args.judge_model,
+                task=script_args.judge_task,
+                cache_file=cache_file,
+            )
+        except ValueError as error:
+            raise SystemExit(f"--judge llm: {error}") from None
     if script_args.judge == "reward":
         if not script_args.reward_model:
             raise SystemExit("--judge reward needs --reward_model.")
@@ -438,7 +457,13 @@ def bundled_rule_score():
 
 
 def run_eval(
-    script_args: ScriptArguments, config: DPOConfig, sft: str, policy: str | None, test, out: str
+    script_args: ScriptArguments,
+    config: DPOConfig,
+    sft: str,
+    policy: str | None,
+    test,
+    out: str,
+    fingerprint: str = "",
 ) -> dict:
     """Sample, judge and plot; returns the summary also written to `out/summary.json`."""
     from dpo_trainer.evaluation import (
@@ -452,13 +477,15 @@ def run_eval(
     )
 
     started = time.time()
-    folder = os.path.join(out, "eval")
+    # samples are keyed by the fingerprint of the stages and settings that produced them: a retrained
+    # policy or another sampling setting never reads an earlier run's samples
+    folder = os.path.join(out, "eval", fingerprint) if fingerprint else os.path.join(out, "eval")
     os.makedirs(folder, exist_ok=True)
     rows = test.select(range(min(script_args.eval_prompts, len(test))))
     split = [prompt_and_reply(row, i) for i, row in enumerate(rows)]
     prompts, chosen = [p for p, _ in split], [r.strip() for _, r in split]
     tokenizer = AutoTokenizer.from_pretrained(sft)
-    judge = make_judge(script_args)
+    judge = make_judge(script_args, cache_dir=os.path.join(out, "eval"))
     models = {"SFT": load_causal_lm(sft, script_args, config)}
     if policy is not None:
         models["DPO"] = load_policy(policy, sft, script_args, config)
@@ -569,6 +596,130 @@ def print_table(results: dict, judge: str, prompts: int) -> None:
 # ---------------------------------------------------------------- the run
 
 
+# What decides each stage's result, besides the stages before it (chained through their fingerprints).
+STAGES = ("sft", "pairs", "dpo", "eval")
+UPSTREAM = {"sft": (), "pairs": ("sft",), "dpo": ("sft", "pairs"), "eval": ("sft", "dpo")}
+STAGE_SCRIPT_KEYS = {
+    "sft": ("dataset", "model", "max_train_rows", "max_eval_rows", "sft_max_steps", "sft_learning_rate", "sft_model",
+            "skip_sft", "tiny_hidden_size", "tiny_layers"),
+    "pairs": ("sft_samples_per_prompt", "pair_prompts", "pair_temperature", "max_new_tokens", "judge", "judge_url",
+              "judge_model", "judge_task", "reward_model"),
+    "dpo": ("full", "qlora", "lora_r", "lora_alpha"),
+    "eval": ("eval_prompts", "temperatures", "max_new_tokens", "bon_n", "bon_temperatures", "judge", "judge_url",
+             "judge_model", "judge_task", "reward_model"),
+}  # fmt: skip
+STAGE_CONFIG_KEYS = {
+    "sft": ("per_device_train_batch_size", "gradient_accumulation_steps", "lr_scheduler_type", "warmup_steps",
+            "bf16", "fp16", "seed", "max_length", "max_prompt_length", "model_init_kwargs"),
+    "pairs": ("seed", "bf16", "fp16"),
+    "dpo": ("beta", "loss_type", "loss_weights", "label_smoothing", "rpo_alpha", "learning_rate", "max_steps",
+            "num_train_epochs", "per_device_train_batch_size", "gradient_accumulation_steps", "lr_scheduler_type",
+            "warmup_steps", "warmup_ratio", "weight_decay", "max_grad_norm", "optim", "max_length",
+            "max_prompt_length", "truncation_mode", "precompute_ref_log_probs", "max_tokens_per_batch", "seed",
+            "bf16", "fp16", "model_init_kwargs", "on_nonfinite"),
+    "eval": ("seed", "bf16", "fp16", "per_device_eval_batch_size"),
+}  # fmt: skip
+
+
+def run_manifest(script_args: ScriptArguments, config: DPOConfig) -> dict:
+    """{stage: {"settings", "fingerprint"}}: every setting that affects the stage's result, and a hash of
+    them and of the fingerprints of the stages it builds on, so that a changed stage invalidates all later."""
+    manifest = {}
+    for stage in STAGES:
+        settings = {key: getattr(script_args, key) for key in STAGE_SCRIPT_KEYS[stage]}
+        settings.update({key: getattr(config, key, None) for key in STAGE_CONFIG_KEYS[stage]})
+        settings = json.loads(json.dumps(settings, default=str))  # as run.json will read back
+        settings["after"] = {name: manifest[name]["fingerprint"] for name in UPSTREAM[stage]}
+        digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
+        manifest[stage] = {"settings": settings, "fingerprint": digest}
+    return manifest
+
+
+def manifest_changes(saved: dict, manifest: dict) -> dict[str, list[str]]:
+    """{stage: ["key: old -> new", ...]} for the stages whose fingerprint differs from `saved`'s."""
+    changes = {}
+    for stage in STAGES:
+        old = (saved.get(stage) or {}).get("settings")
+        if old is None or saved[stage].get("fingerprint") == manifest[stage]["fingerprint"]:
+            continue
+        new = manifest[stage]["settings"]
+        changes[stage] = [
+            f"{key}: {old.get(key)!r} -> {new.get(key)!r}"
+            for key in sorted(set(old) | set(new))
+            if old.get(key) != new.get(key)
+        ]
+    return changes
+
+
+def check_run_manifest(out: str, manifest: dict, restart_stale: bool) -> None:
+    """Refuse to rerun `out` with settings that would mix old results with new ones, naming the keys; with
+    `--restart_stale`, move the stale stages' folders aside (`<stage>.stale-<time>`) and start them over."""
+    marker = os.path.join(out, RUN_MARKER)
+    saved = json.load(open(marker)).get("stages") if os.path.exists(marker) else None
+    changes = manifest_changes(saved or {}, manifest)
+    stale = {stage: lines for stage, lines in changes.items() if os.path.exists(os.path.join(out, stage))}
+    if stale and not restart_stale:
+        listed = "\n".join(f"  {stage}: " + "; ".join(lines) for stage, lines in stale.items())
+        raise SystemExit(
+            f"{out} was run with other settings; its results would be reused as if they were new:\n{listed}\n"
+            "Pass --restart_stale to start those stages (and the ones after) over, or choose another --output_dir."
+        )
+    for stage in stale:
+        aside = os.path.join(out, f"{stage}.stale-{time.strftime('%Y%m%d-%H%M%S')}")
+        os.replace(os.path.join(out, stage), aside)
+        print(f"[{stage}] settings changed; the earlier results are kept in {aside}")
+
+
+def write_json(path: str, value) -> None:
+    """Write `value` as JSON, whole or not at all (a killed run leaves no half-written file)."""
+    with open(f"{path}.tmp", "w", encoding="utf-8") as handle:
+        json.dump(value, handle, indent=2)
+    os.replace(f"{path}.tmp", path)
+
+
+def default_output_dir(manifest: dict) -> str:
+    """The newest `runs/hh-*` folder run with exactly these settings, else a new timestamped one."""
+    runs = sorted(os.listdir("runs")) if os.path.isdir("runs") else []
+    runs = [name for name in runs if name.startswith("hh-")]
+    for name in reversed(runs):
+        marker = os.path.join("runs", name, RUN_MARKER)
+        if os.path.exists(marker):
+            saved = json.load(open(marker)).get("stages") or {}
+            if all((saved.get(s) or {}).get("fingerprint") == manifest[s]["fingerprint"] for s in STAGES):
+                print(f"continuing the earlier run with the same settings: {os.path.join('runs', name)}")
+                return os.path.join("runs", name)
+            break  # the last default run had other settings: a new one
+    fresh = os.path.join("runs", "hh-" + time.strftime("%Y%m%d-%H%M%S"))
+    taken = [name for name in [fresh] + [f"{fresh}-{i}" for i in range(2, 100)] if not os.path.exists(name)]
+    return taken[0]
+
+
+def validate_flags(script_args: ScriptArguments) -> None:
+    """Check the judge and sampling flags before any training, not after hours of it."""
+    from dpo_trainer.evaluation.judges import TASK_PROMPTS
+
+    for name in ("temperatures", "bon_temperatures"):
+        for text in getattr(script_args, name).split(","):
+            try:
+                value = float(text)
+            except ValueError:
+                raise SystemExit(f"--{name} must be comma-separated numbers, got {text!r}.") from None
+            if not (value >= 0 and value != float("inf")):
+                raise SystemExit(f"--{name}: a temperature must be a finite number >= 0, got {text!r}.")
+    for text in script_args.bon_n.split(","):
+        if not text.strip().isdigit():
+            raise SystemExit(f"--bon_n must be comma-separated whole numbers >= 0, got {text!r}.")
+    if script_args.judge_task not in TASK_PROMPTS:
+        raise SystemExit(
+            f"--judge_task must be one of {', '.join(TASK_PROMPTS)}, got {script_args.judge_task!r}."
+        )
+    needs_judge = not script_args.skip_eval or script_args.sft_samples_per_prompt
+    if needs_judge and script_args.judge == "llm":
+        make_judge(script_args)  # checks the URL and model flags; sends nothing
+    if needs_judge and script_args.judge == "reward" and not script_args.reward_model:
+        raise SystemExit("--judge reward needs --reward_model.")
+
+
 def prepare_run_dir(out: str, script_args: ScriptArguments) -> None:
     """Refuse a folder holding anything but an earlier run of this script (which is then resumed)."""
     if os.path.isdir(out) and os.listdir(out) and not os.path.exists(os.path.join(out, RUN_MARKER)):
@@ -589,8 +740,13 @@ def prepare_run_dir(out: str, script_args: ScriptArguments) -> None:
 def main(argv: list[str] | None = None) -> dict:
     script_args, config = parse_args(sys.argv[1:] if argv is None else argv)
     out = config.output_dir
+    validate_flags(script_args)
+    manifest = run_manifest(script_args, config)
     if config.process_index == 0:
         prepare_run_dir(out, script_args)
+        check_run_manifest(out, manifest, script_args.restart_stale)
+        marker = os.path.join(out, RUN_MARKER)
+        write_json(marker, {**json.load(open(marker)), "stages": manifest})
     wait_for_everyone()
     train, test = load_hh(script_args.dataset, script_args.max_train_rows, script_args.max_eval_rows)
     base = base_model(script_args, config, train, out)
@@ -607,14 +763,14 @@ def main(argv: list[str] | None = None) -> dict:
         policy = os.path.join(out, "dpo", "final")  # an earlier run's policy
     summary = {"output_dir": out, "sft_model": sft, "dpo_policy": policy}
     if not script_args.skip_eval and config.process_index == 0:
-        summary["eval"] = run_eval(script_args, config, sft, policy, test, out)
+        fingerprint = manifest["eval"]["fingerprint"]
+        summary["eval"] = run_eval(script_args, config, sft, policy, test, out, fingerprint=fingerprint)
     if config.process_index == 0:
         for stage in ("sft", "dpo"):
             done = stage_done(os.path.join(out, stage))
             if done:
                 summary[stage] = done
-        with open(os.path.join(out, "summary.json"), "w") as handle:
-            json.dump(summary, handle, indent=2)
+        write_json(os.path.join(out, "summary.json"), summary)
         print(f"\nsummary: {os.path.join(out, 'summary.json')}")
     return summary
 

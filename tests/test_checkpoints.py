@@ -8,7 +8,9 @@ truncated safetensors file, a truncated `optimizer.pt`.
 import json
 import logging
 import os
+import re
 import shutil
+import sys
 
 import pytest
 import torch
@@ -179,7 +181,9 @@ def resume(run_dir, tokenizer, make_model, rows=ROWS, **changes):
 def test_checkpoints_record_the_dpo_settings(finished_run):
     with open(os.path.join(finished_run[0], "checkpoint-4", "dpo_settings.json")) as handle:
         saved = json.load(handle)
-    assert saved["beta"] == 0.1 and saved["loss_type"] in ("sigmoid", ["sigmoid"]) and len(saved["data"]) == 24
+    assert (
+        saved["beta"] == 0.1 and saved["loss_type"] in ("sigmoid", ["sigmoid"]) and len(saved["data"]) == 24
+    )
 
 
 def test_resuming_with_the_same_settings_says_nothing(run_dir, tokenizer, make_model, caplog):
@@ -203,3 +207,91 @@ def test_resuming_with_another_loss_or_data_is_refused(run_dir, tokenizer, make_
     kwargs = {"loss_type": "ipo"} if change == "loss_type" else {"rows": preference_rows(16, seed=12)}
     with pytest.raises(ValueError, match=rf"Cannot resume from .*checkpoint-2.*{change}: "):
         resume(run_dir, tokenizer, make_model, **kwargs)
+
+
+# ---------------------------------------------------------------- examples/hh.py: the run manifest
+
+HH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples", "hh.py")
+
+
+@pytest.fixture(scope="module")
+def hh():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("hh_manifest", HH)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+def manifest_of(hh, out, *flags):
+    script_args, config = hh.parse_args(["--output_dir", str(out), *flags])
+    return hh.run_manifest(script_args, config)
+
+
+def finished_stages(hh, out, manifest, stages=("sft", "dpo", "eval")):
+    """A run folder as an earlier run with `manifest` left it."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "run.json").write_text(json.dumps({"stages": manifest}))
+    for stage in stages:
+        (out / stage).mkdir()
+        (out / stage / "done.json").write_text("{}")
+
+
+def test_a_changed_dpo_setting_refuses_naming_it_and_what_it_invalidates(hh, tmp_path):
+    out = tmp_path / "run"
+    finished_stages(hh, out, manifest_of(hh, out))
+    changed = manifest_of(hh, out, "--beta", "0.5")
+    with pytest.raises(SystemExit) as error:
+        hh.check_run_manifest(str(out), changed, restart_stale=False)
+    message = str(error.value)
+    assert "dpo: beta: 2.0 -> 0.5" in message
+    assert "eval: after: " in message  # the samples of the old policy are stale too
+    assert "sft:" not in message and "--restart_stale" in message
+    hh.check_run_manifest(str(out), manifest_of(hh, out), restart_stale=False)  # the same settings: fine
+
+
+def test_restart_stale_starts_the_changed_stages_over_and_keeps_the_old_ones(hh, tmp_path):
+    out = tmp_path / "run"
+    finished_stages(hh, out, manifest_of(hh, out))
+    hh.check_run_manifest(str(out), manifest_of(hh, out, "--sft_learning_rate", "1e-3"), restart_stale=True)
+    left = sorted(os.listdir(out))
+    assert "sft" not in left and "dpo" not in left and "eval" not in left  # every stage after SFT too
+    assert {name.split(".")[0] for name in left if ".stale-" in name} == {"sft", "dpo", "eval"}
+
+
+def test_sampling_settings_invalidate_only_the_evaluation(hh, tmp_path):
+    out = tmp_path / "run"
+    old, new = manifest_of(hh, out), manifest_of(hh, out, "--temperatures", "0.5")
+    changes = hh.manifest_changes(old, new)
+    assert list(changes) == ["eval"] and changes["eval"] == ["temperatures: '0.25,0.5,0.75,1.0' -> '0.5'"]
+    assert new["dpo"]["fingerprint"] == old["dpo"]["fingerprint"]
+
+
+def test_the_readme_command_rerun_continues_the_last_default_run(hh, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    script_args, config = hh.parse_args([])  # no earlier run: a new timestamped folder
+    assert config.output_dir.startswith(os.path.join("runs", "hh-"))
+    finished_stages(hh, tmp_path / config.output_dir, hh.run_manifest(script_args, config))
+    assert hh.parse_args([])[1].output_dir == config.output_dir  # the same command: the same folder
+    other = hh.parse_args(["--beta", "0.3"])[1].output_dir
+    assert other != config.output_dir and other.startswith(os.path.join("runs", "hh-"))
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--temperatures", "0.5,hot"], "--temperatures must be comma-separated numbers"),
+        (["--bon_temperatures", "-1"], "finite number >= 0"),
+        (["--bon_n", "4,x"], "--bon_n"),
+        (["--judge", "llm"], "--judge llm needs --judge_url"),
+        (["--judge", "llm", "--judge_url", "localhost:1/v1", "--judge_model", "m"], "http"),
+        (["--judge", "reward"], "--reward_model"),
+    ],
+)
+def test_judge_and_sampling_flags_fail_before_any_training(hh, tmp_path, flags, message):
+    out = tmp_path / "run"
+    with pytest.raises(SystemExit, match=re.escape(message) if message.startswith("--") else message):
+        hh.main(["--output_dir", str(out), *flags])
+    assert not (out / "base").exists() and not (out / "sft").exists()  # nothing was built or trained
