@@ -439,3 +439,33 @@ def test_without_args_the_output_folder_is_named_as_trls(tmp_path, model_dir, pa
     monkeypatch.chdir(tmp_path)
     trainer = DPOTrainer(model_dir, train_dataset=pairs[:4])
     assert trainer.args.output_dir.endswith("tiny-model-DPO")
+
+
+def test_rows_tokenized_by_trl_are_taken_as_they_are(tmp_path, make_model, tokenizer, pairs):
+    theirs = trl.DPOTrainer(
+        make_model(),
+        ref_model=make_model(),  # TRL would reload the reference from the model's (here empty) path
+        args=trl.DPOConfig(output_dir=str(tmp_path / "trl"), bf16=False, use_cpu=True, report_to="none"),
+        train_dataset=Dataset.from_list(pairs),
+        processing_class=tokenizer,
+    ).train_dataset
+    assert {"prompt_ids", "chosen_ids", "rejected_ids"} <= set(theirs.column_names)
+    ours = DPOTrainer(
+        make_model(), args=dpo_config(tmp_path), train_dataset=theirs, processing_class=tokenizer
+    )
+    streamed = DPOTrainer(
+        make_model(),
+        args=dpo_config(tmp_path / "stream"),
+        train_dataset=theirs.to_iterable_dataset(),
+        processing_class=tokenizer,
+    )
+    for row, mine, read in zip(theirs, ours.train_dataset, streamed.train_dataset, strict=True):
+        assert mine["prompt_ids"] == read["prompt_ids"] == row["prompt_ids"]
+        assert mine["response_ids"] == read["response_ids"] == [row["chosen_ids"], row["rejected_ids"]]
+    short = DPOTrainer(
+        make_model(),
+        args=dpo_config(tmp_path, max_length=12),
+        train_dataset=theirs,
+        processing_class=tokenizer,
+    )
+    assert all(len(r["prompt_ids"]) + max(map(len, r["response_ids"])) <= 12 for r in short.train_dataset)
