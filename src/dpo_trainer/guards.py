@@ -49,8 +49,13 @@ def reference_problem(values: torch.Tensor) -> str | None:
 
 def nonfinite_parameters(model: nn.Module, limit: int = 5) -> list[str]:
     """Names of up to `limit` parameters of `model` (local shards, if sharded) holding a NaN or inf."""
-    named = [(name, p) for name, p in model.named_parameters() if p.numel() and p.dtype.is_floating_point]
+    named = []
+    for name, parameter in model.named_parameters():
+        local = parameter.detach()
+        local = local.to_local() if hasattr(local, "to_local") else local  # an FSDP2 shard
+        if local.numel() and local.dtype.is_floating_point:  # ZeRO-3 leaves empty placeholders
+            named.append((name, local))
     if not named:
         return []
-    flags = torch.stack([~torch.isfinite(p.detach()).all() for _, p in named]).cpu().tolist()
+    flags = torch.stack([~torch.isfinite(p).all() for _, p in named]).cpu().tolist()
     return [name for (name, _), bad in zip(named, flags) if bad][:limit]
