@@ -792,3 +792,56 @@ def test_config_rejects_bad_loss_settings(tmp_path, overrides, message):
 
     with pytest.raises(ValueError, match=message):
         dpo_config(tmp_path, **overrides)
+
+
+# ---------------------------------------------------------------- training with a weighted list (MPO)
+
+
+def test_training_with_a_weighted_list_of_losses(tmp_path, make_model, tokenizer, pairs):
+    """sigmoid + bco_pair + sft with MPO's weights trains; the first loss is the sum derived at policy = reference;
+    the evaluation loss equals the pure function on the trained policy with the trainer's BCO reward shift."""
+    from dpo_trainer import DPOTrainer
+
+    from conftest import dpo_config
+
+    names, weights = ["sigmoid", "bco_pair", "sft"], [0.8, 0.2, 1.0]
+    trainer = DPOTrainer(
+        make_model(),
+        args=dpo_config(tmp_path, loss_type=names, loss_weights=weights, max_steps=3),
+        train_dataset=pairs,
+        eval_dataset=pairs,
+        processing_class=tokenizer,
+    )
+    before = [p.detach().clone() for p in trainer.model.parameters()]
+    trainer.train()
+    logged = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+    assert len(logged) == 3 and all(math.isfinite(x) for x in logged)
+    # step 1: policy = reference, every reward 0, delta = 0: 0.8 ln 2 + 0.2 (2 ln 2) + sft (> 0)
+    assert logged[0] > 1.2 * math.log(2) + 0.5
+    assert any(not torch.equal(a, b.detach()) for a, b in zip(before, trainer.model.parameters()))
+    shift = trainer._bco_reward_shift
+    assert shift.count == 3 and shift.mean != 0.0  # one update per training batch, rewards moved
+
+    metrics = trainer.evaluate()
+    expected = []
+    batch_size = trainer.args.per_device_eval_batch_size
+    for start in range(0, len(pairs), batch_size):  # sft is a per-batch token mean: same batches as evaluate
+        batch = trainer.data_collator([trainer.eval_dataset[i] for i in range(start, start + batch_size)])
+        with torch.no_grad():
+            policy, reference = trainer.policy_logps(trainer.model, batch), trainer.reference_logps(batch)
+        lengths = batch["response_lengths"]
+        losses, _, _ = preference_loss(
+            policy[:, 0],
+            policy[:, 1],
+            reference[:, 0],
+            reference[:, 1],
+            beta=trainer.args.beta,
+            loss_type=names,
+            loss_weights=weights,
+            chosen_lengths=lengths[:, 0],
+            rejected_lengths=lengths[:, 1],
+            reward_shift=shift.mean,
+        )
+        expected.append(losses)
+    assert metrics["eval_loss"] == pytest.approx(torch.cat(expected).mean().item(), rel=1e-5)
+    assert shift.count == 3  # evaluation reads delta, it does not update it

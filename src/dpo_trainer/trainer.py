@@ -29,6 +29,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, EvalPrediction, Tr
 
 from . import __version__
 from .attention import choose_attention, grouped_layout_unsupported, resolve_layout  # noqa: F401
+from .callbacks import SyncRefModelCallback
 from .checkpoints import last_complete_checkpoint, read_settings, settings_changes, write_settings
 from .config import DPOConfig
 from .data import PaddedCollator, check_row_text, detect_format, to_example, tokenize_example
@@ -387,6 +388,8 @@ class DPOTrainer(Trainer):
             # Placed like the policy: a DeepSpeed inference engine (partitioned under ZeRO-3), FSDP2 shards,
             # else the device with the run's autocast. Never given to an optimizer.
             self.ref_model = prepare_reference(self.ref_model, self.accelerator)
+        if args.sync_ref_model:  # TR-DPO: the reference follows the policy every τ steps
+            self.add_callback(SyncRefModelCallback.for_trainer(self))
         if args.check_logprobs:
             self._check_logprobs()
         if args.precompute_ref_log_probs:
