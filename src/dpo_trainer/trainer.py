@@ -226,6 +226,8 @@ class WithPaddedView:
 class DPOTrainer(Trainer):
     """Trains `model` on preference data with DPO against a frozen reference.
 
+    The arguments are TRL 1.16's `DPOTrainer`'s, in the same order.
+
     Args:
         model: a model id or local path (loaded with `AutoModelForCausalLM` and `args.model_init_kwargs`),
             a `PreTrainedModel`, or a `peft.PeftModel`.
@@ -235,15 +237,22 @@ class DPOTrainer(Trainer):
             weights as they are when the trainer is built. A separate reference is placed like the policy:
             a DeepSpeed inference engine (partitioned under ZeRO-3), FSDP2 shards, else the device with the
             run's autocast (`dpo_trainer.engines`; examples/accelerate/README.md).
-        args: a `DPOConfig`.
-        train_dataset, eval_dataset: `datasets.Dataset` or list of dicts (eval: also a dict of them) in
-            one of the formats of `dpo_trainer.data.formats`.
-        processing_class: the tokenizer; loaded from `model` when that is a name or path.
-        peft_config: a `peft.PeftConfig`; the model is wrapped with `get_peft_model`.
+        args: a `DPOConfig` (None: the defaults, writing to "<model name>-DPO").
+        data_collator: as in `transformers.Trainer`; None picks the collator of the layout.
+        train_dataset, eval_dataset: a `datasets.Dataset`, a streamed `datasets.IterableDataset` (tokenized
+            as read; training then needs `args.max_steps`) or a list of dicts (eval: also a dict of them), in
+            one of the formats of `dpo_trainer.data.formats`, or already tokenized (ours or TRL's columns).
+            `train_dataset` is required, as in TRL.
+        processing_class: the tokenizer; None loads it from the model's `config._name_or_path`.
+        compute_metrics: called at evaluation, as in TRL, with an `EvalPrediction` of the policy's logits
+            (2N, T, V) on the padded rows (the N chosen rows, then the N rejected rows) and those rows'
+            `input_ids` as `label_ids` (2N, T), padded with -100 across batches; computed by an extra
+            forward pass, only when it is given.
+        callbacks, optimizers: as in `transformers.Trainer`.
         quantization_config: a `transformers.BitsAndBytesConfig` applied when `model` (and `ref_model`) is
             loaded from a name or path, e.g. 4-bit NF4 for QLoRA (with `peft_config`). The adapter weights
             are then kept in the config's compute dtype (`bnb_4bit_compute_dtype`), as in the QLoRA paper.
-        data_collator, callbacks, optimizers: as in `transformers.Trainer`.
+        peft_config: a `peft.PeftConfig`; the model is wrapped with `get_peft_model`.
     """
 
     _tag_names = ["dpo_trainer", "dpo"]
