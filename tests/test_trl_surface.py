@@ -469,3 +469,32 @@ def test_rows_tokenized_by_trl_are_taken_as_they_are(tmp_path, make_model, token
         processing_class=tokenizer,
     )
     assert all(len(r["prompt_ids"]) + max(map(len, r["response_ids"])) <= 12 for r in short.train_dataset)
+
+
+def test_default_truncation_cuts_as_trl_does(tmp_path, make_model, tokenizer):
+    # keep_start at a max_length shorter than most rows: TRL cuts each sequence in its collator, drops rows
+    # whose prompt alone fills max_length; the padded batches must hold the same token ids.
+    from trl.trainer.dpo_trainer import DataCollatorForPreference
+
+    from dpo_trainer.data import PaddedCollator
+
+    rows = preference_rows(12, seed=8)
+    rows[2]["prompt"] = "Tell me about the garden and the river and the lamp:" * 3  # longer than max_length
+    theirs = trl.DPOTrainer(
+        make_model(),
+        ref_model=make_model(),
+        args=trl.DPOConfig(
+            output_dir=str(tmp_path / "trl"), bf16=False, use_cpu=True, report_to="none", max_length=14
+        ),
+        train_dataset=Dataset.from_list(rows),
+        processing_class=tokenizer,
+    ).train_dataset
+    ours = DPOTrainer(
+        make_model(), args=dpo_config(tmp_path, max_length=14), train_dataset=rows, processing_class=tokenizer
+    ).train_dataset
+    assert len(ours) == len(theirs) == len(rows) - 1
+    pad = tokenizer.pad_token_id
+    expected = DataCollatorForPreference(pad_token_id=pad, max_length=14)(list(theirs))
+    got = PaddedCollator(pad)(list(ours))
+    assert got["input_ids"].tolist() == expected["input_ids"].tolist()
+    assert got["attention_mask"].tolist() == expected["attention_mask"].tolist()
