@@ -433,3 +433,36 @@ def test_auto_never_gives_eager_attention_a_mask_larger_than_padded(caplog):
     for layout, larger in (("packed", False), ("shared_prompt", True)):
         mask = attention.grouped_attention_mask(collate(layout, rows), eager)
         assert (mask.numel() > padded_cells) is larger
+
+
+@pytest.mark.parametrize("reentrant", [True, False])
+def test_chunked_sdpa_under_gradient_checkpointing(reentrant, monkeypatch):
+    """The chunks' own recomputation nests inside the model's activation checkpointing (either kind)."""
+    monkeypatch.setattr(attention, "QUERY_CHUNK", 8)
+    model = build("qwen2", "sdpa")
+    attention.choose_attention([model], None, "cpu", "shared_prompt")
+    model.train()
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
+    model.enable_input_require_grads()
+    rows = long_features(seed=8, k=2)
+    grads = {}
+    for layout in ("padded", "shared_prompt"):
+        model.zero_grad()
+        sequence_logps(model, collate(layout, rows)).sum().backward()
+        grads[layout] = [p.grad.clone() for p in model.parameters()]
+    for got, want in zip(grads["shared_prompt"], grads["padded"]):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+
+
+def test_chunked_sdpa_refuses_a_mask_that_lost_its_ids():
+    batch = collate("packed", features(seed=2))
+    model = build("llama", "sdpa")
+    attention.choose_attention([model], None, "cpu", "packed")
+    carrier = attention.grouped_attention_mask(batch, model)
+    rows, width = batch["input_ids"].shape
+    q, kv = torch.randn(rows, 4, width, 8), torch.randn(rows, 2, width, 8)  # 4 query heads, 2 key/value heads
+    attention_module = model.model.layers[0].self_attn
+    out, _ = attention.chunked_sdpa_attention(attention_module, q, kv, kv, carrier)  # the carrier: fine
+    assert out.shape == (rows, width, 4, 8)
+    with pytest.raises(RuntimeError, match="without its token ids"):
+        attention.chunked_sdpa_attention(attention_module, q, kv, kv, carrier[:, :, :, :])  # a view: no ids

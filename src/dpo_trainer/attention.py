@@ -243,6 +243,10 @@ def chunked_sdpa_attention(module, query, key, value, attention_mask, dropout=0.
     from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
 
     ids = getattr(attention_mask, "dpo_grouped_ids", None)
+    if ids is None and isinstance(attention_mask, torch.Tensor) and not any(attention_mask.stride()):
+        raise RuntimeError(  # a carrier copied on its way here (a wrapper moved or cast it): never guess
+            f"{CHUNKED_SDPA}: the grouped layout's mask reached the attention without its token ids."
+        )
     if ids is None:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout, scaling, **kwargs)
     if kwargs.get("softcap") is not None or getattr(module, "sinks", None) is not None:
