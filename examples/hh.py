@@ -142,8 +142,8 @@ def parse_args(argv: list[str]) -> tuple[ScriptArguments, DPOConfig]:
     given = {arg[2:].split("=")[0] for arg in argv if arg.startswith("--")}
     chosen = dict(PAPER_DEFAULTS)
     if "model" not in given:
-        tiny = {**TINY_DEFAULTS, **TINY_SCRIPT_DEFAULTS}
-        defaults = [f"--{k}={v}" for k, v in tiny.items() if k not in given]
+        chosen.update({**TINY_DEFAULTS, **TINY_SCRIPT_DEFAULTS})
+    defaults = [f"--{k}={v}" for k, v in chosen.items() if k not in given]
     parser = HfArgumentParser((ScriptArguments, DPOConfig))
     if "output_dir" not in given:
         # rerunning the same command continues the last default run; other settings start a new one
@@ -221,8 +221,12 @@ def wait_for_everyone():
     PartialState().wait_for_everyone()
 
 
-def load_causal_lm(path: str, script_args: ScriptArguments, config: DPOConfig, *, quantize: bool = False):
+def load_causal_lm(
+    path: str, script_args: ScriptArguments, config: DPOConfig, *, quantize: bool = False, dtype=None
+):
     kwargs = dict(config.model_init_kwargs or {})
+    if dtype is not None:
+        kwargs.setdefault("dtype", dtype)  # model_init_kwargs win
     if quantize:
         import torch
         from transformers import BitsAndBytesConfig
@@ -232,6 +236,26 @@ def load_causal_lm(path: str, script_args: ScriptArguments, config: DPOConfig, *
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=compute
         )
     return AutoModelForCausalLM.from_pretrained(path, **kwargs)
+
+
+def sampling_device():
+    """This process's accelerator (accelerate's `PartialState`: cuda:<local rank>, mps, or cpu)."""
+    from accelerate import PartialState
+
+    return PartialState().device
+
+
+def sampling_dtype(config: DPOConfig):
+    """Sample in the precision trained in: bf16 with --bf16, fp16 with --fp16, else as saved."""
+    import torch
+
+    return torch.bfloat16 if config.bf16 else torch.float16 if config.fp16 else None
+
+
+def load_for_sampling(path: str, script_args: ScriptArguments, config: DPOConfig):
+    """A model for sampling, on this process's accelerator (each process samples its share)."""
+    model = load_causal_lm(path, script_args, config, dtype=sampling_dtype(config))
+    return model.to(sampling_device())
 
 
 # ---------------------------------------------------------------- stages
@@ -325,22 +349,21 @@ def run_pairs(script_args: ScriptArguments, config: DPOConfig, sft: str, train, 
         rows = train.select(range(min(script_args.pair_prompts or len(train), len(train))))
         prompts = list(dict.fromkeys(prompt_and_reply(row, i)[0] for i, row in enumerate(rows)))
         stats = {}
+        pairs = sampled_preference_pairs(  # every process samples a share; each gets all the pairs
+            load_for_sampling(sft, script_args, config),
+            AutoTokenizer.from_pretrained(sft),
+            prompts,
+            judge,
+            n=script_args.sft_samples_per_prompt,
+            temperature=script_args.pair_temperature,
+            max_new_tokens=script_args.max_new_tokens,
+            batch_size=config.per_device_eval_batch_size,
+            seed=config.seed,
+            across_processes=True,
+        )
+        if not pairs:
+            raise SystemExit("[pairs] every prompt's samples scored alike: no preference pair to train on.")
         if config.process_index == 0:
-            pairs = sampled_preference_pairs(
-                load_causal_lm(sft, script_args, config),
-                AutoTokenizer.from_pretrained(sft),
-                prompts,
-                judge,
-                n=script_args.sft_samples_per_prompt,
-                temperature=script_args.pair_temperature,
-                max_new_tokens=script_args.max_new_tokens,
-                batch_size=config.per_device_eval_batch_size,
-                seed=config.seed,
-            )
-            if not pairs:
-                raise SystemExit(
-                    "[pairs] every prompt's samples scored alike: no preference pair to train on."
-                )
             os.makedirs(folder, exist_ok=True)
             with open(f"{path}.tmp", "w", encoding="utf-8") as handle:
                 for pair in pairs:
@@ -413,12 +436,13 @@ def save_history(trainer, folder: str, config: DPOConfig) -> None:
 
 
 def load_policy(path: str, sft: str, script_args: ScriptArguments, config: DPOConfig):
-    """The DPO policy for sampling: full weights, or the SFT model with the adapter merged in."""
+    """The DPO policy for sampling, on this process's accelerator: full weights, or the SFT model with the
+    adapter merged in."""
     if os.path.exists(os.path.join(path, "adapter_config.json")):
         from peft import PeftModel
 
-        return PeftModel.from_pretrained(load_causal_lm(sft, script_args, config), path).merge_and_unload()
-    return load_causal_lm(path, script_args, config)
+        return PeftModel.from_pretrained(load_for_sampling(sft, script_args, config), path).merge_and_unload()
+    return load_for_sampling(path, script_args, config)
 
 
 def make_judge(script_args: ScriptArguments, cache_dir: str | None = None):
@@ -441,7 +465,7 @@ def make_judge(script_args: ScriptArguments, cache_dir: str | None = None):
     if script_args.judge == "reward":
         if not script_args.reward_model:
             raise SystemExit("--judge reward needs --reward_model.")
-        return RewardModelJudge.from_pretrained(script_args.reward_model)
+        return RewardModelJudge.from_pretrained(script_args.reward_model, device=sampling_device())
     return RuleJudge(bundled_rule_score())
 
 
@@ -465,7 +489,12 @@ def run_eval(
     out: str,
     fingerprint: str = "",
 ) -> dict:
-    """Sample, judge and plot; returns the summary also written to `out/summary.json`."""
+    """Sample, judge and plot; returns the summary also written to `out/summary.json`.
+
+    Every process runs it: each samples its share of every batch list on its own accelerator
+    (`sample_responses(..., across_processes=True)`, the same samples as one process); the main process
+    judges, plots and returns the summary, the others return None.
+    """
     from dpo_trainer.evaluation import (
         best_of_n_prefixes,
         plot_training_curves,
@@ -486,7 +515,7 @@ def run_eval(
     prompts, chosen = [p for p, _ in split], [r.strip() for _, r in split]
     tokenizer = AutoTokenizer.from_pretrained(sft)
     judge = make_judge(script_args, cache_dir=os.path.join(out, "eval"))
-    models = {"SFT": load_causal_lm(sft, script_args, config)}
+    models = {"SFT": load_for_sampling(sft, script_args, config)}
     if policy is not None:
         models["DPO"] = load_policy(policy, sft, script_args, config)
     temperatures = [float(t) for t in script_args.temperatures.split(",")]
@@ -494,6 +523,8 @@ def run_eval(
         max_new_tokens=script_args.max_new_tokens,
         batch_size=config.per_device_eval_batch_size,
         seed=config.seed,
+        across_processes=True,
+        disable_progress=config.disable_tqdm,
     )
 
     def sample(model, temperature):
@@ -521,6 +552,8 @@ def run_eval(
             for n, (responses, _, _) in best_of_n_prefixes(drawn, scores, bon_ns).items():
                 samples[f"Best of {n}", temperature] = [r.strip() for r in responses]
 
+    if config.process_index != 0:  # the other processes only helped to sample
+        return None
     results = {"vs_chosen": {}, "dpo_vs_sft": {}}
     for (method, temperature), responses in samples.items():
         rate = win_rate(judge.compare(prompts, responses, chosen))
@@ -568,13 +601,29 @@ def run_eval(
 
 
 def cached(folder: str, method: str, temperature: float, compute, *args) -> list[str]:
-    """`compute(*args)`, saved as JSON under `folder`; an earlier run's file is read instead."""
+    """`compute(*args)`, saved as JSON under `folder` by the main process; an earlier run's file is read
+    instead. Every process takes the main process's decision, since computing is collective."""
+    from accelerate.utils import broadcast_object_list
+
+    from accelerate import PartialState
+
     path = os.path.join(folder, f"samples-{method.replace(' ', '-').lower()}-t{temperature}.json")
-    if os.path.exists(path):
+    state = PartialState()
+    found = [os.path.exists(path)]
+    if state.num_processes > 1:
+        broadcast_object_list(found)
+    if found[0]:
         return json.load(open(path))
+    started = time.time()
     responses = compute(*args)
-    with open(path, "w") as handle:
-        json.dump(responses, handle, indent=1)
+    if state.is_main_process:
+        print(
+            f"[eval] {method}, T={temperature}: sampled in {time.time() - started:.1f}s by "
+            f"{state.num_processes} process(es) on {state.device.type}"
+        )
+        with open(path + ".tmp", "w") as handle:
+            json.dump(responses, handle, indent=1)
+        os.replace(path + ".tmp", path)  # a killed run leaves no half-written file to be read back
     return responses
 
 
@@ -762,7 +811,7 @@ def main(argv: list[str] | None = None) -> dict:
     if policy is None and os.path.exists(os.path.join(out, "dpo", "final")):
         policy = os.path.join(out, "dpo", "final")  # an earlier run's policy
     summary = {"output_dir": out, "sft_model": sft, "dpo_policy": policy}
-    if not script_args.skip_eval and config.process_index == 0:
+    if not script_args.skip_eval:  # every process samples; run_eval returns None off the main process
         fingerprint = manifest["eval"]["fingerprint"]
         summary["eval"] = run_eval(script_args, config, sft, policy, test, out, fingerprint=fingerprint)
     if config.process_index == 0:
