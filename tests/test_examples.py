@@ -1,5 +1,6 @@
 """examples/hh.py end to end, shortened: every stage, resuming, skipping, local files, accelerate launch."""
 
+import glob
 import importlib.util
 import json
 import os
@@ -155,3 +156,66 @@ def test_pairs_need_a_scoring_judge_and_two_samples(hh, tmp_path):
             ]
             + ["--judge_model", "m"]
         )
+
+
+@pytest.mark.slow
+def test_a_real_pretrained_model_trains_samples_and_is_judged(hh, tmp_path):
+    """`--model` with SmolLM2-135M-Instruct (converted once by dpo_trainer.gguf): LoRA DPO straight from
+    the model, then sampling and judging on this process's device, the same samples as sample_responses."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from dpo_trainer.evaluation import sample_responses
+    from dpo_trainer.gguf import smollm2_path
+
+    torch.set_num_threads(1)
+    model = smollm2_path()
+    out = str(tmp_path / "smollm2")
+    summary = hh.main(
+        ["--model", model, "--output_dir", out, "--skip_sft", "--max_steps", "2", "--max_train_rows", "8",
+         "--max_eval_rows", "4", "--per_device_train_batch_size", "2", "--per_device_eval_batch_size", "4",
+         "--max_length", "128", "--max_prompt_length", "64", "--eval_prompts", "3", "--temperatures", "0.7",
+         "--bon_n", "2", "--max_new_tokens", "6", "--use_cpu", "--save_strategy", "no", "--logging_steps", "1",
+         "--report_to", "none", "--disable_tqdm", "true", "--seed", "0"]
+    )  # fmt: skip
+    assert summary["sft_model"] == model
+    before = summary["dpo"]["before"]["before_loss"]
+    assert before == pytest.approx(0.6931, abs=1e-3)  # the LoRA adapter starts as the identity
+    with open(os.path.join(out, "dpo", "final", "adapter_config.json")) as handle:
+        assert json.load(handle)["base_model_name_or_path"] == model
+    rates = summary["eval"]["win_rate_vs_chosen"]
+    assert set(rates) == {"SFT", "DPO", "Best of 2"}
+    assert all(rate["n"] == 3 for by_t in rates.values() for rate in by_t.values())
+
+    # The eval stage's SFT samples are sample_responses' on the base model with the same settings.
+    [path] = glob.glob(os.path.join(out, "eval", "**", "samples-sft-t0.7.json"), recursive=True)
+    with open(path) as handle:
+        written = json.load(handle)
+    _, test = hh.load_hh(hh.BUNDLED_DATA, None, 4)
+    prompts = [hh.prompt_and_reply(row, i)[0] for i, row in enumerate(test.select(range(3)))]
+    expected = sample_responses(
+        AutoModelForCausalLM.from_pretrained(model), AutoTokenizer.from_pretrained(model), prompts,
+        temperature=0.7, max_new_tokens=6, batch_size=4, seed=0, disable_progress=True,
+    )  # fmt: skip
+    assert written == [samples[0].strip() for samples in expected]
+    assert any(any(c.isalpha() for c in text) for text in written)  # a pretrained model writes words
+
+
+@pytest.mark.slow
+def test_the_gpu_script_runs_at_tiny_size_on_the_cpu(tmp_path):
+    """benchmarks/gpu_hh.sh (Pythia-2.8B's shape on a GPU) with TINY=1: every stage runs and is timed."""
+    from conftest import dist_env  # without the launcher and ACCELERATE_* variables of in-process runs
+
+    out = tmp_path / "out"
+    env = dict(dist_env(), TINY="1", OUT=str(out), RUN=str(tmp_path / "run"), PYTHON=sys.executable)
+    script = os.path.join(ROOT, "benchmarks", "gpu_hh.sh")
+    result = subprocess.run(["bash", script], env=env, capture_output=True, text=True, timeout=900)
+    log = (out / "hh.log").read_text()[-4000:] if (out / "hh.log").exists() else ""
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:] + log
+    with open(out / "times.json") as handle:
+        times = json.load(handle)
+    assert times["exit"] == 0 and all(times[stage] > 0 for stage in ("sft", "dpo", "eval"))
+    with open(out / "summary.json") as handle:
+        summary = json.load(handle)
+    assert set(summary["eval"]["win_rate_vs_chosen"]) == {"SFT", "DPO", "Best of 2"}
+    assert "[eval] SFT, T=0.7: sampled in" in result.stdout
