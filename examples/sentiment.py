@@ -755,7 +755,11 @@ def print_table(results: dict, comparisons: dict, prompts: int, reward_label: st
         )
         print(f"{name:<18}{reward:>20}{kl:>20}{r['n']:>9}")
     for name, c in comparisons.items():
-        at = "outside DPO's KL range" if c["dpo_reward_at_kl"] is None else f"{c['dpo_reward_at_kl']:.3f}"
+        at = (
+            "(no β point reaches this KL)"
+            if c["dpo_reward_at_kl"] is None
+            else f"{c['dpo_reward_at_kl']:.3f}"
+        )
         print(
             f"DPO vs {name} at {name}'s KL {c['baseline_kl']:.3f}: DPO {at}, {name} {c['baseline_reward']:.3f} "
             f"-> DPO at least {name}: {c['dpo_at_least_baseline']}"
