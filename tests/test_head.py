@@ -8,7 +8,13 @@ from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig, LlamaFor
 from dpo_trainer import DPOTrainer
 from dpo_trainer.data import PaddedCollator
 from dpo_trainer.data.layouts import GroupedCollator
-from dpo_trainer.logprobs import LOGIT_TRANSFORMS, check_sequence_logps, logit_transform, sequence_logps
+from dpo_trainer.logprobs import (
+    CHECK_TOLERANCE_16BIT,
+    LOGIT_TRANSFORMS,
+    check_sequence_logps,
+    logit_transform,
+    sequence_logps,
+)
 
 from conftest import dpo_config, preference_rows
 
@@ -173,6 +179,14 @@ def test_check_catches_an_unknown_transform_in_every_layout(layout):
     # the plain Llama passes the same check
     plain = LlamaForCausalLM(model.config).eval()
     assert check_sequence_logps(plain, features, collator) < 1e-3
+
+
+def test_check_in_bfloat16_passes_rounding_and_refuses_an_unknown_transform():
+    features = rows(seed=2)
+    plain = LlamaForCausalLM(scaled_llama_vocab().config).to(torch.bfloat16)
+    assert check_sequence_logps(plain, features, GroupedCollator(0, "shared_prompt")) < CHECK_TOLERANCE_16BIT
+    with pytest.raises(ValueError, match=r"ScaledLlama.*torch.bfloat16"):
+        check_sequence_logps(scaled_llama_vocab().to(torch.bfloat16), features)
 
 
 def test_trainer_refuses_a_model_whose_logits_it_cannot_reproduce(tmp_path, tokenizer):

@@ -365,9 +365,12 @@ def sequence_logps(
 
 
 # Largest mean difference per scored token (nats) between `sequence_logps` and the model's own logits that
-# `check_sequence_logps` accepts: float32 rounding, or 16-bit rounding of the same computation.
+# `check_sequence_logps` accepts: float32 rounding, or 16-bit rounding of the same computation (measured on
+# SmolLM2-135M: 2e-5 in float32, 0.035 in bfloat16, where batching alone changes the rounding). A missing
+# transform of a real model (Granite's logits / 8..16, Gemma's soft-capping at 30, Cohere's x 0.0625) is
+# off by nats per token.
 CHECK_TOLERANCE = {torch.float64: 1e-4, torch.float32: 1e-3}
-CHECK_TOLERANCE_16BIT = 0.1
+CHECK_TOLERANCE_16BIT = 0.25
 
 
 def _floating_dtype(model: nn.Module) -> torch.dtype:
@@ -426,6 +429,7 @@ def check_sequence_logps(
     batch = {
         key: value.to(device) if torch.is_tensor(value) else value
         for key, value in collator(features).items()
+        if key != "score_weight"  # plain sums of log-probs, whatever per-token weights training uses
     }
     was_training = model.training
     model.eval()
