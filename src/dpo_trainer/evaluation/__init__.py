@@ -2,7 +2,9 @@
 
 Judges (``judges``) compare two responses to the same prompt; ``win_rate`` (``winrate``) turns their
 verdicts into a win rate with a confidence interval; ``sample_responses`` (``sampling``), ``best_of_n``
-(``best_of_n``) and the plots (``plots``) are imported from their modules on first use.
+(``best_of_n``) and the plots (``plots``) are imported from their modules on first use. The reward/KL
+frontier (paper Fig. 2) adds ``sequence_kl`` (``kl``: KL(π‖π_ref) from a policy's own samples) and
+ground-truth scorers (``scorers``: VADER, a classifier's class probability).
 """
 
 from __future__ import annotations
