@@ -122,3 +122,17 @@ def test_dropout_can_stay_on(tmp_path, tokenizer):
     )
     first, second = train_mode_outputs(trainer.model, torch.tensor([[5, 6, 7, 8, 9, 10]]))
     assert not torch.allclose(first, second)
+
+
+def test_a_model_reading_dropout_from_its_config_is_named_in_a_warning(caplog):
+    # Falcon's forward reads config.hidden_dropout itself: the config stays the caller's, so say so
+    from transformers import FalconConfig, FalconForCausalLM
+
+    config = FalconConfig(
+        vocab_size=50, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, hidden_dropout=DROPOUT
+    )
+    model = FalconForCausalLM(config)
+    with caplog.at_level("WARNING", logger="dpo_trainer.reference"):
+        disable_dropout(model)
+    assert "FalconForCausalLM reads hidden_dropout" in caplog.text
+    assert model.config.hidden_dropout == DROPOUT
