@@ -778,7 +778,8 @@ def test_config_accepts_a_name_or_a_list(tmp_path):
         (dict(use_weighting=True), "use_weighting"),
         (dict(use_weighting=True, loss_type="aot"), "aot"),
         (dict(ld_alpha=1.5), r"ld_alpha must be in \[0, 1\]"),
-        (dict(ld_alpha=0.5), "ld_alpha"),
+        (dict(ld_alpha=0.5, precompute_ref_log_probs=True), "ld_alpha weighs each batch"),
+        (dict(ld_alpha=0.5, loss_type=["sigmoid", "sft"]), "ld_alpha with loss_type 'sft'"),
         (dict(sync_ref_model=True, ref_model_mixup_alpha=0.0), r"ref_model_mixup_alpha must be in \(0, 1\]"),
         (
             dict(sync_ref_model=True, ref_model_sync_steps=0),
@@ -792,6 +793,36 @@ def test_config_rejects_bad_loss_settings(tmp_path, overrides, message):
 
     with pytest.raises(ValueError, match=message):
         dpo_config(tmp_path, **overrides)
+
+
+# ---------------------------------------------------------------- LD-DPO's token weights
+
+
+@pytest.mark.parametrize("interleaved", [False, True])
+def test_ld_token_weights_match_a_loop(interleaved):
+    """Weight 1 for the first min_k(len) tokens of each response of an example, alpha after; tokens of different
+    responses may be interleaved in the scoring plan (grouped layouts), each response's own tokens in order."""
+    from dpo_trainer.losses import ld_token_weights
+
+    gen = torch.Generator().manual_seed(0)
+    batch, k, alpha = 5, 3, 0.3
+    lengths = torch.randint(0, 7, (batch, k), generator=gen)
+    lengths[0] = torch.tensor([4, 4, 4])  # equal lengths: no tail
+    seqs = [s for s in range(k * batch) for _ in range(int(lengths[s % batch, s // batch]))]
+    if interleaved:  # tokens of one response are alike, so any permutation keeps each response's order
+        seqs = [seqs[i] for i in torch.randperm(len(seqs), generator=gen).tolist()]
+    expected, seen = [], {}
+    for s in seqs:
+        position = seen.get(s, 0)
+        seen[s] = position + 1
+        shared = min(int(length) for length in lengths[s % batch])
+        expected.append(1.0 if position < shared else alpha)
+    weights = ld_token_weights(torch.tensor(seqs), lengths, alpha)
+    torch.testing.assert_close(weights, torch.tensor(expected))
+    assert weights.dtype == torch.float32
+    torch.testing.assert_close(ld_token_weights(torch.tensor(seqs), lengths, 1.0), torch.ones(len(seqs)))
+    with pytest.raises(ValueError, match=r"ld_alpha must be in \[0, 1\]"):
+        ld_token_weights(torch.tensor(seqs), lengths, 1.5)
 
 
 # ---------------------------------------------------------------- training with a weighted list (MPO)

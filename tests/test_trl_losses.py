@@ -52,18 +52,20 @@ DEFAULTS = dict(
     f_divergence_type="reverse_kl",
     f_alpha_divergence_coef=0.5,
     discopop_tau=0.05,
+    ld_alpha=None,
 )
 
 
-def case(case_id, trl_loss, our_loss=None, **settings):
+def case(case_id, trl_loss, our_loss=None, *, ours=None, **settings):
+    """A parametrized case: TRL's settings, and ours (the same unless `our_loss` / `ours` say otherwise)."""
     theirs = {**DEFAULTS, **settings, "loss_type": trl_loss}
-    ours = {**DEFAULTS, **settings, "loss_type": our_loss or trl_loss}
-    if "our_alpha" in settings:
-        theirs.pop("our_alpha")
-        ours["f_alpha_divergence_coef"] = ours.pop("our_alpha")
-    return pytest.param(theirs, ours, id=case_id)
+    our_settings = {**DEFAULTS, **settings, "loss_type": our_loss or trl_loss, **(ours or {})}
+    return pytest.param(theirs, our_settings, id=case_id)
 
 
+# TRL's alpha_divergence with coefficient a computes u^(a-1): our alpha_divergence_trl at a, and our
+# alpha_divergence (the paper's u^-alpha) at 1 - a.
+TRL_ALPHA_03 = dict(f_divergence_type="alpha_divergence", f_alpha_divergence_coef=0.3)
 CASES = [
     case("sigmoid", ["sigmoid"]),
     case("hinge", ["hinge"]),
@@ -94,22 +96,13 @@ CASES = [
         "alpha_trl_0.3",
         ["ipo"],
         ["ipo_trl"],
-        f_divergence_type="alpha_divergence",
-        f_alpha_divergence_coef=0.3,
-        our_alpha=0.3,
+        ours=dict(f_divergence_type="alpha_divergence_trl"),
+        **TRL_ALPHA_03,
     ),
+    case("alpha_paper_0.7", ["hinge"], ours=dict(f_alpha_divergence_coef=0.7), **TRL_ALPHA_03),
+    case("ld_alpha_0.5", ["sigmoid"], ld_alpha=0.5),
+    case("ld_alpha_0_sigmoid_norm", ["sigmoid_norm"], ld_alpha=0.0),
 ]
-# TRL's alpha_divergence at 0.3 is our alpha_divergence at 0.7 (the paper's exponent) and alpha_divergence_trl at 0.3
-CASES[-1].values[1]["f_divergence_type"] = "alpha_divergence_trl"
-CASES.append(
-    case(
-        "alpha_paper_0.7",
-        ["hinge"],
-        f_divergence_type="alpha_divergence",
-        f_alpha_divergence_coef=0.3,
-        our_alpha=0.7,
-    )
-)
 
 
 def chat_tokenizer(tokenizer):
@@ -217,6 +210,7 @@ def apply_trl(trainer, settings):
     trainer.f_divergence_type = settings["f_divergence_type"]
     trainer.f_alpha_divergence_coef = settings["f_alpha_divergence_coef"]
     trainer.args.discopop_tau = settings["discopop_tau"]
+    trainer.ld_alpha = settings["ld_alpha"]
 
 
 def apply_ours(trainer, settings):

@@ -46,8 +46,10 @@ class DPOConfig(TrainingArguments):
         discopop_tau: Temperature τ > 0 of the `discopop` loss (DiscoPOP paper: 0.05).
         use_weighting: WPO weighting (Zhou et al. 2024, arXiv 2406.11827) of each pair by the policy's
             length-normalised probabilities. Not supported yet: True raises.
-        ld_alpha: LD-DPO's α in [0, 1] (Liu et al. 2024, arXiv 2409.06411), weight of the tokens past the
-            shorter response's length. Not supported yet: a value other than None raises.
+        ld_alpha: LD-DPO's α in [0, 1] (Liu et al. 2024, arXiv 2409.06411): in the summed log-probs of the
+            policy and the reference, the tokens past the shorter response's length of each pair weigh α
+            (`dpo_trainer.losses.ld_token_weights`). None: off (α = 1 is the same). Not with
+            `precompute_ref_log_probs`, nor with the `sft` loss.
         sync_ref_model: TR-DPO (Gorbatovski et al. 2024, arXiv 2404.09656): every `ref_model_sync_steps`
             optimizer steps set the reference to `ref_model_mixup_alpha` x policy + (1 - α) x reference
             (`dpo_trainer.callbacks.SyncRefModelCallback`). Needs a separate reference model: not with a
@@ -145,7 +147,7 @@ class DPOConfig(TrainingArguments):
     f_alpha_divergence_coef: float = field(default=0.5, metadata={"help": "α of the alpha divergence."})
     discopop_tau: float = field(default=0.05, metadata={"help": "Temperature of the discopop loss."})
     use_weighting: bool = field(default=False, metadata={"help": "WPO weighting (not supported yet)."})
-    ld_alpha: float | None = field(default=None, metadata={"help": "LD-DPO α in [0, 1] (not supported yet)."})
+    ld_alpha: float | None = field(default=None, metadata={"help": "LD-DPO α in [0, 1]: weight of the verbose tail."})
     sync_ref_model: bool = field(default=False, metadata={"help": "TR-DPO reference updates."})
     ref_model_mixup_alpha: float = field(default=0.6, metadata={"help": "TR-DPO α: policy share of the update."})
     ref_model_sync_steps: int = field(default=512, metadata={"help": "TR-DPO τ: steps between updates."})
@@ -214,7 +216,16 @@ class DPOConfig(TrainingArguments):
         if self.ld_alpha is not None:
             if not 0.0 <= self.ld_alpha <= 1.0:
                 raise ValueError(f"DPOConfig.ld_alpha must be in [0, 1] or None, got {self.ld_alpha}.")
-            raise ValueError("DPOConfig.ld_alpha (LD-DPO) is not supported yet; leave it None.")
+            if self.precompute_ref_log_probs:
+                raise ValueError(
+                    "DPOConfig.ld_alpha weighs each batch's tokens by the shorter response of each pair, which "
+                    "precomputed (summed) reference log-probs cannot do; set precompute_ref_log_probs=False."
+                )
+            if "sft" in self.loss_type:
+                raise ValueError(
+                    "DPOConfig.ld_alpha with loss_type 'sft': TRL's sft loss ignores the LD-DPO weights, ours would "
+                    "not; leave one of them out."
+                )
         if self.use_weighting:
             if {"aot", "aot_unpaired"} & set(self.loss_type):
                 raise ValueError(

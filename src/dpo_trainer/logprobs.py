@@ -302,6 +302,7 @@ def sequence_logps(
         batch: a collated batch with `input_ids`, `attention_mask` (optional `position_ids`) of shape
             (rows, T) and the scoring plan `score_index`, `score_target`, `score_seq` (N,) and
             `response_lengths` (B, K); rows are response-major (row k*B + b is response k of example b).
+            An optional `score_weight` (N,) weighs each scored token's log-prob in the sums.
         return_aux_loss: also return the Mixture-of-Experts router's load-balancing loss of this forward
             pass (the model's own `aux_loss`, requested with `output_router_logits=True`). Other calls ask
             MoE models for no router logits, whatever their config says. Needs a `padded` batch: the model
@@ -357,6 +358,8 @@ def sequence_logps(
     )
     b, k = batch["response_lengths"].shape
     per_sequence = torch.zeros(k * b, dtype=torch.float32, device=token_logps.device)
+    if batch.get("score_weight") is not None:  # per-token weights, e.g. LD-DPO's (`losses.ld_token_weights`)
+        token_logps = token_logps * batch["score_weight"].to(token_logps.dtype)
     per_sequence = per_sequence.index_add(0, batch["score_seq"], token_logps)
     if return_aux_loss:
         aux_loss = torch.as_tensor(outputs.aux_loss, dtype=torch.float32, device=token_logps.device)

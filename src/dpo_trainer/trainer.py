@@ -38,7 +38,7 @@ from .data.layouts import GroupedCollator
 from .engines import frozen_copy, policy_as_reference, prepare_reference, release_reference
 from .guards import NonFiniteError, invalid_reference, nonfinite_parameters, reference_problem
 from .logprobs import check_sequence_logps, is_fsdp_module, sequence_logps, unwrap
-from .losses import RunningMean, plackett_luce_loss, preference_loss
+from .losses import RunningMean, ld_token_weights, plackett_luce_loss, preference_loss
 from .reference import (
     cache_dir_problem,
     cache_path,
@@ -909,6 +909,9 @@ class DPOTrainer(Trainer):
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         # Trainer's default calls model(**inputs) and reads .loss; DPO needs two scorings and a pairwise loss.
+        if self.args.ld_alpha is not None:  # LD-DPO: tokens past the shared length weigh ld_alpha, in π and π_ref
+            weights = ld_token_weights(inputs["score_seq"], inputs["response_lengths"], self.args.ld_alpha)
+            inputs = {**inputs, "score_weight": weights}
         policy = self.policy_logps(model, inputs)
         aux_loss, self._router_aux_loss = self._router_aux_loss, None
         if self.aux_loss_enabled and aux_loss is None:
