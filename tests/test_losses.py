@@ -1,5 +1,6 @@
 """Tests for dpo_trainer.losses: hand-derived values, naive float64 references, invariants, registry."""
 
+import copy
 import math
 
 import pytest
@@ -876,3 +877,40 @@ def test_training_with_a_weighted_list_of_losses(tmp_path, make_model, tokenizer
         expected.append(losses)
     assert metrics["eval_loss"] == pytest.approx(torch.cat(expected).mean().item(), rel=1e-5)
     assert shift.count == 3  # evaluation reads delta, it does not update it
+
+
+def test_ld_alpha_gives_the_same_metrics_in_every_layout(tmp_path, make_model, tokenizer, pairs):
+    """The scoring plan orders tokens differently per layout; LD-DPO's weights follow each response's own order."""
+    from dpo_trainer import DPOTrainer
+
+    from conftest import dpo_config
+
+    policy, reference = make_model(seed=1), make_model(seed=2)
+    metrics = {}
+    for layout in ("padded", "packed", "shared_prompt"):
+        trainer = DPOTrainer(
+            copy.deepcopy(policy),
+            ref_model=copy.deepcopy(reference),
+            args=dpo_config(tmp_path / layout, layout=layout, ld_alpha=0.3, loss_type="sigmoid_norm"),
+            train_dataset=pairs,
+            eval_dataset=pairs,
+            processing_class=tokenizer,
+        )
+        metrics[layout] = trainer.evaluate()
+    plain = DPOTrainer(
+        copy.deepcopy(policy),
+        ref_model=copy.deepcopy(reference),
+        args=dpo_config(tmp_path / "plain", loss_type="sigmoid_norm"),
+        train_dataset=pairs,
+        eval_dataset=pairs,
+        processing_class=tokenizer,
+    ).evaluate()
+    for layout in ("packed", "shared_prompt"):
+        for name in ("eval_loss", "eval_logps/chosen", "eval_logps/rejected", "eval_rewards/margins"):
+            assert metrics[layout][name] == pytest.approx(metrics["padded"][name], rel=1e-4, abs=1e-5), (
+                layout,
+                name,
+            )
+    assert (
+        metrics["padded"]["eval_logps/chosen"] > plain["eval_logps/chosen"] + 0.1
+    )  # the tails were down-weighted
