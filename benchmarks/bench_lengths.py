@@ -1,12 +1,12 @@
 """Length sweep: step time and peak memory of this project's `DPOTrainer` against TRL's, T = 512 .. 8,192.
 
     python benchmarks/bench_lengths.py                                 # CPU: 512 1024 2048 4096 8192
-    python benchmarks/bench_lengths.py --lengths 512,1024 --repeats 1 --timed 1
+    python benchmarks/bench_lengths.py --model small --warmup 0 --timed 1     # a busy CPU: minutes
     python benchmarks/bench_lengths.py --lengths 1024,2048,4096,8192,16384,32768 --gpu   # a GPU, when lent
 
 Work per step: `--pairs` pairs (2), each a prompt of T/2 tokens and two responses of T/4 .. T/2 tokens
 (EOS included), so the longest sequence is exactly T and nothing is truncated (each arm checks). The model
-is `bench_dpo.py`'s CPU Llama (6M parameters) with positions up to the longest T; same weights, rows,
+is `bench_dpo.py`'s CPU Llama (6M parameters; `--model small`: 0.2M) with positions up to the longest T; same weights, rows,
 order, optimizer and reference (a frozen copy) in both arms; our arm uses its defaults (`layout="auto"`).
 
 Each arm runs in its own process through `_arm.py` (as `bench_dpo.py` does), arms alternating, so peak
@@ -29,14 +29,26 @@ sys.path.insert(0, str(HERE))
 
 from bench_dpo import CPU_MODEL, LLAMA_1B, checkout_info, host_info, run_child  # noqa: E402
 
+SMALL_MODEL = dict(  # a smaller Llama (0.2M parameters) for sweeps on a busy CPU
+    vocab_size=1024,
+    hidden_size=64,
+    intermediate_size=256,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=4,
+    tie_word_embeddings=True,
+    rope_theta=10000.0,
+)
+MODELS = {"cpu": CPU_MODEL, "small": SMALL_MODEL, "gpu": LLAMA_1B}
+
 
 def spec_for(length: int, args, work_root: Path) -> dict:
-    model = dict(LLAMA_1B if args.gpu else CPU_MODEL)
+    model = dict(MODELS["gpu" if args.gpu else args.model])
     model["max_position_embeddings"] = max(args.lengths)
     half = length // 2
     return {
         "model": model,
-        "tokenizer_words": 4000 if args.gpu else CPU_MODEL["vocab_size"] - 3,
+        "tokenizer_words": 4000 if args.gpu else model["vocab_size"] - 3,
         "dtype": "bfloat16" if args.gpu else "float32",
         "prompt_tokens": [half, half],
         "response_tokens": [half // 2 - 1, half - 1],  # + EOS: T/4 .. T/2
@@ -50,7 +62,7 @@ def spec_for(length: int, args, work_root: Path) -> dict:
         "seed": 0,
         "rows": args.pairs * (args.warmup + args.timed),
         # one model folder for every length (positions up to the longest), rows per length
-        "work_dir": str(work_root / f"T{length}"),
+        "work_dir": str(work_root / f"{'gpu' if args.gpu else args.model}-T{length}"),
         "threads": args.threads,
         "ours_args": {},
         "trl_args": {},
@@ -74,6 +86,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--gpu", action="store_true", help="1B Llama in bf16 (bench_dpo's GPU model)")
+    parser.add_argument(
+        "--model", choices=["cpu", "small"], default="cpu", help="CPU model: bench_dpo's or smaller"
+    )
     parser.add_argument("--work-dir", default=str(Path(tempfile.gettempdir()) / "dpo_bench_lengths"))
     parser.add_argument("--out", default=str(HERE / "results" / "lengths.jsonl"))
     parser.add_argument("--timeout", type=float, default=3600)
