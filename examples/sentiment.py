@@ -3,10 +3,10 @@
     python examples/sentiment.py                 # offline: tiny model, bundled reviews_tiny data, VADER reward
     accelerate launch examples/sentiment.py      # the same under accelerate
     python examples/sentiment.py --model "$(python -c 'from dpo_trainer.gguf import smollm2_path; print(smollm2_path())')" \\
-        --sft_max_steps 40 --sft_learning_rate 1e-4 --max_steps 30 --per_device_train_batch_size 8 \\
-        --learning_rate 5e-4 --betas 0.1,0.5 --pair_prompts 48 --eval_prompts 48 --bon_n 1,2,4 \\
-        --max_new_tokens 32 --max_length 96 --max_prompt_length 32 --per_device_eval_batch_size 48 \\
-        --output_dir runs/smollm2               # a real pretrained model (SmolLM2-135M-Instruct, LoRA) on CPU
+        --sft_max_steps 10 --sft_learning_rate 1e-4 --max_steps 10 --per_device_train_batch_size 4 \\
+        --learning_rate 5e-4 --betas 0.5 --methods dpo,preferred_ft --pair_prompts 16 --eval_prompts 24 \\
+        --bon_n 1,2,4 --max_new_tokens 32 --max_length 96 --max_prompt_length 32 \\
+        --per_device_eval_batch_size 32 --output_dir runs/smollm2   # SmolLM2-135M-Instruct (LoRA), CPU smoke run
     accelerate launch examples/sentiment.py --model gpt2-large --dataset imdb \\
         --reward_model siebert/sentiment-roberta-large-english --betas 0.05,0.1,0.5,1,5 \\
         --learning_rate 1e-6 --bf16 --output_dir runs/imdb-gpt2-large
