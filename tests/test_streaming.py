@@ -130,3 +130,27 @@ def test_a_streamed_eval_set_cannot_be_precomputed(tmp_path, make_model, tokeniz
             eval_dataset={"a": pairs, "b": streamed(pairs)},
             processing_class=tokenizer,
         )
+
+
+@pytest.mark.slow
+def test_two_processes_stream_the_same_global_batches_as_one(tmp_path):
+    import runpy
+    import subprocess
+
+    from conftest import TESTS, TORCHRUN_TWO_PROCESSES, dist_env
+
+    script = str(TESTS / "dist_scripts" / "stream_dpo.py")
+    for name in ("one", "two"):
+        (tmp_path / name).mkdir()
+    runpy.run_path(script)["main"](str(tmp_path / "one"), 8)  # one process, here
+    command = [*TORCHRUN_TWO_PROCESSES, script, str(tmp_path / "two"), "4"]
+    done = subprocess.run(command, env=dist_env(), cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-4000:]
+    results = {name: torch.load(tmp_path / name / "result.pt") for name in ("one", "two")}
+    one, two = results["one"], results["two"]
+    # each process reads its own share of every global batch of 8 streamed rows: the same SGD steps
+    assert len(one["losses"]) == len(two["losses"]) == 2
+    assert two["losses"] == pytest.approx(one["losses"], abs=1e-5)
+    assert one["losses"][1] != pytest.approx(one["losses"][0], abs=1e-4)  # the first step changed the model
+    for name, value in one["params"].items():
+        torch.testing.assert_close(two["params"][name], value, atol=1e-5, rtol=1e-4)
