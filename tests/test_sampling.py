@@ -270,8 +270,12 @@ def test_two_processes_sample_what_one_process_samples(tmp_path, make_model, tok
 
     from transformers import AutoModelForCausalLM
 
+    threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as in the two processes: the same kernels, the same rounding
-    one = sample_responses(
-        AutoModelForCausalLM.from_pretrained(model_dir), tokenizer, disable_progress=True, **settings
-    )
+    try:
+        one = sample_responses(
+            AutoModelForCausalLM.from_pretrained(model_dir), tokenizer, disable_progress=True, **settings
+        )
+    finally:
+        torch.set_num_threads(threads)
     assert ranks[0]["samples"] == one
