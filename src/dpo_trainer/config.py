@@ -160,7 +160,10 @@ class DPOConfig(TrainingArguments):
     )
     truncation_mode: str = field(
         default="keep_start",
-        metadata={"help": "keep_start (TRL) or keep_end (the paper's code).", "choices": ["keep_start", "keep_end"]},
+        metadata={
+            "help": "keep_start (TRL) or keep_end (the paper's code).",
+            "choices": ["keep_start", "keep_end"],
+        },
     )
     precompute_ref_log_probs: bool = field(
         default=False, metadata={"help": "Precompute reference log-probs."}
@@ -177,7 +180,8 @@ class DPOConfig(TrainingArguments):
     )
     dataset_num_proc: int | None = field(default=None, metadata={"help": "Tokenization processes."})
     pad_to_multiple_of: int | str | None = field(
-        default="auto", metadata={"help": "Pad batch length to a multiple ('auto': 128 on Neuron, else none)."}
+        default="auto",
+        metadata={"help": "Pad batch length to a multiple ('auto': 128 on Neuron, else none)."},
     )
     logprob_chunk_size: int | None = field(
         default=None, metadata={"help": "Scored tokens per LM-head chunk."}
