@@ -295,3 +295,11 @@ def test_judge_and_sampling_flags_fail_before_any_training(hh, tmp_path, flags, 
     with pytest.raises(SystemExit, match=re.escape(message) if message.startswith("--") else message):
         hh.main(["--output_dir", str(out), *flags])
     assert not (out / "base").exists() and not (out / "sft").exists()  # nothing was built or trained
+
+
+def test_an_explicit_half_written_checkpoint_is_refused_with_the_reason(run_dir, tokenizer, make_model):
+    partial = damage(run_dir, "truncated safetensors")
+    args = dpo_config(run_dir.parent, **SETTINGS)
+    trainer = DPOTrainer(make_model(seed=5), args=args, train_dataset=ROWS, processing_class=tokenizer)
+    with pytest.raises(ValueError, match=r"Cannot resume from .*checkpoint-6: model.safetensors"):
+        trainer.train(resume_from_checkpoint=partial)

@@ -665,7 +665,7 @@ class DPOTrainer(Trainer):
         """Warn about DPO settings changed since `checkpoint` was saved; refuse a changed loss or data."""
         saved = read_settings(checkpoint)
         if saved is None:
-            logger.warning("%s holds no dpo_settings.json: cannot check the resumed run's settings.", checkpoint)
+            logger.warning("%s has no dpo_settings.json: the resumed settings go unchecked.", checkpoint)
             return
         refused, warned = settings_changes(saved, self.dpo_settings())
         if refused:
@@ -985,8 +985,8 @@ class DPOTrainer(Trainer):
                 f"the weights (and every checkpoint) are those of step {step - 1}. Lower the learning rate, or "
                 "set DPOConfig(on_nonfinite='skip') to skip such steps."
             )
-        for parameter in model.parameters():
-            parameter.grad = None  # the optimizer skips parameters without a gradient: no update, no state change
+        for parameter in model.parameters():  # the optimizer skips parameters without a gradient: no update
+            parameter.grad = None
         self._skipped_steps += 1
         logger.warning("Step %d: non-finite %s; step skipped (no optimizer update).", step, what)
 
@@ -1165,7 +1165,7 @@ class DPOTrainer(Trainer):
             dataloader, description, prediction_loss_only, ignore_keys, metric_key_prefix
         )
         if "eval" in self._guard_flags and bool(self._guard_flags.pop("eval")[1]):
-            raise NonFiniteError(f"Evaluation ({metric_key_prefix}): reference log-probs not finite or above 0.")
+            raise NonFiniteError(f"Evaluation ({metric_key_prefix}): reference log-probs not finite or > 0.")
         means = self._metric_means(metric_key_prefix, all_reduce=False)  # gathered batch by batch already
         output.metrics.update({f"{metric_key_prefix}_{name}": value for name, value in means.items()})
         return output
