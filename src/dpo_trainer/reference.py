@@ -29,7 +29,13 @@ logger = logging.getLogger(__name__)
 
 CACHE_FORMAT_VERSION = 2  # 2: the key covers the model config and the tokenizer
 # config fields that name or place a model without changing what it computes
-_UNHASHED_CONFIG_KEYS = ("_name_or_path", "transformers_version", "_commit_hash", "use_cache", "architectures")
+_UNHASHED_CONFIG_KEYS = (
+    "_name_or_path",
+    "transformers_version",
+    "_commit_hash",
+    "use_cache",
+    "architectures",
+)
 STALE_TEMPORARY_S = 3600  # a cache temporary this old was left by a killed process
 
 
@@ -265,7 +271,7 @@ def save_cached(path: str, values: torch.Tensor) -> bool:
         os.replace(tmp, path)  # never leaves a half-written cache file under the real name
         return True
     except OSError as error:
-        logger.warning("Could not cache reference log-probs at %s (%s); training goes on without.", path, error)
+        logger.warning("Could not cache reference log-probs at %s (%s); training goes on.", path, error)
         return False
     finally:
         with contextlib.suppress(OSError):
