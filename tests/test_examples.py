@@ -168,16 +168,20 @@ def test_a_real_pretrained_model_trains_samples_and_is_judged(hh, tmp_path):
     from dpo_trainer.evaluation import sample_responses
     from dpo_trainer.gguf import smollm2_path
 
-    torch.set_num_threads(1)
     model = smollm2_path()
     out = str(tmp_path / "smollm2")
-    summary = hh.main(
-        ["--model", model, "--output_dir", out, "--skip_sft", "--max_steps", "2", "--max_train_rows", "8",
-         "--max_eval_rows", "4", "--per_device_train_batch_size", "2", "--per_device_eval_batch_size", "4",
-         "--max_length", "128", "--max_prompt_length", "64", "--eval_prompts", "3", "--temperatures", "0.7",
-         "--bon_n", "2", "--max_new_tokens", "6", "--use_cpu", "--save_strategy", "no", "--logging_steps", "1",
-         "--report_to", "none", "--disable_tqdm", "true", "--seed", "0"]
-    )  # fmt: skip
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # a 30-layer model on a small shared CPU
+    try:
+        summary = hh.main(
+            ["--model", model, "--output_dir", out, "--skip_sft", "--max_steps", "2", "--max_train_rows", "8",
+             "--max_eval_rows", "4", "--per_device_train_batch_size", "2", "--per_device_eval_batch_size", "4",
+             "--max_length", "128", "--max_prompt_length", "64", "--eval_prompts", "3", "--temperatures",
+             "0.7", "--bon_n", "2", "--max_new_tokens", "6", "--use_cpu", "--save_strategy", "no",
+             "--logging_steps", "1", "--report_to", "none", "--disable_tqdm", "true", "--seed", "0"]
+        )  # fmt: skip
+    finally:
+        torch.set_num_threads(threads)
     assert summary["sft_model"] == model
     before = summary["dpo"]["before"]["before_loss"]
     assert before == pytest.approx(0.6931, abs=1e-3)  # the LoRA adapter starts as the identity
@@ -219,3 +223,38 @@ def test_the_gpu_script_runs_at_tiny_size_on_the_cpu(tmp_path):
         summary = json.load(handle)
     assert set(summary["eval"]["win_rate_vs_chosen"]) == {"SFT", "DPO", "Best of 2"}
     assert "[eval] SFT, T=0.7: sampled in" in result.stdout
+
+
+@pytest.mark.slow
+def test_two_processes_sample_and_judge_what_one_process_does(hh, tmp_path):
+    """The evaluation stage under torchrun with 2 processes (gloo): each samples a share, the main one
+    judges; the sample files and win rates equal a single process's."""
+    import torch
+
+    from conftest import DIST_TIMEOUT_S, TORCHRUN_TWO_PROCESSES, dist_env
+
+    flags = ["--skip_sft", "--skip_dpo", "--max_train_rows", "48", "--max_eval_rows", "8", "--eval_prompts", "6",
+             "--temperatures", "0.7", "--bon_n", "2", "--max_new_tokens", "8", "--per_device_eval_batch_size", "2",
+             "--use_cpu", "--disable_tqdm", "true"]  # fmt: skip
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as each of the two processes: the same kernels, the same rounding
+    try:
+        one = hh.main(["--output_dir", str(tmp_path / "one")] + flags)
+    finally:
+        torch.set_num_threads(threads)
+    command = [*TORCHRUN_TWO_PROCESSES, HH, "--output_dir", str(tmp_path / "two")] + flags
+    result = subprocess.run(command, env=dist_env(), capture_output=True, text=True, timeout=DIST_TIMEOUT_S)
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert "by 2 process(es)" in result.stdout
+    with open(tmp_path / "two" / "summary.json") as handle:
+        two = json.load(handle)
+    assert two["eval"]["win_rate_vs_chosen"] == json.loads(json.dumps(one["eval"]["win_rate_vs_chosen"]))
+    files = {
+        run: sorted(glob.glob(str(tmp_path / run / "eval" / "**" / "samples-*.json"), recursive=True))
+        for run in ("one", "two")
+    }
+    assert len(files["one"]) == len(files["two"]) == 2  # SFT at T=0.7 and the Best-of-2 draw
+    for mine, theirs in zip(files["one"], files["two"]):
+        assert os.path.basename(mine) == os.path.basename(theirs)
+        with open(mine) as a, open(theirs) as b:
+            assert json.load(a) == json.load(b)

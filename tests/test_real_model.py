@@ -76,8 +76,11 @@ def conversational_rows() -> list[dict]:
 
 @pytest.fixture(autouse=True)
 def one_thread_no_telemetry(monkeypatch):
-    torch.set_num_threads(1)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # a 30-layer model on a small shared CPU
     monkeypatch.setattr("trl.trainer.base_trainer._BaseTrainer._send_telemetry", lambda self: None)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
