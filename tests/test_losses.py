@@ -776,7 +776,6 @@ def test_config_accepts_a_name_or_a_list(tmp_path):
         (dict(loss_type="bco_pair", f_divergence_type="js_divergence"), "applies to the losses built on"),
         (dict(f_divergence_type="kl"), "unknown DPOConfig.f_divergence_type"),
         (dict(discopop_tau=0.0), "discopop_tau must be > 0"),
-        (dict(use_weighting=True), "use_weighting"),
         (dict(use_weighting=True, loss_type="aot"), "aot"),
         (dict(ld_alpha=1.5), r"ld_alpha must be in \[0, 1\]"),
         (dict(ld_alpha=0.5, precompute_ref_log_probs=True), "ld_alpha weighs each batch"),
@@ -914,3 +913,39 @@ def test_ld_alpha_gives_the_same_metrics_in_every_layout(tmp_path, make_model, t
     assert (
         metrics["padded"]["eval_logps/chosen"] > plain["eval_logps/chosen"] + 0.1
     )  # the tails were down-weighted
+
+
+# ---------------------------------------------------------------- WPO
+
+
+def test_wpo_means_match_the_models_own_logits(tmp_path, make_model, tokenizer, pairs):
+    """sequence_logps(return_wpo_logps=True): mean over each response of log p_t - log sum_v p_v^2, from the
+    full logits of the model's own forward pass; the weights are the exp of the per-pair sums."""
+    import torch.nn.functional as F
+
+    from dpo_trainer import DPOTrainer
+    from dpo_trainer.logprobs import sequence_logps
+    from dpo_trainer.losses import wpo_weights
+
+    from conftest import dpo_config
+
+    trainer = DPOTrainer(
+        make_model(),
+        args=dpo_config(tmp_path, layout="padded"),
+        train_dataset=pairs,
+        processing_class=tokenizer,
+    )
+    batch = trainer.data_collator([trainer.train_dataset[i] for i in range(5)])
+    model = trainer.model
+    with torch.no_grad():
+        logps, aligned = sequence_logps(model, batch, chunk_size=7, return_wpo_logps=True)
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.double()
+    flat = logits.reshape(-1, logits.shape[-1])[batch["score_index"]]
+    log_probs = F.log_softmax(flat, dim=-1)
+    token = log_probs.gather(1, batch["score_target"][:, None]).squeeze(1)
+    log_sum_sq = torch.log((log_probs.exp() ** 2).sum(-1))
+    b, k = batch["response_lengths"].shape
+    sums = torch.zeros(k * b, dtype=torch.float64).index_add(0, batch["score_seq"], token - log_sum_sq)
+    expected = (sums / batch["response_lengths"].T.reshape(-1).clamp_min(1)).view(k, b).T
+    torch.testing.assert_close(aligned.double(), expected, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(wpo_weights(aligned).double(), expected.sum(1).exp(), rtol=1e-4, atol=1e-6)

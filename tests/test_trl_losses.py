@@ -27,7 +27,7 @@ from dpo_trainer.tiny import CHAT_TEMPLATE, tiny_causal_lm
 
 from conftest import preference_rows
 
-pytestmark = pytest.mark.slow  # about 30 s: two pairs of trainers, 45 evaluations
+pytestmark = pytest.mark.slow  # about 40 s: three pairs of trainers, about 110 evaluations
 
 NUM_ROWS, EVAL_BATCH, BETA = (
     8,
@@ -127,23 +127,46 @@ def conversational(rows):
     ]
 
 
-@pytest.fixture(scope="module")
-def trainers(tokenizer, tmp_path_factory):
-    """{format: (TRL trainer, our trainer)} on the same policy, reference and rows."""
-    torch.manual_seed(0)
+def policy_and_reference(tokenizer, head_scale=1.0):
+    """A tiny policy (its LM head scaled by `head_scale`) and a reference with every weight perturbed a little."""
     policy = tiny_causal_lm(tokenizer, hidden_size=32, num_layers=2, num_heads=4, seed=1)
+    with torch.no_grad():
+        policy.get_output_embeddings().weight.mul_(head_scale)
     reference = copy.deepcopy(policy)
     generator = torch.Generator().manual_seed(3)
     with torch.no_grad():
         for param in reference.parameters():
             param.add_(0.05 * torch.randn(param.shape, generator=generator))
+    return policy, reference
+
+
+@pytest.fixture(scope="module")
+def trainers(tokenizer, tmp_path_factory):
+    """{format: (TRL trainer, our trainer)} on the same policy, reference and rows."""
+    return build_trainers(tokenizer, tmp_path_factory, *policy_and_reference(tokenizer))
+
+
+@pytest.fixture(scope="module")
+def wpo_trainers(tokenizer, tmp_path_factory):
+    """The same with `use_weighting=True` (TRL decides at construction), on a policy whose sharper head gives
+    WPO weights away from 1."""
+    policy, reference = policy_and_reference(tokenizer, head_scale=30.0)
+    return build_trainers(
+        tokenizer, tmp_path_factory, policy, reference, formats=("standard",), use_weighting=True
+    )
+
+
+def build_trainers(
+    tokenizer, tmp_path_factory, policy, reference, formats=("standard", "conversational"), **extra
+):
     standard = preference_rows(NUM_ROWS, seed=4)
     out = {}
-    formats = (
-        ("standard", standard, tokenizer),
-        ("conversational", conversational(standard), chat_tokenizer(tokenizer)),
-    )
-    for fmt, rows, tokenizer in formats:
+    available = {
+        "standard": (standard, tokenizer),
+        "conversational": (conversational(standard), chat_tokenizer(tokenizer)),
+    }
+    for fmt in formats:
+        rows, tokenizer = available[fmt]
         tmp = tmp_path_factory.mktemp(fmt)
         trl_args = trl.DPOConfig(
             output_dir=str(tmp / "trl"),
@@ -160,6 +183,7 @@ def trainers(tokenizer, tmp_path_factory):
             disable_tqdm=True,
             save_strategy="no",
             seed=0,
+            **extra,
         )
         theirs = trl.DPOTrainer(
             copy.deepcopy(policy),
@@ -179,6 +203,7 @@ def trainers(tokenizer, tmp_path_factory):
             disable_tqdm=True,
             save_strategy="no",
             seed=0,
+            **extra,
         )
         ours = dpo_trainer.DPOTrainer(
             copy.deepcopy(policy),
@@ -244,3 +269,27 @@ def test_cases_are_not_all_one_number(trainers):
         apply_ours(ours, param.values[1])
         values.add(round(ours.evaluate()["eval_loss"], 5))
     assert len(values) == len(CASES)
+
+
+WPO_CASES = [
+    case("sigmoid", ["sigmoid"]),
+    # (TRL 1.16 fails on sft with use_weighting: it scales an expanded tensor in place)
+    case("sigmoid_bco", ["sigmoid", "bco_pair"], ["sigmoid", "bco_pair_trl"], loss_weights=[0.8, 0.2]),
+    case("sigmoid_norm_ld_alpha", ["sigmoid_norm"], ld_alpha=0.5),
+]
+
+
+@pytest.mark.parametrize(("trl_settings", "our_settings"), WPO_CASES)
+def test_wpo_weighting_matches_trl(wpo_trainers, trl_settings, our_settings):
+    theirs, ours = wpo_trainers["standard"]
+    apply_trl(theirs, trl_settings)
+    apply_ours(ours, our_settings)
+    trl_metrics, our_metrics = theirs.evaluate(), ours.evaluate()
+    for name in COMPARED:
+        assert our_metrics[name] == pytest.approx(trl_metrics[name], rel=1e-4, abs=1e-5), name
+    ours.args.use_weighting = False  # the weights are far from 1 here: without them the loss differs
+    try:
+        unweighted = ours.evaluate()["eval_loss"]
+    finally:
+        ours.args.use_weighting = True
+    assert abs(unweighted - our_metrics["eval_loss"]) > 0.05 * abs(unweighted)

@@ -44,8 +44,9 @@ class DPOConfig(TrainingArguments):
             losses built on the chosen-rejected score difference accept a non-default value.
         f_alpha_divergence_coef: α of the alpha divergence (TRL's default 0.5).
         discopop_tau: Temperature τ > 0 of the `discopop` loss (DiscoPOP paper: 0.05).
-        use_weighting: WPO weighting (Zhou et al. 2024, arXiv 2406.11827) of each pair by the policy's
-            length-normalised probabilities. Not supported yet: True raises.
+        use_weighting: WPO (Zhou et al. 2024, arXiv 2406.11827): each pair's loss times the product over its
+            responses of exp(mean over tokens of log p_t - log Σ_v p_v²) under the policy, without gradient
+            (`dpo_trainer.losses.wpo_weights`; one extra no-gradient pass of the LM head). Not with `aot`.
         ld_alpha: LD-DPO's α in [0, 1] (Liu et al. 2024, arXiv 2409.06411): in the summed log-probs of the
             policy and the reference, the tokens past the shorter response's length of each pair weigh α
             (`dpo_trainer.losses.ld_token_weights`). None: off (α = 1 is the same). Not with
@@ -146,7 +147,7 @@ class DPOConfig(TrainingArguments):
     )
     f_alpha_divergence_coef: float = field(default=0.5, metadata={"help": "α of the alpha divergence."})
     discopop_tau: float = field(default=0.05, metadata={"help": "Temperature of the discopop loss."})
-    use_weighting: bool = field(default=False, metadata={"help": "WPO weighting (not supported yet)."})
+    use_weighting: bool = field(default=False, metadata={"help": "WPO weighting of each pair."})
     ld_alpha: float | None = field(default=None, metadata={"help": "LD-DPO α in [0, 1]: weight of the verbose tail."})
     sync_ref_model: bool = field(default=False, metadata={"help": "TR-DPO reference updates."})
     ref_model_mixup_alpha: float = field(default=0.6, metadata={"help": "TR-DPO α: policy share of the update."})
@@ -236,7 +237,6 @@ class DPOConfig(TrainingArguments):
                     "DPOConfig.use_weighting does not apply to 'aot' / 'aot_unpaired', which sort the pairs of "
                     "a batch (per-pair weights would be misaligned)."
                 )
-            raise ValueError("DPOConfig.use_weighting (WPO) is not supported yet; leave it False.")
         if self.sync_ref_model:
             if not 0.0 < self.ref_model_mixup_alpha <= 1.0:
                 raise ValueError(

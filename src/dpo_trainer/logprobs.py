@@ -209,6 +209,30 @@ def head_token_logps(
     return torch.cat(parts)
 
 
+@torch.no_grad()
+def head_log_sum_sq_probs(
+    hidden: torch.Tensor,
+    head: nn.Module,
+    *,
+    chunk_size: int | None = None,
+    softcap: float | None = None,
+    scale: float = 1.0,
+) -> torch.Tensor:
+    """(N,) float32 ``log sum_v p_v^2`` of ``p = softmax(head(hidden))`` per row, in chunks, without gradient.
+
+    WPO's alignment term (Zhou et al. 2024, arXiv 2406.11827, Eq. 2): ``logsumexp(2 z) - 2 logsumexp(z)``.
+    """
+    vocab = getattr(head, "out_features", None) or 32768
+    size = chunk_size or auto_chunk_size(vocab)
+    parts = [hidden.new_zeros(0, dtype=torch.float32)]
+    for start in range(0, hidden.shape[0], size):
+        logits = head(hidden[start : start + size]).float() * scale
+        if softcap is not None:
+            logits = softcap * torch.tanh(logits / softcap)
+        parts.append(torch.logsumexp(2 * logits, dim=-1) - 2 * torch.logsumexp(logits, dim=-1))
+    return torch.cat(parts)
+
+
 def unwrap(model: nn.Module) -> nn.Module:
     """The `PreTrainedModel` inside DDP / DeepSpeed / torch.compile / PEFT wrappers (LoRA layers stay in it)."""
     while True:
@@ -290,6 +314,7 @@ def sequence_logps(
     *,
     chunk_size: int | None = None,
     return_aux_loss: bool = False,
+    return_wpo_logps: bool = False,
 ):
     """Summed log-probabilities of every response in `batch` under `model`.
 
@@ -307,10 +332,12 @@ def sequence_logps(
             pass (the model's own `aux_loss`, requested with `output_router_logits=True`). Other calls ask
             MoE models for no router logits, whatever their config says. Needs a `padded` batch: the model
             computes the loss from a (rows, T) padding mask.
+        return_wpo_logps: also return, without gradient, each response's mean over its tokens of
+            `log p_t - log sum_v p_v^2` (WPO's aligned log-probs, `head_log_sum_sq_probs`).
 
     Returns:
         (B, K) float32: column k is the summed log-probability of response k; with `return_aux_loss`,
-        also the scalar aux loss (with gradient).
+        also the scalar aux loss (with gradient); with `return_wpo_logps`, last, the (B, K) aligned means.
     """
     inner = unwrap(model)
     decoder, head = inner.get_decoder(), inner.get_output_embeddings()
@@ -358,13 +385,22 @@ def sequence_logps(
     )
     b, k = batch["response_lengths"].shape
     per_sequence = torch.zeros(k * b, dtype=torch.float32, device=token_logps.device)
+    unweighted_logps = token_logps
     if batch.get("score_weight") is not None:  # per-token weights, e.g. LD-DPO's (`losses.ld_token_weights`)
         token_logps = token_logps * batch["score_weight"].to(token_logps.dtype)
     per_sequence = per_sequence.index_add(0, batch["score_seq"], token_logps)
+    results = [per_sequence.view(k, b).T]
     if return_aux_loss:
-        aux_loss = torch.as_tensor(outputs.aux_loss, dtype=torch.float32, device=token_logps.device)
-        return per_sequence.view(k, b).T, aux_loss
-    return per_sequence.view(k, b).T
+        results.append(torch.as_tensor(outputs.aux_loss, dtype=torch.float32, device=token_logps.device))
+    if return_wpo_logps:
+        log_sum_sq = head_log_sum_sq_probs(
+            flat.detach(), head, chunk_size=chunk_size, softcap=transform.softcap, scale=transform.scale
+        )
+        aligned = torch.zeros(k * b, dtype=torch.float32, device=token_logps.device)
+        aligned = aligned.index_add(0, batch["score_seq"], unweighted_logps.detach() - log_sum_sq)
+        counts = batch["response_lengths"].T.reshape(-1).clamp_min(1).to(aligned.dtype)
+        results.append((aligned / counts).view(k, b).T)
+    return tuple(results) if len(results) > 1 else results[0]
 
 
 # Largest mean difference per scored token (nats) between `sequence_logps` and the model's own logits that

@@ -44,6 +44,7 @@ __all__ = [
     "loss_names",
     "loss_uses",
     "plackett_luce_loss",
+    "wpo_weights",
     "preference_loss",
     "register_loss",
 ]
@@ -773,6 +774,25 @@ def ld_token_weights(score_seq: torch.Tensor, response_lengths: torch.Tensor, al
     shared = response_lengths.min(dim=1).values.repeat(k)  # (K*B,), response-major like score_seq
     tail = position >= shared[score_seq]
     return torch.where(tail, alpha, 1.0).to(torch.float32)
+
+
+def wpo_weights(aligned_logps: torch.Tensor) -> torch.Tensor:
+    """WPO's weight of each pair: the product over its responses of ``exp(mean_t [log p_t - log sum_v p_v^2])``.
+
+    Weighted Preference Optimization (Zhou et al. 2024, arXiv 2406.11827, Eq. 2, the aligned form TRL uses):
+    pairs the current policy is likely to generate weigh more, simulating on-policy data. The weights carry no
+    gradient.
+
+    Args:
+        aligned_logps: each response's mean aligned token log-prob under the policy, shape ``(batch, K)``.
+
+    Returns:
+        positive weights, shape ``(batch,)``.
+
+    >>> wpo_weights(torch.tensor([[0.0, -1.0]]))
+    tensor([0.3679])
+    """
+    return torch.exp(aligned_logps.detach().sum(dim=1))
 
 
 class RunningMean:

@@ -38,7 +38,7 @@ from .data.layouts import GroupedCollator
 from .engines import frozen_copy, policy_as_reference, prepare_reference, release_reference
 from .guards import NonFiniteError, invalid_reference, nonfinite_parameters, reference_problem
 from .logprobs import check_sequence_logps, is_fsdp_module, sequence_logps, unwrap
-from .losses import RunningMean, ld_token_weights, plackett_luce_loss, preference_loss
+from .losses import RunningMean, ld_token_weights, plackett_luce_loss, preference_loss, wpo_weights
 from .reference import (
     cache_dir_problem,
     cache_path,
@@ -850,6 +850,18 @@ class DPOTrainer(Trainer):
         For a Mixture-of-Experts policy with the router aux loss on, the same forward pass also gives the
         model's own load-balancing loss, kept for `compute_loss`.
         """
+        if self.args.use_weighting:  # WPO: the same forward pass also gives each response's aligned mean
+            outputs = sequence_logps(
+                model,
+                batch,
+                chunk_size=self.args.logprob_chunk_size,
+                return_aux_loss=self.aux_loss_enabled,
+                return_wpo_logps=True,
+            )
+            self._wpo_logps = outputs[-1]
+            if self.aux_loss_enabled:
+                self._router_aux_loss = outputs[1]
+            return outputs[0]
         if self.aux_loss_enabled:
             logps, self._router_aux_loss = sequence_logps(
                 model, batch, chunk_size=self.args.logprob_chunk_size, return_aux_loss=True
@@ -901,7 +913,14 @@ class DPOTrainer(Trainer):
                 discopop_tau=args.discopop_tau,
                 reward_shift=reward_shift,
             )
+            if args.use_weighting:  # WPO: each pair's loss times its weight (`policy_logps` kept the means)
+                aligned, self._wpo_logps = getattr(self, "_wpo_logps", None), None
+                if aligned is None:
+                    raise ValueError("use_weighting: policy_logps did not keep the WPO means (call DPOTrainer.policy_logps).")
+                losses = losses * wpo_weights(aligned).to(losses.dtype)
             return losses, torch.stack([chosen, rejected], dim=1)
+        if args.use_weighting:
+            raise ValueError("use_weighting (WPO) weighs pairs; rankings of K > 2 responses are not supported.")
         losses = plackett_luce_loss(policy_logps, reference_logps, beta=args.beta)
         return losses, (args.beta * (policy_logps - reference_logps)).detach()
 
