@@ -32,7 +32,7 @@ from .attention import choose_attention, grouped_layout_unsupported, resolve_lay
 from .callbacks import SyncRefModelCallback
 from .checkpoints import last_complete_checkpoint, read_settings, settings_changes, write_settings
 from .config import DPOConfig
-from .data import PaddedCollator, check_row_text, detect_format, to_example, tokenize_example
+from .data import PaddedCollator, check_row_text, detect_format, to_example, tokenize_example, truncate_ids
 from .data.batching import TokenBudgetBatchSampler, example_tokens
 from .data.layouts import GroupedCollator
 from .engines import frozen_copy, policy_as_reference, prepare_reference, release_reference
@@ -115,6 +115,30 @@ def _is_tokenized(columns) -> bool:
     return {"prompt_ids", "response_ids"} <= set(columns)
 
 
+def _is_trl_tokenized(columns) -> bool:
+    return {"prompt_ids", "chosen_ids", "rejected_ids"} <= set(columns)
+
+
+def _from_trl_columns(settings: dict):
+    """Rows tokenized by TRL (`prompt_ids`, `chosen_ids`, `rejected_ids`) -> ours, truncated by our rules.
+
+    TRL's `ref_chosen_logps` / `ref_rejected_logps` are not carried over: they belong to TRL's truncation and
+    model, and are recomputed when `precompute_ref_log_probs` is set.
+    """
+
+    def convert(row, index):
+        for column in ("prompt_ids", "chosen_ids", "rejected_ids"):
+            ids = row[column]
+            if not isinstance(ids, (list, tuple)) or not all(isinstance(i, int) for i in ids):
+                raise ValueError(f"row {index}, field {column!r}: expected a list of token ids")
+        prompt, responses = truncate_ids(
+            list(row["prompt_ids"]), [list(row["chosen_ids"]), list(row["rejected_ids"])], **settings
+        )
+        return {"prompt_ids": prompt, "response_ids": responses}
+
+    return convert
+
+
 def _check_text_only(columns, name: str) -> None:
     """TRL raises for image columns given to a text model; they must not be dropped silently."""
     found = [column for column in ("image", "images") if column in set(columns)]
@@ -143,24 +167,31 @@ def _prepare_streamed(dataset: IterableDataset, tokenizer, args: DPOConfig, name
     columns = list(first.keys())
     if _is_tokenized(columns):
         return dataset
-    _check_text_only(columns, name)
-    fmt = _named(name, detect_format, columns)
-    num_responses = len(_named(name, to_example, first, 0, fmt, tokenizer).responses)
-    _check_ranking(num_responses, args, name)
     settings = {
         "max_length": args.max_length,
         "max_prompt_length": args.max_prompt_length,
         "truncation_mode": args.truncation_mode,
     }
+    if _is_trl_tokenized(columns):
+        convert = _from_trl_columns(settings)
 
-    def tokenize(row, index):
-        example = _named(name, to_example, row, index, fmt, tokenizer)
-        if len(example.responses) != num_responses:
-            raise ValueError(
-                f"{name} row {index}: {len(example.responses)} responses where row 0 has {num_responses}; "
-                "every row of a dataset must rank the same number of responses."
-            )
-        return _named(name, tokenize_example, example, tokenizer, index=index, **settings)
+        def tokenize(row, index):
+            return _named(name, convert, row, index)
+
+    else:
+        _check_text_only(columns, name)
+        fmt = _named(name, detect_format, columns)
+        num_responses = len(_named(name, to_example, first, 0, fmt, tokenizer).responses)
+        _check_ranking(num_responses, args, name)
+
+        def tokenize(row, index):
+            example = _named(name, to_example, row, index, fmt, tokenizer)
+            if len(example.responses) != num_responses:
+                raise ValueError(
+                    f"{name} row {index}: {len(example.responses)} responses where row 0 has {num_responses}; "
+                    "every row of a dataset must rank the same number of responses."
+                )
+            return _named(name, tokenize_example, example, tokenizer, index=index, **settings)
 
     warned = []
 
@@ -273,7 +304,11 @@ class DPOTrainer(Trainer):
         peft_config=None,
     ):
         if args is None:  # as TRL: output in "<model name>-DPO"
-            name = model if isinstance(model, str) else getattr(getattr(model, "config", None), "_name_or_path", "")
+            name = (
+                model
+                if isinstance(model, str)
+                else getattr(getattr(model, "config", None), "_name_or_path", "")
+            )
             args = DPOConfig(output_dir=f"{(name or 'model').rstrip('/').split('/')[-1]}-DPO")
         if not isinstance(args, DPOConfig):
             raise TypeError(f"args must be a DPOConfig, got {type(args).__name__}.")
@@ -468,7 +503,9 @@ class DPOTrainer(Trainer):
     def _check_streaming(args: DPOConfig, train_dataset, eval_dataset) -> None:
         """Refuse early what a streamed `datasets.IterableDataset` cannot do; TRL's dispatch setting for it."""
         evals = eval_dataset.items() if isinstance(eval_dataset, Mapping) else [("", eval_dataset)]
-        streamed = [f"eval_dataset{f'[{k!r}]' if k else ''}" for k, d in evals if isinstance(d, IterableDataset)]
+        streamed = [
+            f"eval_dataset{f'[{k!r}]' if k else ''}" for k, d in evals if isinstance(d, IterableDataset)
+        ]
         if isinstance(train_dataset, IterableDataset):
             streamed.insert(0, "train_dataset")
             if args.max_steps is None or args.max_steps <= 0:
@@ -529,17 +566,24 @@ class DPOTrainer(Trainer):
             raise ValueError(f"{name} is empty.")
         if _is_tokenized(dataset.column_names):
             return dataset
-        _check_text_only(dataset.column_names, name)
-        fmt = detect_format(dataset.column_names)
         settings = {
             "max_length": args.max_length,
             "max_prompt_length": args.max_prompt_length,
             "truncation_mode": args.truncation_mode,
         }
+        if _is_trl_tokenized(dataset.column_names):
+            convert = _from_trl_columns(settings)
 
-        def tokenize(row, index):
-            example = _named(name, to_example, row, index, fmt, tokenizer)
-            return _named(name, tokenize_example, example, tokenizer, index=index, **settings)
+            def tokenize(row, index):
+                return _named(name, convert, row, index)
+
+        else:
+            _check_text_only(dataset.column_names, name)
+            fmt = detect_format(dataset.column_names)
+
+            def tokenize(row, index):
+                example = _named(name, to_example, row, index, fmt, tokenizer)
+                return _named(name, tokenize_example, example, tokenizer, index=index, **settings)
 
         dataset = dataset.map(
             tokenize,
@@ -1102,7 +1146,9 @@ class DPOTrainer(Trainer):
             loss = self.compute_loss(model, inputs)
             if prediction_loss_only:
                 return loss.detach(), None, None
-            input_ids = inputs.get("padded_input_ids", inputs["input_ids"] if self.layout == "padded" else None)
+            input_ids = inputs.get(
+                "padded_input_ids", inputs["input_ids"] if self.layout == "padded" else None
+            )
             if input_ids is None:
                 raise ValueError(
                     "compute_metrics needs the padded rows of each batch, which a custom data_collator for the "
