@@ -267,7 +267,9 @@ def test_learns_a_synthetic_preference_on_held_out_pairs(tmp_path, make_model, t
 def test_ranked_rows_train_with_plackett_luce(tmp_path, make_model, tokenizer):
     rows = preference_rows(16, seed=3, k=3)
     args = config(tmp_path, max_steps=8)
-    trainer = DPOTrainer(make_model(), args=args, train_dataset=rows, eval_dataset=rows, processing_class=tokenizer)
+    trainer = DPOTrainer(
+        make_model(), args=args, train_dataset=rows, eval_dataset=rows, processing_class=tokenizer
+    )
     assert trainer.evaluate()["eval_loss"] == pytest.approx(math.log(6), abs=1e-5)  # K=3 at step 0: ln 3!
     trainer.train()
     after = trainer.evaluate()
