@@ -30,7 +30,13 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, EvalPrediction, Tr
 from . import __version__
 from .attention import choose_attention, grouped_layout_unsupported, resolve_layout  # noqa: F401
 from .callbacks import SyncRefModelCallback
-from .checkpoints import last_complete_checkpoint, read_settings, settings_changes, write_settings
+from .checkpoints import (
+    checkpoint_problem,
+    last_complete_checkpoint,
+    read_settings,
+    settings_changes,
+    write_settings,
+)
 from .config import DPOConfig
 from .data import PaddedCollator, check_row_text, detect_format, to_example, tokenize_example, truncate_ids
 from .data.batching import TokenBudgetBatchSampler, example_tokens
@@ -260,8 +266,8 @@ class DPOTrainer(Trainer):
     The arguments are TRL 1.16's `DPOTrainer`'s, in the same order.
 
     Args:
-        model: a model id or local path (loaded with `AutoModelForCausalLM` and `args.model_init_kwargs`),
-            a `PreTrainedModel`, or a `peft.PeftModel`.
+        model: a model id or local path (loaded with `AutoModelForCausalLM` and `args.model_init_kwargs`, in
+            float32 unless they name a dtype, as in TRL), a `PreTrainedModel`, or a `peft.PeftModel`.
         ref_model: the reference π_ref (id, path or model). None picks the cheapest exact reference:
             the policy with its adapter disabled when training a PEFT adapter, the policy's own log-probs
             before training when `args.precompute_ref_log_probs`, else a frozen copy of the policy's
@@ -681,6 +687,9 @@ class DPOTrainer(Trainer):
             resume_from_checkpoint = found[0]
             logger.info("Resuming from %s", resume_from_checkpoint)
         if isinstance(resume_from_checkpoint, str):
+            problem = checkpoint_problem(resume_from_checkpoint)
+            if problem:
+                raise ValueError(f"Cannot resume from {resume_from_checkpoint}: {problem}.")
             self._check_resume_settings(resume_from_checkpoint)
         return super().train(resume_from_checkpoint, trial, ignore_keys_for_eval)
 
