@@ -91,14 +91,17 @@ class DPOConfig(TrainingArguments):
         layout: How a batch is laid out for the forward pass; every layout gives the same log-probs.
             `padded`: 2B right-padded rows (chosen rows, then rejected). `packed`: sequences end to end with
             no padding. `shared_prompt`: `[prompt | chosen | rejected]`, the prompt run once per pair.
-            `auto` (default): `shared_prompt` where the model's attention takes an explicit mask (SDPA,
-            eager, FlexAttention), else `padded` with a message saying why.
+            `auto` (default): `shared_prompt` where the model's attention takes the layout's mask exactly,
+            sliding windows included (SDPA, FlexAttention); `packed` for eager attention (its dense mask
+            is never larger than padded's then); else `padded` (hybrid / state-space layers, attention
+            kernels without a mask) with a message saying why (`dpo_trainer.attention`).
         padding_free: TRL's name for `layout="packed"`.
         flex_attention: Run the `packed` / `shared_prompt` layouts with FlexAttention (a `BlockMask` that
-            skips the blocks no query may see, compiled by transformers) instead of SDPA with a dense
-            boolean mask. None (default): switch a model loaded with SDPA to FlexAttention on CUDA, where it
-            made the full fine-tuning step 2.6x faster on an H200 (benchmarks/README.md); keep SDPA on CPU.
-            True: always (also on CPU, uncompiled and slow); False: never.
+            skips the blocks no query may see, compiled by transformers) instead of query-chunked SDPA
+            (`dpo_chunked_sdpa`: memory linear in the row length, no (T, T) mask). None (default): switch a
+            model loaded with SDPA to FlexAttention on CUDA, where it made the full fine-tuning step 2.6x
+            faster on an H200 (benchmarks/README.md); chunked SDPA on CPU. True: always (also on CPU,
+            uncompiled and slow); False: never.
         max_tokens_per_batch: Fill each training batch with whole examples up to this many tokens (as laid
             out, so shared prompts count once) instead of `per_device_train_batch_size` examples, for even
             step cost. Batches then hold different numbers of pairs; the loss of an optimizer step is the
