@@ -50,7 +50,7 @@ import time
 from dataclasses import asdict, dataclass, field
 
 from datasets import load_dataset
-from transformers import AutoModelForCausalLM, AutoTokenizer, HfArgumentParser, TrainingArguments
+from transformers import AutoModelForCausalLM, AutoTokenizer, HfArgumentParser
 
 from dpo_trainer import DPOConfig, DPOTrainer
 from dpo_trainer.checkpoints import last_complete_checkpoint
@@ -319,6 +319,14 @@ def stage_done(folder: str) -> dict | None:
     return json.load(open(path)) if os.path.exists(path) else None
 
 
+def stage_finished(folder: str) -> bool:
+    """Whether a stage finished in an earlier run, the same answer on every process: each looks before
+    any may go on (and the main process writes `done.json` only after the stage's work)."""
+    done = stage_done(folder) is not None
+    wait_for_everyone()
+    return done
+
+
 def mark_done(folder: str, info: dict, config: DPOConfig) -> None:
     if config.process_index == 0:
         os.makedirs(folder, exist_ok=True)
@@ -333,30 +341,20 @@ def save_history(trainer, folder: str, config: DPOConfig) -> None:
             json.dump(trainer.state.log_history, handle, indent=1)
 
 
-def training_args(
-    config: DPOConfig, folder: str, *, max_steps: int, learning_rate: float
-) -> TrainingArguments:
-    """Plain `TrainingArguments` for the SFT-style stages, from the run's DPO settings."""
-    return TrainingArguments(
-        output_dir=folder,
-        max_steps=max_steps,
-        learning_rate=learning_rate,
-        per_device_train_batch_size=config.per_device_train_batch_size,
-        per_device_eval_batch_size=config.per_device_eval_batch_size,
-        gradient_accumulation_steps=config.gradient_accumulation_steps,
-        lr_scheduler_type=config.lr_scheduler_type,
-        warmup_steps=config.warmup_steps,
-        logging_steps=config.logging_steps,
-        save_steps=config.save_steps,
-        save_total_limit=2,
-        bf16=config.bf16,
-        fp16=config.fp16,
-        seed=config.seed,
-        report_to=config.report_to,
-        use_cpu=config.use_cpu,
-        disable_tqdm=config.disable_tqdm,
-        gradient_checkpointing=config.gradient_checkpointing,
+def training_args(config: DPOConfig, folder: str, *, max_steps: int, learning_rate: float) -> DPOConfig:
+    """The run's settings for an SFT-style stage (a plain Trainer reads only the TrainingArguments fields).
+
+    A copy of the run's config rather than a new `TrainingArguments`: building another one resets
+    accelerate's process state, which on CPU turns a multi-process run into independent processes.
+    """
+    args = copy.deepcopy(config)
+    args.output_dir, args.max_steps, args.learning_rate, args.save_total_limit = (
+        folder,
+        max_steps,
+        learning_rate,
+        2,
     )
+    return args
 
 
 def run_sft(script_args: ScriptArguments, config: DPOConfig, base: str, train, out: str) -> str:
@@ -364,7 +362,7 @@ def run_sft(script_args: ScriptArguments, config: DPOConfig, base: str, train, o
     from dpo_trainer.sft import sft_trainer
 
     folder, final = os.path.join(out, "sft"), os.path.join(out, "sft", "final")
-    if stage_done(folder):
+    if stage_finished(folder):
         print(f"[sft] already done: {final}")
         return final
     started = time.time()
@@ -398,7 +396,7 @@ def run_pairs(script_args: ScriptArguments, config: DPOConfig, sft: str, train, 
 
     folder = os.path.join(out, "pairs")
     samples_path, pairs_path = os.path.join(folder, "samples.jsonl"), os.path.join(folder, "train.jsonl")
-    if stage_done(folder):
+    if stage_finished(folder):
         print(f"[pairs] already done: {pairs_path}")
     else:
         started, stats = time.time(), {}
@@ -462,7 +460,7 @@ def run_dpo(
     """DPO at one β against the SFT model; returns the policy's folder."""
     name = f"dpo-beta{beta:g}"
     folder, final = os.path.join(out, name), os.path.join(out, name, "final")
-    if stage_done(folder):
+    if stage_finished(folder):
         print(f"[{name}] already done: {final}")
         return final
     started = time.time()
@@ -499,7 +497,7 @@ def run_baseline(
 
     name = method.replace("_", "-")
     folder, final = os.path.join(out, name), os.path.join(out, name, "final")
-    if stage_done(folder):
+    if stage_finished(folder):
         print(f"[{name}] already done: {final}")
         return final
     started = time.time()
@@ -756,7 +754,7 @@ def print_table(results: dict, comparisons: dict, prompts: int, reward_label: st
         print(f"{name:<18}{reward:>20}{kl:>20}{r['n']:>9}")
     for name, c in comparisons.items():
         at = (
-            "(no β point reaches this KL)"
+            "(outside the β points' KL range)"
             if c["dpo_reward_at_kl"] is None
             else f"{c['dpo_reward_at_kl']:.3f}"
         )
