@@ -11,6 +11,8 @@ from transformers import PreTrainedTokenizerFast
 from dpo_trainer.data.formats import Example
 from dpo_trainer.data.tokenize import tokenize_example, truncate_ids
 
+from conftest import dpo_config
+
 # ids: <pad> 0, <bos> 1, <eos> 2, <unk> 3, a 4, b 5, ..., h 11, j 12, k 13 (no "i")
 WORDS = ["<pad>", "<bos>", "<eos>", "<unk>", *"abcdefghjk"]
 PAD, BOS, EOS = 0, 1, 2
@@ -154,14 +156,15 @@ def test_responses_fill_the_budget_a_short_prompt_leaves(tokenizer):
     assert out == {"prompt_ids": [A, B], "response_ids": [[C, D, E, F], [G, EOS]]}
 
 
-def test_max_prompt_length_none_caps_prompt_at_max_length(tokenizer):
+def test_max_prompt_length_none_keep_end_leaves_room_for_the_longest_response(tokenizer):
+    eos = tokenizer.eos_token_id
     out = tokenize(LONG, tokenizer, max_length=7, max_prompt_length=None)
-    assert out == {"prompt_ids": [A, B, C, D, E, F], "response_ids": [[G], [J]]}
+    assert out == {"prompt_ids": [C, D, E, F], "response_ids": [[G, H, eos], [J, eos]]}
+    out = tokenize(LONG, tokenizer, max_length=5, max_prompt_length=None)  # the prompt's end survives
+    assert out == {"prompt_ids": [E, F], "response_ids": [[G, H, eos], [J, eos]]}
 
 
 def test_fully_truncated_responses_are_empty(tokenizer):
-    out = tokenize(LONG, tokenizer, max_length=5, max_prompt_length=None)
-    assert out == {"prompt_ids": [B, C, D, E, F], "response_ids": [[], []]}
     out = tokenize(LONG, tokenizer, max_length=5, max_prompt_length=None, truncation_mode="keep_start")
     assert out == {"prompt_ids": [A, B, C, D, E], "response_ids": [[], []]}
 
@@ -215,3 +218,17 @@ def test_pure(tokenizer):
     first = tokenize(LONG, tokenizer, max_length=6, max_prompt_length=4)
     first["prompt_ids"].append(99)
     assert tokenize(LONG, tokenizer, max_length=6, max_prompt_length=4)["prompt_ids"] == [C, D, E, F]
+
+
+def test_keep_end_without_a_prompt_cap_keeps_every_row(tokenizer, tmp_path):
+    """max_prompt_length=None cuts a long prompt only as far as max_length requires: no row is dropped."""
+    from dpo_trainer import DPOTrainer
+
+    rows = [{"prompt": "the garden " * 30 + ":", "chosen": " thanks happy.", "rejected": " go away."}] * 2
+    args = dpo_config(tmp_path, max_length=24, max_prompt_length=None, truncation_mode="keep_end")
+    dataset = DPOTrainer.prepare_dataset(rows, tokenizer, args, "train_dataset")
+    assert len(dataset) == 2
+    for prompt, responses in zip(dataset["prompt_ids"], dataset["response_ids"]):
+        longest = max(map(len, responses))
+        assert len(prompt) + longest == 24 and min(map(len, responses)) > 0
+        assert prompt == tokenizer(rows[0]["prompt"])["input_ids"][-len(prompt) :]  # the prompt's end

@@ -19,9 +19,11 @@ How a response ends:
 Truncation, in this order (the paper's reference implementation, with one deliberate difference):
 
 1. If ``max_length`` is set and ``len(prompt) + len(longest response) > max_length``, cut the prompt
-   to ``max_prompt_length`` tokens (``max_length`` when that is None). ``truncation_mode="keep_end"``
-   (the default, as in the reference implementation) keeps the END of the prompt, the text nearest the
-   response; ``"keep_start"`` keeps its start.
+   to ``max_prompt_length`` tokens. ``truncation_mode="keep_end"`` (the reference implementation) keeps
+   the END of the prompt, the text nearest the response; ``"keep_start"`` (the default, as in TRL) keeps
+   its start. With ``max_prompt_length=None`` the prompt is cut only as far as ``max_length`` requires:
+   under ``keep_end`` to what the longest response leaves (at least one token), so no row is lost;
+   under ``keep_start`` to ``max_length``, as TRL cuts the whole sequence at its end.
 2. If still too long, cut every response to ``max_length - len(prompt)`` tokens, keeping its start
    (a cut response loses its EOS). The reference implementation cuts responses to
    ``max_length - max_prompt_length`` even when the prompt is shorter than ``max_prompt_length``;
@@ -135,13 +137,27 @@ def truncate_ids(
     ([1, 2, 3], [[5, 9], [6, 7, 8]])
     >>> truncate_ids([1, 2], [[5, 9], [6, 7, 8, 9]], max_length=5, max_prompt_length=3)
     ([1, 2], [[5, 9], [6, 7, 8]])
+
+    Without ``max_prompt_length``, ``keep_end`` cuts the prompt to what the longest response leaves;
+    ``keep_start`` cuts the sequence at ``max_length``, which here leaves the responses nothing:
+
+    >>> truncate_ids([1, 2, 3, 4, 5, 6], [[7, 9], [8, 8, 9]], max_length=5, max_prompt_length=None)
+    ([5, 6], [[7, 9], [8, 8, 9]])
+    >>> truncate_ids([1, 2, 3, 4, 5, 6], [[7, 9], [8, 8, 9]], max_length=5, max_prompt_length=None,
+    ...              truncation_mode="keep_start")
+    ([1, 2, 3, 4, 5], [[], []])
     """
     check_truncation_settings(max_length, max_prompt_length, truncation_mode)
     longest = max((len(ids) for ids in response_ids), default=0)
     if max_length is None or len(prompt_ids) + longest <= max_length:
         return list(prompt_ids), [list(ids) for ids in response_ids]
     # (1) Cut the prompt.
-    cap = max_prompt_length if max_prompt_length is not None else max_length
+    if max_prompt_length is not None:
+        cap = max_prompt_length
+    elif truncation_mode == "keep_end":  # what the longest response leaves, keeping one token of context
+        cap = max(max_length - longest, 1)
+    else:
+        cap = max_length
     if len(prompt_ids) > cap:
         prompt_ids = prompt_ids[-cap:] if truncation_mode == "keep_end" else prompt_ids[:cap]
     # (2) Cut the responses to the budget the prompt leaves (not to max_length - max_prompt_length).
