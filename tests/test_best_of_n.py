@@ -250,11 +250,11 @@ def test_hh_scores_every_n_from_one_draw_on_tldr_format_rows(tmp_path):
     assert {"SFT", "DPO", "Best of 1", "Best of 2", "Best of 4"} <= set(rates)
     assert os.path.exists(os.path.join(out, "plots", "best_of_n.png"))
     # one draw of 4 per prompt, read back; Best of n is the best of its first n samples under the rule
-    eval_dir = os.path.join(out, "eval")
-    (draw_file,) = [f for f in os.listdir(eval_dir) if f.startswith("samples-best-of-4-draw")]
-    drawn, scores = json.load(open(os.path.join(eval_dir, draw_file)))
+    files = [os.path.join(d, f) for d, _, names in os.walk(os.path.join(out, "eval")) for f in names]
+    (draw_file,) = [f for f in files if os.path.basename(f).startswith("samples-best-of-4-draw")]
+    drawn, scores = json.load(open(draw_file))
     assert [len(row) for row in drawn] == [4] * 6
-    assert not any(f.startswith("samples-best-of-2") for f in os.listdir(eval_dir))  # nothing resampled
+    assert not any(os.path.basename(f).startswith("samples-best-of-2") for f in files)  # nothing resampled
     rule = hh.bundled_rule_score()
     with open(data / "test.jsonl") as handle:
         prompts = [json.loads(line)["prompt"] for line in handle][:6]
