@@ -68,6 +68,8 @@ def sft_trainer(
         max_prompt_length=max_prompt_length,
         truncation_mode="keep_end",  # the paper's code: a long prompt keeps the turns nearest the reply
         report_to="none",
+        # the run's device choice: another one would reset accelerate's process state (CPU multi-process)
+        use_cpu=getattr(args, "use_cpu", False),
     )
     train = DPOTrainer.prepare_dataset(train_dataset, tokenizer, data_args, "train_dataset")
     evaluation = DPOTrainer.prepare_dataset(eval_dataset, tokenizer, data_args, "eval_dataset")
