@@ -57,32 +57,68 @@ def _logits(hidden: torch.Tensor, weight, bias, softcap: float | None, scale: fl
     return softcap * tanh, tanh
 
 
+# Columns of the per-token statistics `head_token_logps(..., return_stats=True)` gives (TRL's metrics).
+TOKEN_STATS = ("mean_logit", "entropy", "is_top1")
+
+
+@torch.no_grad()
+def _token_stats(logits: torch.Tensor, lse: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """(n, 3) float32 per row of (n, V) logits z: mean_v z_v, the entropy H = lse - sum_v softmax(z)_v z_v,
+    and 1.0 where argmax_v z_v (the first maximum) is the target, else 0.0."""
+    probs = torch.exp(logits - lse[:, None])
+    entropy = lse - (probs * logits).sum(-1)
+    top1 = (logits.argmax(-1) == targets).float()
+    return torch.stack([logits.mean(-1), entropy, top1], dim=-1)
+
+
+@torch.no_grad()
+def _lse_and_token_stats(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """`torch.logsumexp(logits, -1)` and `_token_stats` of (n, V) logits, sharing one exp over the chunk and
+    taking the argmax from the max that logsumexp needs."""
+    top, index = logits.max(dim=-1)  # the first maximum, as argmax
+    exp = torch.exp(logits - top[:, None])
+    total = exp.sum(-1)
+    lse = top + torch.log(total)
+    entropy = lse - (exp * logits).sum(-1) / total
+    return lse, torch.stack([logits.mean(-1), entropy, (index == targets).float()], dim=-1)
+
+
 class _LinearHeadLogProbs(torch.autograd.Function):
     """token_logps[n] = log_softmax(scale * (hidden[n] @ weight.T + bias), softcapped)[targets[n]], chunked.
 
     One dtype policy for the forward pass and the backward pass's recomputation: the matmuls run in
     `matmul_dtype` (the autocast dtype when the caller runs under autocast, else the inputs' own), the
     log-normaliser and the logits' gradient in float32, as plain autograd does for
-    `log_softmax(F.linear(hidden, weight, bias).float())` under the same autocast.
+    `log_softmax(F.linear(hidden, weight, bias).float())` under the same autocast. With `with_stats`, a
+    second output, without gradient: (N, 3) `_token_stats` of the same logits.
     """
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, chunk_size, softcap, scale, matmul_dtype):
+    def forward(ctx, hidden, weight, bias, targets, chunk_size, softcap, scale, matmul_dtype, with_stats):
         out = hidden.new_empty(hidden.shape[0], dtype=torch.float32)
         lse = hidden.new_empty(hidden.shape[0], dtype=torch.float32)
+        stats = (
+            hidden.new_empty(hidden.shape[0], len(TOKEN_STATS), dtype=torch.float32) if with_stats else None
+        )
         with torch.autocast(hidden.device.type, enabled=False):
             w, b = _cast(weight, matmul_dtype), _cast(bias, matmul_dtype)
             for start in range(0, hidden.shape[0], chunk_size):
                 chunk = slice(start, start + chunk_size)
                 logits, _ = _logits(_cast(hidden[chunk], matmul_dtype), w, b, softcap, scale)
-                lse[chunk] = torch.logsumexp(logits, dim=-1)
+                if with_stats:
+                    lse[chunk], stats[chunk] = _lse_and_token_stats(logits, targets[chunk])
+                else:
+                    lse[chunk] = torch.logsumexp(logits, dim=-1)
                 out[chunk] = logits.gather(-1, targets[chunk, None]).squeeze(-1) - lse[chunk]
         ctx.save_for_backward(hidden, weight, bias, targets, lse)
         ctx.chunk_size, ctx.softcap, ctx.scale, ctx.matmul_dtype = chunk_size, softcap, scale, matmul_dtype
-        return out
+        if not with_stats:
+            return out
+        ctx.mark_non_differentiable(stats)
+        return out, stats
 
     @staticmethod
-    def backward(ctx, grad_out):
+    def backward(ctx, grad_out, grad_stats=None):
         hidden, weight, bias, targets, lse = ctx.saved_tensors
         need_hidden, need_weight, need_bias = ctx.needs_input_grad[:3]
         grad_hidden = torch.empty_like(hidden) if need_hidden else None
@@ -116,7 +152,7 @@ class _LinearHeadLogProbs(torch.autograd.Function):
             grad_weight = grad_weight.to(weight.dtype)
         if grad_bias is not None:
             grad_bias = grad_bias.to(bias.dtype)
-        return grad_hidden, grad_weight, grad_bias, None, None, None, None, None
+        return grad_hidden, grad_weight, grad_bias, None, None, None, None, None, None
 
 
 def _is_sharded(tensor: torch.Tensor) -> bool:
@@ -151,11 +187,15 @@ def is_fsdp_module(module: nn.Module) -> bool:
     return isinstance(module, FSDPModule)
 
 
-def _module_chunk_logps(head: nn.Module, hidden, targets, softcap, scale):
+def _module_chunk_logps(head: nn.Module, hidden, targets, softcap, scale, with_stats=False):
     logits = head(hidden).float() * scale
     if softcap is not None:
         logits = softcap * torch.tanh(logits / softcap)
-    return logits.gather(-1, targets[:, None]).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+    lse = torch.logsumexp(logits, dim=-1)
+    logps = logits.gather(-1, targets[:, None]).squeeze(-1) - lse
+    if not with_stats:
+        return logps
+    return logps, _token_stats(logits.detach(), lse.detach(), targets)
 
 
 def head_token_logps(
@@ -166,7 +206,8 @@ def head_token_logps(
     chunk_size: int | None = None,
     softcap: float | None = None,
     scale: float = 1.0,
-) -> torch.Tensor:
+    return_stats: bool = False,
+):
     """Log-probability of each target token under `log_softmax(head(hidden))`, computed in chunks.
 
     Args:
@@ -178,34 +219,41 @@ def head_token_logps(
         chunk_size: rows per chunk; None chooses from the vocabulary size.
         softcap: Gemma-style final logit soft-capping `c * tanh(z / c)`, or None.
         scale: multiplier applied to the logits before soft-capping (e.g. Cohere's `logit_scale`).
+        return_stats: also return, without gradient, (N, 3) float32 statistics of each row's logits z
+            (columns `TOKEN_STATS`: mean_v z_v, the entropy of softmax(z), whether the target is argmax z),
+            computed chunk by chunk from the same logits: no second pass through the head.
 
     Returns:
-        (N,) float32 log-probabilities.
+        (N,) float32 log-probabilities; with `return_stats`, also the (N, 3) statistics.
     """
     if fused_linear_head(head):  # also with no rows: the head's parameters then get zero gradients
         size = chunk_size or auto_chunk_size(head.out_features)
         matmul_dtype = autocast_dtype(hidden.device.type)
         return _LinearHeadLogProbs.apply(
-            hidden, head.weight, head.bias, targets, size, softcap, scale, matmul_dtype
+            hidden, head.weight, head.bias, targets, size, softcap, scale, matmul_dtype, return_stats
         )
     if hidden.shape[0] == 0:  # still part of the graph, so that every trainable parameter gets a gradient
         connected = 0 * hidden.sum() + sum(0 * p.sum() for p in head.parameters() if p.requires_grad)
-        return hidden.new_zeros(0, dtype=torch.float32) + connected
+        logps = hidden.new_zeros(0, dtype=torch.float32) + connected
+        return (logps, hidden.new_zeros(0, len(TOKEN_STATS), dtype=torch.float32)) if return_stats else logps
     vocab = getattr(head, "out_features", None) or 32768
     size = chunk_size or auto_chunk_size(vocab)
     parts = []
+    args = (softcap, scale, return_stats)
     for start in range(0, hidden.shape[0], size):
         h, t = hidden[start : start + size], targets[start : start + size]
         if not torch.is_grad_enabled():
-            parts.append(_module_chunk_logps(head, h, t, softcap, scale))
+            parts.append(_module_chunk_logps(head, h, t, *args))
         elif not any(hasattr(p, "ds_id") for p in head.parameters()):
-            parts.append(checkpoint(_module_chunk_logps, head, h, t, softcap, scale, use_reentrant=False))
+            parts.append(checkpoint(_module_chunk_logps, head, h, t, *args, use_reentrant=False))
         elif h.requires_grad:
             # ZeRO-3 gathers the weight in the module's forward hooks, which the non-reentrant recomputation
             # does not run again (it would see the empty partition); the reentrant one runs a real forward.
-            parts.append(checkpoint(_module_chunk_logps, head, h, t, softcap, scale, use_reentrant=True))
+            parts.append(checkpoint(_module_chunk_logps, head, h, t, *args, use_reentrant=True))
         else:  # nothing upstream trains: the reentrant checkpoint would drop the head's own gradients
-            parts.append(_module_chunk_logps(head, h, t, softcap, scale))
+            parts.append(_module_chunk_logps(head, h, t, *args))
+    if return_stats:
+        return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
     return torch.cat(parts)
 
 
@@ -315,6 +363,7 @@ def sequence_logps(
     chunk_size: int | None = None,
     return_aux_loss: bool = False,
     return_wpo_logps: bool = False,
+    return_token_stats: bool = False,
 ):
     """Summed log-probabilities of every response in `batch` under `model`.
 
@@ -334,10 +383,14 @@ def sequence_logps(
             computes the loss from a (rows, T) padding mask.
         return_wpo_logps: also return, without gradient, each response's mean over its tokens of
             `log p_t - log sum_v p_v^2` (WPO's aligned log-probs, `head_log_sum_sq_probs`).
+        return_token_stats: also return, without gradient, (B, K, 3) float32 sums over each response's
+            scored tokens of the head's per-token statistics (`TOKEN_STATS`: mean logit over the vocabulary,
+            entropy, target is the argmax), taken from the same chunks of logits as the log-probs.
 
     Returns:
         (B, K) float32: column k is the summed log-probability of response k; with `return_aux_loss`,
-        also the scalar aux loss (with gradient); with `return_wpo_logps`, last, the (B, K) aligned means.
+        also the scalar aux loss (with gradient); with `return_wpo_logps`, the (B, K) aligned means; with
+        `return_token_stats`, last, the (B, K, 3) sums.
     """
     inner = unwrap(model)
     decoder, head = inner.get_decoder(), inner.get_output_embeddings()
@@ -382,7 +435,10 @@ def sequence_logps(
         chunk_size=chunk_size,
         softcap=transform.softcap,
         scale=transform.scale,
+        return_stats=return_token_stats,
     )
+    if return_token_stats:
+        token_logps, token_stats = token_logps
     b, k = batch["response_lengths"].shape
     per_sequence = torch.zeros(k * b, dtype=torch.float32, device=token_logps.device)
     unweighted_logps = token_logps
@@ -400,6 +456,11 @@ def sequence_logps(
         aligned = aligned.index_add(0, batch["score_seq"], unweighted_logps.detach() - log_sum_sq)
         counts = batch["response_lengths"].T.reshape(-1).clamp_min(1).to(aligned.dtype)
         results.append((aligned / counts).view(k, b).T)
+    if return_token_stats:
+        sums = token_stats.new_zeros(k * b, token_stats.shape[1]).index_add(
+            0, batch["score_seq"], token_stats
+        )
+        results.append(sums.view(k, b, -1).transpose(0, 1))
     return tuple(results) if len(results) > 1 else results[0]
 
 

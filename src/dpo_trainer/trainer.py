@@ -40,7 +40,7 @@ from .checkpoints import (
 from .config import DPOConfig
 from .data import PaddedCollator, check_row_text, detect_format, to_example, tokenize_example, truncate_ids
 from .data.batching import TokenBudgetBatchSampler, example_tokens
-from .data.layouts import GroupedCollator
+from .data.layouts import PAD_DOC, SHARED_BRANCH, GroupedCollator
 from .engines import frozen_copy, policy_as_reference, prepare_reference, release_reference
 from .guards import NonFiniteError, invalid_reference, nonfinite_parameters, reference_problem
 from .logprobs import check_sequence_logps, is_fsdp_module, sequence_logps, unwrap
@@ -72,6 +72,15 @@ METRIC_NAMES = (
     "logps/chosen",
     "logps/rejected",
 )
+# TRL's per-token metrics: means over completion tokens (chosen and rejected for `entropy`), each divided by
+# the token count named here; the counts are accumulated alongside and not logged.
+TOKEN_METRICS = {
+    "logits/chosen": "_tokens/chosen",
+    "logits/rejected": "_tokens/rejected",
+    "entropy": "_tokens/all",
+    "mean_token_accuracy": "_tokens/chosen",
+}
+TOKEN_COUNTS = ("_tokens/chosen", "_tokens/rejected", "_tokens/all")
 
 
 def _quantized_compute_dtype(model: nn.Module) -> torch.dtype | None:
@@ -429,6 +438,8 @@ class DPOTrainer(Trainer):
         self.model_accepts_loss_kwargs = True
         # "train" or an evaluation's metric_key_prefix -> [per-metric sums (a tensor on the device), examples]
         self._metrics, self._eval_prefix = {}, "eval"
+        # TRL's `num_tokens`: prompt + completion tokens trained on, counted as padded rows (`_metric_means`)
+        self._total_train_tokens = 0
         self._data_fingerprint = None  # of the tokenized training rows, computed when first needed
         # the divergence guard's state (`_guard_optimizer_step`)
         if hasattr(self.model, "add_model_tags"):  # the hub model card's tags, as TRL's ("trl", "dpo")
@@ -901,26 +912,24 @@ class DPOTrainer(Trainer):
         """(B, K) summed log-probs of each response under the policy, with gradient.
 
         For a Mixture-of-Experts policy with the router aux loss on, the same forward pass also gives the
-        model's own load-balancing loss, kept for `compute_loss`.
+        model's own load-balancing loss, kept for `compute_loss`; with WPO, each response's aligned mean; and
+        always the (B, K, 3) sums of the head's token statistics behind TRL's `logits/*`, `entropy` and
+        `mean_token_accuracy` metrics (an override that keeps none logs no such metrics).
         """
-        if self.args.use_weighting:  # WPO: the same forward pass also gives each response's aligned mean
-            outputs = sequence_logps(
-                model,
-                batch,
-                chunk_size=self.args.logprob_chunk_size,
-                return_aux_loss=self.aux_loss_enabled,
-                return_wpo_logps=True,
-            )
-            self._wpo_logps = outputs[-1]
-            if self.aux_loss_enabled:
-                self._router_aux_loss = outputs[1]
-            return outputs[0]
+        logps, *extra = sequence_logps(
+            model,
+            batch,
+            chunk_size=self.args.logprob_chunk_size,
+            return_aux_loss=self.aux_loss_enabled,
+            return_wpo_logps=self.args.use_weighting,
+            return_token_stats=True,
+        )
         if self.aux_loss_enabled:
-            logps, self._router_aux_loss = sequence_logps(
-                model, batch, chunk_size=self.args.logprob_chunk_size, return_aux_loss=True
-            )
-            return logps
-        return sequence_logps(model, batch, chunk_size=self.args.logprob_chunk_size)
+            self._router_aux_loss = extra.pop(0)
+        if self.args.use_weighting:
+            self._wpo_logps = extra.pop(0)
+        self._token_stats = extra.pop(0)
+        return logps
 
     def reference_logps(self, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
         """(B, K) summed log-probs of each response under π_ref: precomputed, or computed without gradient."""
@@ -986,6 +995,7 @@ class DPOTrainer(Trainer):
             inputs = {**inputs, "score_weight": weights}
         policy = self.policy_logps(model, inputs)
         aux_loss, self._router_aux_loss = self._router_aux_loss, None
+        token_stats, self._token_stats = getattr(self, "_token_stats", None), None
         if self.aux_loss_enabled and aux_loss is None:
             raise ValueError("policy_logps did not keep the router aux loss (call DPOTrainer.policy_logps).")
         reference = self.reference_logps(inputs).to(policy.device)
@@ -1003,7 +1013,7 @@ class DPOTrainer(Trainer):
             losses = losses + self.router_aux_loss_coef * aux_loss.to(losses.device, losses.dtype)
         self._flag_step("train" if model.training else "eval", losses, reference)
         mode = "train" if model.training else self._eval_prefix
-        self._record_metrics(mode, policy.detach(), rewards, losses.detach(), aux_loss)
+        self._record_metrics(mode, policy.detach(), rewards, losses.detach(), aux_loss, token_stats, inputs)
         if model.training and num_items_in_batch is not None:
             # the mean over the step's pairs; DDP averages gradients over processes, hence the factor
             loss = losses.sum() * self.accelerator.num_processes / num_items_in_batch
@@ -1179,8 +1189,13 @@ class DPOTrainer(Trainer):
         rewards: torch.Tensor,
         losses: torch.Tensor,
         aux_loss: torch.Tensor | None = None,
+        token_stats: torch.Tensor | None = None,
+        batch: Mapping[str, torch.Tensor] | None = None,
     ) -> None:
         """Add per-example sums and the example count to the accumulator of `mode`, on the device.
+
+        `token_stats` (B, K, 3) are `sequence_logps`'s per-response sums of the head's token statistics;
+        they are accumulated with the completion token counts of `batch` and divided in `_metric_means`.
 
         No host sync here: training sums stay per process and are all-reduced once, in `log`, so processes
         may hold batches of different sizes (`max_tokens_per_batch`). Evaluation gathers each batch with
@@ -1197,6 +1212,19 @@ class DPOTrainer(Trainer):
             "logps/rejected": policy[:, -1],
         }
         values["loss"] = losses
+        if token_stats is None or batch is None:  # no statistics kept: zero tokens, so no token metrics logged
+            token_stats, lengths = policy.new_zeros(*policy.shape, 3), torch.zeros_like(policy)
+        else:
+            lengths = batch["response_lengths"].to(policy.device, policy.dtype)
+        values["logits/chosen"], values["logits/rejected"] = token_stats[:, 0, 0], token_stats[:, -1, 0]
+        values["entropy"] = token_stats[:, :, 1].sum(dim=1)
+        values["mean_token_accuracy"] = token_stats[:, 0, 2]
+        values["_tokens/chosen"], values["_tokens/rejected"] = lengths[:, 0], lengths[:, -1]
+        values["_tokens/all"] = lengths.sum(dim=1)
+        if mode == "train":  # the batch's count on its first example (training sums are not gathered)
+            values["num_tokens"] = torch.zeros_like(losses)
+            if batch is not None:
+                values["num_tokens"][0] = self._padded_token_count(batch)
         if aux_loss is not None:  # the batch's router aux loss, counted once per example like the others
             values["aux_loss"] = aux_loss.detach().to(losses.device, losses.dtype).expand(losses.shape[0])
         names = self._metric_names(mode)
@@ -1209,8 +1237,23 @@ class DPOTrainer(Trainer):
         entry[0] += stacked.sum(dim=0)
         entry[1] += stacked.shape[0]  # known on the host: no sync
 
+    def _padded_token_count(self, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """Prompt + completion tokens of the batch's pairs as padded rows (TRL's `attention_mask.sum()`), in any
+        layout: `shared_prompt` holds each prompt once, where padded rows hold it once per response."""
+        if "padded_attention_mask" in batch:
+            return batch["padded_attention_mask"].sum()
+        if "doc_ids" not in batch:
+            return batch["attention_mask"].sum()
+        real = batch["doc_ids"] != PAD_DOC
+        count = real.sum()
+        if self.layout == "shared_prompt":
+            prompts = (real & (batch["branch_ids"] == SHARED_BRANCH)).sum()
+            count = count + (batch["response_lengths"].shape[1] - 1) * prompts
+        return count
+
     def _metric_names(self, mode: str) -> tuple[str, ...]:
-        names = METRIC_NAMES if mode == "train" else METRIC_NAMES + ("loss",)
+        names = METRIC_NAMES + tuple(TOKEN_METRICS) + TOKEN_COUNTS
+        names = names + ("num_tokens",) if mode == "train" else names + ("loss",)
         return names + ("aux_loss",) if getattr(self, "aux_loss_enabled", False) else names
 
     def _metric_means(self, mode: str, all_reduce: bool) -> dict[str, float]:
@@ -1225,7 +1268,20 @@ class DPOTrainer(Trainer):
         if all_reduce and self.accelerator.num_processes > 1:
             totals = self.accelerator.reduce(totals, reduction="sum")
         *sums, count = totals.tolist()
-        return {name: total / count for name, total in zip(names, sums)} if count else {}
+        if not count:
+            return {}
+        sums = dict(zip(names, sums))
+        if mode == "train":
+            self._total_train_tokens += round(sums.pop("num_tokens"))
+        means = {}
+        for name, total in sums.items():
+            if name in TOKEN_METRICS:  # per completion token, as TRL's
+                if sums[TOKEN_METRICS[name]] > 0:
+                    means[name] = total / sums[TOKEN_METRICS[name]]
+            elif name not in TOKEN_COUNTS:
+                means[name] = total / count
+        means["num_tokens"] = float(self._total_train_tokens)  # as TRL's, in evaluation too: tokens trained on
+        return means
 
     def evaluation_loop(
         self, dataloader, description, prediction_loss_only=None, ignore_keys=None, metric_key_prefix="eval"
