@@ -31,5 +31,7 @@ with tempfile.TemporaryDirectory() as folder:
     result = trainer.train()
     trainer.save_model(folder)
     assert os.path.exists(os.path.join(folder, "model.safetensors")), os.listdir(folder)
-print(f"wheel smoke test: dpo_trainer {dpo_trainer.__version__} trained 2 steps (loss {result.training_loss:.4f})")
+print(
+    f"wheel smoke test: dpo_trainer {dpo_trainer.__version__} trained 2 steps (loss {result.training_loss:.4f})"
+)
 sys.exit(0)

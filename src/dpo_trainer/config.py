@@ -145,15 +145,25 @@ class DPOConfig(TrainingArguments):
         default="reverse_kl",
         metadata={
             "help": "f-DPO regulariser.",
-            "choices": ["reverse_kl", "forward_kl", "js_divergence", "alpha_divergence", "alpha_divergence_trl"],
+            "choices": [
+                "reverse_kl",
+                "forward_kl",
+                "js_divergence",
+                "alpha_divergence",
+                "alpha_divergence_trl",
+            ],
         },
     )
     f_alpha_divergence_coef: float = field(default=0.5, metadata={"help": "α of the alpha divergence."})
     discopop_tau: float = field(default=0.05, metadata={"help": "Temperature of the discopop loss."})
     use_weighting: bool = field(default=False, metadata={"help": "WPO weighting of each pair."})
-    ld_alpha: float | None = field(default=None, metadata={"help": "LD-DPO α in [0, 1]: weight of the verbose tail."})
+    ld_alpha: float | None = field(
+        default=None, metadata={"help": "LD-DPO α in [0, 1]: weight of the verbose tail."}
+    )
     sync_ref_model: bool = field(default=False, metadata={"help": "TR-DPO reference updates."})
-    ref_model_mixup_alpha: float = field(default=0.6, metadata={"help": "TR-DPO α: policy share of the update."})
+    ref_model_mixup_alpha: float = field(
+        default=0.6, metadata={"help": "TR-DPO α: policy share of the update."}
+    )
     ref_model_sync_steps: int = field(default=512, metadata={"help": "TR-DPO τ: steps between updates."})
     rpo_alpha: float | None = field(
         default=None, metadata={"help": "Weight of the chosen response's NLL added to the loss (TRL's name)."}
@@ -220,7 +230,9 @@ class DPOConfig(TrainingArguments):
         if not (isinstance(self.discopop_tau, (int, float)) and self.discopop_tau > 0):
             raise ValueError(f"DPOConfig.discopop_tau must be > 0, got {self.discopop_tau!r}.")
         if not math.isfinite(self.f_alpha_divergence_coef):
-            raise ValueError(f"DPOConfig.f_alpha_divergence_coef must be finite, got {self.f_alpha_divergence_coef}.")
+            raise ValueError(
+                f"DPOConfig.f_alpha_divergence_coef must be finite, got {self.f_alpha_divergence_coef}."
+            )
         if self.ld_alpha is not None:
             if not 0.0 <= self.ld_alpha <= 1.0:
                 raise ValueError(f"DPOConfig.ld_alpha must be in [0, 1] or None, got {self.ld_alpha}.")

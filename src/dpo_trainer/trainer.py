@@ -564,7 +564,9 @@ class DPOTrainer(Trainer):
             if not all(isinstance(row, Mapping) for row in dataset):
                 raise TypeError(f"{name}: a list dataset must hold dicts (rows).")
             _check_text_only(dataset[0].keys(), name)
-            for index, row in enumerate(dataset):  # Arrow fails on these without the row, or converts a column
+            for index, row in enumerate(
+                dataset
+            ):  # Arrow fails on these without the row, or converts a column
                 _named(name, check_row_text, row, index)
             try:
                 dataset = Dataset.from_list(list(dataset))
@@ -954,11 +956,15 @@ class DPOTrainer(Trainer):
             if "bco_pair" in ([args.loss_type] if isinstance(args.loss_type, str) else args.loss_type):
                 if not hasattr(self, "_bco_reward_shift"):
                     self._bco_reward_shift = RunningMean()
-                if self.model.training:  # δ includes this batch, as in the BCO reference code; eval only reads it
+                if (
+                    self.model.training
+                ):  # δ includes this batch, as in the BCO reference code; eval only reads it
                     batch_mean = (args.beta * (policy_logps - reference_logps)).detach().mean().reshape(1)
                     self._bco_reward_shift.update(self.accelerator.gather(batch_mean).mean().item())
                 reward_shift = self._bco_reward_shift.mean
-            lengths = (None, None) if response_lengths is None else (response_lengths[:, 0], response_lengths[:, 1])
+            lengths = (
+                (None, None) if response_lengths is None else (response_lengths[:, 0], response_lengths[:, 1])
+            )
             losses, chosen, rejected = preference_loss(
                 policy_logps[:, 0],
                 policy_logps[:, 1],
@@ -978,11 +984,15 @@ class DPOTrainer(Trainer):
             if args.use_weighting:  # WPO: each pair's loss times its weight (`policy_logps` kept the means)
                 aligned, self._wpo_logps = getattr(self, "_wpo_logps", None), None
                 if aligned is None:
-                    raise ValueError("use_weighting: policy_logps did not keep the WPO means (call DPOTrainer.policy_logps).")
+                    raise ValueError(
+                        "use_weighting: policy_logps did not keep the WPO means (call DPOTrainer.policy_logps)."
+                    )
                 losses = losses * wpo_weights(aligned).to(losses.dtype)
             return losses, torch.stack([chosen, rejected], dim=1)
         if args.use_weighting:
-            raise ValueError("use_weighting (WPO) weighs pairs; rankings of K > 2 responses are not supported.")
+            raise ValueError(
+                "use_weighting (WPO) weighs pairs; rankings of K > 2 responses are not supported."
+            )
         losses = plackett_luce_loss(policy_logps, reference_logps, beta=args.beta)
         return losses, (args.beta * (policy_logps - reference_logps)).detach()
 
@@ -990,7 +1000,9 @@ class DPOTrainer(Trainer):
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         # Trainer's default calls model(**inputs) and reads .loss; DPO needs two scorings and a pairwise loss.
-        if self.args.ld_alpha is not None:  # LD-DPO: tokens past the shared length weigh ld_alpha, in π and π_ref
+        if (
+            self.args.ld_alpha is not None
+        ):  # LD-DPO: tokens past the shared length weigh ld_alpha, in π and π_ref
             weights = ld_token_weights(inputs["score_seq"], inputs["response_lengths"], self.args.ld_alpha)
             inputs = {**inputs, "score_weight": weights}
         policy = self.policy_logps(model, inputs)
@@ -1212,7 +1224,9 @@ class DPOTrainer(Trainer):
             "logps/rejected": policy[:, -1],
         }
         values["loss"] = losses
-        if token_stats is None or batch is None:  # no statistics kept: zero tokens, so no token metrics logged
+        if (
+            token_stats is None or batch is None
+        ):  # no statistics kept: zero tokens, so no token metrics logged
             token_stats, lengths = policy.new_zeros(*policy.shape, 3), torch.zeros_like(policy)
         else:
             lengths = batch["response_lengths"].to(policy.device, policy.dtype)
@@ -1280,7 +1294,9 @@ class DPOTrainer(Trainer):
                     means[name] = total / sums[TOKEN_METRICS[name]]
             elif name not in TOKEN_COUNTS:
                 means[name] = total / count
-        means["num_tokens"] = float(self._total_train_tokens)  # as TRL's, in evaluation too: tokens trained on
+        means["num_tokens"] = float(
+            self._total_train_tokens
+        )  # as TRL's, in evaluation too: tokens trained on
         return means
 
     def evaluation_loop(
