@@ -50,7 +50,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, HfArgumentParser, 
 
 from dpo_trainer import DPOConfig, DPOTrainer
 from dpo_trainer.checkpoints import last_complete_checkpoint
-from dpo_trainer.data import split_hh_transcript
+from dpo_trainer.data import check_row_text, detect_format, split_hh_transcript, to_example
+from dpo_trainer.data.formats import FORMAT_COLUMNS
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 BUNDLED_DATA = os.path.join(HERE, "data", "hh_tiny")
@@ -174,7 +175,9 @@ def load_hh(dataset: str, max_train_rows: int | None, max_eval_rows: int | None)
         splits = load_dataset(kind, data_files=files)
     elif os.path.isfile(dataset):
         kind = "parquet" if dataset.endswith(".parquet") else "json"
-        splits = load_dataset(kind, data_files=dataset)["train"].train_test_split(test_size=0.05, seed=0)
+        rows = load_dataset(kind, data_files=dataset)["train"]
+        check_file_rows(rows, dataset)  # before the shuffled split renumbers them
+        splits = rows.train_test_split(test_size=0.05, seed=0)
     else:
         splits = load_dataset(dataset)
     train, test = splits["train"], splits["test" if "test" in splits else "validation"]
@@ -184,6 +187,22 @@ def load_hh(dataset: str, max_train_rows: int | None, max_eval_rows: int | None)
         test = test.select(range(min(max_eval_rows, len(test))))
     columns = ["prompt", "chosen", "rejected"] if "prompt" in train.column_names else ["chosen", "rejected"]
     return train.select_columns(columns), test.select_columns(columns)
+
+
+def check_file_rows(rows, path: str) -> None:
+    """Raise for a bad row of one local file, naming its position in the file (row i is line i + 1 of JSONL).
+
+    Text rows are checked as the trainer will read them (an HH transcript must split at its last
+    "\\n\\nAssistant:"); message lists need the tokenizer's chat template, which the trainer checks later.
+    """
+    fmt = detect_format(rows.column_names)
+    for index, row in enumerate(rows):
+        try:
+            check_row_text(row, index)
+            if all(isinstance(row[name], str) for name in FORMAT_COLUMNS[fmt]):
+                to_example(row, index, fmt)
+        except (ValueError, TypeError) as error:
+            raise type(error)(f"{path} (row {index} is line {index + 1} of a JSONL file): {error}") from error
 
 
 def prompt_and_reply(row: dict, index: int) -> tuple[str, str]:

@@ -258,3 +258,19 @@ def test_two_processes_sample_and_judge_what_one_process_does(hh, tmp_path):
         assert os.path.basename(mine) == os.path.basename(theirs)
         with open(mine) as a, open(theirs) as b:
             assert json.load(a) == json.load(b)
+
+
+def test_a_bad_line_of_a_single_file_is_named_by_its_line(hh, tmp_path):
+    rows = [
+        {"chosen": f"\n\nHuman: q{i}\n\nAssistant: yes", "rejected": f"\n\nHuman: q{i}\n\nAssistant: no"}
+        for i in range(40)
+    ]
+    rows[6] = {"chosen": "no marker here", "rejected": "\n\nHuman: q\n\nAssistant: no"}  # line 7
+    path = tmp_path / "pairs.jsonl"
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    with pytest.raises(ValueError, match=r"row 6 is line 7 .*row 6, field 'chosen'"):
+        hh.load_hh(str(path), None, None)
+    rows[6] = rows[5]
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    train, test = hh.load_hh(str(path), None, None)
+    assert len(train) + len(test) == 40
