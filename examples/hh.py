@@ -45,6 +45,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass, field
 
+import torch
 from datasets import load_dataset
 from transformers import AutoModelForCausalLM, AutoTokenizer, HfArgumentParser, TrainingArguments
 
@@ -844,4 +845,8 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    finally:  # a gloo/NCCL group left for interpreter exit can abort the process ("terminate called ...")
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()

@@ -30,4 +30,8 @@ def main(model_dir: str, out: str, prompts_path: str) -> None:
 
 
 if __name__ == "__main__":
-    main(*sys.argv[1:])
+    try:
+        main(*sys.argv[1:])
+    finally:  # a gloo/NCCL group left for interpreter exit can abort the process ("terminate called ...")
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()

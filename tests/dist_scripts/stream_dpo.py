@@ -52,4 +52,8 @@ def main(out: str, per_device_batch: int) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], int(sys.argv[2]))
+    try:
+        main(sys.argv[1], int(sys.argv[2]))
+    finally:  # a gloo/NCCL group left for interpreter exit can abort the process ("terminate called ...")
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()

@@ -291,4 +291,8 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    finally:  # a gloo/NCCL group left for interpreter exit can abort the process ("terminate called ...")
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()

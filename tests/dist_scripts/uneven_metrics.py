@@ -18,6 +18,7 @@ os.environ.setdefault("WANDB_DISABLED", "true")
 TESTS = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, TESTS)
 
+import torch  # noqa: E402
 from accelerate.utils import gather_object  # noqa: E402
 
 from dpo_trainer import DPOConfig, DPOTrainer  # noqa: E402
@@ -91,4 +92,8 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    finally:  # a gloo/NCCL group left for interpreter exit can abort the process ("terminate called ...")
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
