@@ -53,9 +53,14 @@ class DPOConfig(TrainingArguments):
             `precompute_ref_log_probs`, nor with the `sft` loss.
         sync_ref_model: TR-DPO (Gorbatovski et al. 2024, arXiv 2404.09656): every `ref_model_sync_steps`
             optimizer steps set the reference to `ref_model_mixup_alpha` x policy + (1 - α) x reference
-            (`dpo_trainer.callbacks.SyncRefModelCallback`). Needs a separate reference model: not with a
-            PEFT adapter (as in TRL) nor with `precompute_ref_log_probs`.
-        ref_model_mixup_alpha: TR-DPO's α in (0, 1]; 1 copies the policy into the reference (TRL: 0.6).
+            (`dpo_trainer.callbacks.SyncRefModelCallback`). Full fine-tuning mixes the frozen copy (or the
+            `ref_model` given). With a PEFT adapter (which TRL refuses) the reference is a second, frozen
+            adapter named "reference" on the same base model, started as a copy of the policy's adapter
+            when the trainer is built; it is saved in a `reference/` subfolder and restored on resume. Not
+            with `precompute_ref_log_probs`, DeepSpeed or FSDP.
+        ref_model_mixup_alpha: TR-DPO's α in (0, 1]; 1 copies the policy into the reference (TRL: 0.6). With
+            a PEFT adapter α = 1 makes the reference exactly the policy; for α < 1 the LoRA factors A and B are
+            mixed each on its own, which is not the mix of the weight updates B·A (the product is bilinear).
         ref_model_sync_steps: TR-DPO's τ, optimizer steps between reference updates (TRL: 512).
         rpo_alpha: Add `rpo_alpha` x the chosen response's mean token negative log-likelihood under the
             policy to each pair's loss (TRL's `rpo_alpha`; Pang et al. 2024). It keeps the chosen responses

@@ -100,6 +100,28 @@ def _adapter_disabled_eval(policy: nn.Module):
         peft_model.train(was_training)
 
 
+@contextlib.contextmanager
+def _reference_adapter_eval(policy: nn.Module, reference_adapter: str):
+    """The policy's frozen reference adapter active, in eval mode (TR-DPO with PEFT, `callbacks.REFERENCE_ADAPTER`).
+
+    On exit the adapter that was active is active again, every parameter has its `requires_grad` back (peft's
+    `set_adapter` makes the adapter it activates trainable and the others frozen) and the training mode is
+    restored.
+    """
+    peft_model = unwrap_to_peft(policy)
+    active, was_training = peft_model.active_adapter, peft_model.training
+    flags = [(param, param.requires_grad) for param in peft_model.parameters()]
+    peft_model.eval()
+    try:
+        peft_model.set_adapter(reference_adapter)
+        yield
+    finally:
+        peft_model.set_adapter(active)
+        for param, flag in flags:
+            param.requires_grad_(flag)
+        peft_model.train(was_training)
+
+
 def reference_logps(
     policy: nn.Module,
     ref_model: nn.Module | None,
@@ -109,18 +131,25 @@ def reference_logps(
 ) -> torch.Tensor:
     """Reference log-probs of every response in `batch`: (B, K) float32, no gradient.
 
-    Uses `batch["ref_logps"]` when the batch carries precomputed values, else `ref_model`, else the
-    policy with its adapter disabled (which requires a PEFT policy).
+    Uses `batch["ref_logps"]` when the batch carries precomputed values, else `ref_model`, else (a PEFT
+    policy) the policy's reference adapter `callbacks.REFERENCE_ADAPTER` when it has one (TR-DPO's
+    `sync_ref_model`), else the policy with its adapter disabled.
     """
     if "ref_logps" in batch:
         return batch["ref_logps"].float()
     with torch.no_grad():
         if ref_model is not None:
             return sequence_logps(ref_model, batch, chunk_size=chunk_size)
-        if not is_peft_model(unwrap_to_peft(policy)):
+        peft_model = unwrap_to_peft(policy)
+        if not is_peft_model(peft_model):
             raise ValueError(
                 "No reference: pass ref_model, train a PEFT adapter, or precompute reference log-probs."
             )
+        from .callbacks import REFERENCE_ADAPTER  # callbacks imports this module
+
+        if REFERENCE_ADAPTER in peft_model.peft_config:
+            with _reference_adapter_eval(policy, REFERENCE_ADAPTER):
+                return sequence_logps(policy, batch, chunk_size=chunk_size)
         with _adapter_disabled_eval(policy):
             return sequence_logps(policy, batch, chunk_size=chunk_size)
 
