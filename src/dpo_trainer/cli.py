@@ -10,20 +10,50 @@ Flags: every `DPOConfig` field (`--beta`, `--max_length`, `--loss_type`, ...), t
 `--dataset_streaming`) and the model flags of TRL's `ModelConfig` (`--model_name_or_path`, `--dtype`,
 `--attn_implementation`, `--use_peft`, `--lora_r`, `--lora_alpha`, ..., `--load_in_4bit`). The YAML file
 of `--config` maps flag names to values; an `env:` mapping in it sets environment variables.
+
+A mixture of data sets, as TRL's `DatasetMixtureConfig` (`datasets`, `streaming`, `test_split_size`), is a
+`datasets:` list in the YAML file, each entry TRL's `DatasetConfig` (`path`, `name`, `data_dir`,
+`data_files`, `split` = "train", `columns`, `fraction`); `--datasets PATH ...` gives entries with a path
+only. The entries are loaded (local files and folders as for `--dataset_name`), cut to their `columns`,
+concatenated in order, and `test_split_size` holds a share out as the test split (`load_mixture`). As in
+TRL, `datasets` wins over `--dataset_name` (a warning says it is ignored).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import logging
 import os
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 from transformers import HfArgumentParser
 
 from .config import DPOConfig
 
 DATA_BUILDERS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet", ".arrow": "arrow"}
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class DatasetConfig:
+    """TRL's `DatasetConfig`: one data set of a `datasets:` mixture, with `datasets.load_dataset`'s arguments.
+
+    `path` is a hub id, a local folder, a local data file (`DATA_BUILDERS`; its one split is "train") or a
+    builder name such as "json" with `data_files`. `columns` keeps those columns only. `fraction`: the
+    entry's share of the mixture, set on every entry or on none (TRL's rule: the shares are normalised, and
+    the first round(share x N) rows of each entry are kept, N the largest size that repeats no row).
+    """
+
+    path: str
+    name: str | None = None
+    data_dir: str | None = None
+    data_files: str | list[str] | dict[str, str] | None = None
+    split: str = "train"
+    columns: list[str] | None = None
+    fraction: float | None = None
 
 
 @dataclass
@@ -43,12 +73,44 @@ class ScriptArguments:
     )
     test_split_size: float | None = field(
         default=None,
-        metadata={"help": "Hold out this fraction (or number) of the train split as the test split."},
+        metadata={
+            "help": "Hold out this fraction (or number) of the train split (or mixture) as the test split."
+        },
     )
     ignore_bias_buffers: bool = field(
         default=False,
         metadata={"help": "DDP: ignore boolean buffers (TRL's workaround for LM mask buffers)."},
     )
+    datasets: list[DatasetConfig] = field(
+        default_factory=list,
+        metadata={
+            "help": "A mixture of data sets (TRL's `datasets`; entries in the YAML file, or paths here)."
+        },
+    )
+    streaming: bool = field(
+        default=False, metadata={"help": "Stream the `datasets` mixture (needs max_steps)."}
+    )
+
+    def __post_init__(self):
+        # entries of the YAML file arrive as mappings (as in TRL's DatasetMixtureConfig)
+        known = {f.name for f in fields(DatasetConfig)}
+        self.datasets = list(self.datasets)  # the caller's list (or the YAML file's) is left as it is
+        for index, entry in enumerate(self.datasets):
+            if isinstance(entry, str):
+                entry = {"path": entry}
+            if not isinstance(entry, DatasetConfig):
+                if not isinstance(entry, dict) or "path" not in entry:
+                    raise ValueError(f"datasets[{index}] must be a mapping with a `path`, got {entry!r}.")
+                unknown = sorted(set(entry) - known)
+                if unknown:
+                    raise ValueError(
+                        f"datasets[{index}] ({entry['path']}): unknown keys {', '.join(unknown)} "
+                        f"(known: {', '.join(sorted(known))})."
+                    )
+                entry = DatasetConfig(**entry)
+            if isinstance(entry.columns, str):
+                entry = dataclasses.replace(entry, columns=[entry.columns])
+            self.datasets[index] = entry
 
 
 @dataclass
@@ -135,28 +197,50 @@ def parse_args(argv: list[str] | None = None) -> tuple[ScriptArguments, DPOConfi
         raise SystemExit(f"dpo-trainer: {error}") from error
     if model.model_name_or_path is None:
         raise SystemExit("dpo-trainer: --model_name_or_path is required (a hub id or a local folder).")
-    if script.dataset_name is None:
-        raise SystemExit("dpo-trainer: --dataset_name is required (a hub id, a local folder or a data file).")
+    if script.dataset_name is None and not script.datasets:
+        raise SystemExit(
+            "dpo-trainer: --dataset_name (a hub id, a local folder or a data file) or a `datasets:` list in the "
+            "--config file is required."
+        )
     return script, training, model
 
 
-def load_data(script: ScriptArguments):
-    """The `DatasetDict` (or `IterableDatasetDict`) named by `--dataset_name`."""
+def _load_source(path: str, *, file_split: str, streaming: bool, **kwargs):
+    """`load_dataset` on a hub id, a local folder or a builder name (with `kwargs`), or on a local data file,
+    whose one split is named `file_split`; every split."""
     from datasets import load_dataset
 
-    name = script.dataset_name
-    if os.path.isfile(name):
-        extension = os.path.splitext(name)[1].lower()
+    if os.path.isfile(path):
+        extension = os.path.splitext(path)[1].lower()
         if extension not in DATA_BUILDERS:
-            raise SystemExit(f"dpo-trainer: {name}: data files must be one of {', '.join(DATA_BUILDERS)}.")
-        builder, files = DATA_BUILDERS[extension], {script.dataset_train_split: name}
-        data = load_dataset(builder, data_files=files, streaming=script.dataset_streaming)
+            raise SystemExit(f"dpo-trainer: {path}: data files must be one of {', '.join(DATA_BUILDERS)}.")
+        return load_dataset(DATA_BUILDERS[extension], data_files={file_split: path}, streaming=streaming)
+    return load_dataset(path, streaming=streaming, **kwargs)
+
+
+def load_data(script: ScriptArguments):
+    """The `DatasetDict` (or `IterableDatasetDict`) named by `--dataset_name`, or the `datasets` mixture."""
+    if script.datasets:
+        if script.dataset_name is not None:
+            logger.warning(
+                "Both `datasets` and `dataset_name` are given: the `datasets` mixture is loaded and "
+                "dataset_name=%s is ignored (as in TRL).",
+                script.dataset_name,
+            )
+        data, streaming = load_mixture(script), script.streaming
     else:
-        data = load_dataset(name, name=script.dataset_config, streaming=script.dataset_streaming)
+        data = _load_source(
+            script.dataset_name,
+            file_split=script.dataset_train_split,
+            streaming=script.dataset_streaming,
+            name=script.dataset_config,
+        )
+        streaming = script.dataset_streaming
     if script.test_split_size is not None:
-        if script.dataset_streaming:
+        if streaming:
             raise SystemExit(
-                "dpo-trainer: --test_split_size needs a map-style data set, not --dataset_streaming."
+                "dpo-trainer: --test_split_size needs a map-style data set, not --dataset_streaming or "
+                "`streaming`."
             )
         size = script.test_split_size
         parts = data[script.dataset_train_split].train_test_split(
@@ -164,6 +248,115 @@ def load_data(script: ScriptArguments):
         )
         data[script.dataset_train_split], data[script.dataset_test_split] = parts["train"], parts["test"]
     return data
+
+
+def _entry_name(index: int, entry: DatasetConfig) -> str:
+    return f"datasets[{index}] ({entry.path})"
+
+
+def _load_entry(index: int, entry: DatasetConfig, streaming: bool):
+    """One entry of a mixture: its split, cut to its columns."""
+    where = _entry_name(index, entry)
+    if os.path.isfile(entry.path) and (entry.name, entry.data_dir, entry.data_files) != (None, None, None):
+        raise SystemExit(
+            f"dpo-trainer: {where} is a data file; `name`, `data_dir` and `data_files` apply to a folder, a hub "
+            "data set or a builder such as `json`."
+        )
+    kwargs = {"name": entry.name, "data_dir": entry.data_dir, "data_files": entry.data_files}
+    try:
+        splits = _load_source(entry.path, file_split="train", streaming=streaming, **kwargs)
+    except (FileNotFoundError, ValueError) as error:
+        raise SystemExit(f"dpo-trainer: {where} cannot be loaded: {error}") from error
+    base = entry.split.split("[", 1)[0]  # "train[:100]": a slice of "train"
+    if base not in splits:
+        raise SystemExit(
+            f"dpo-trainer: {where} has no split {base!r} (splits: {', '.join(splits)}); set the entry's `split`."
+        )
+    if entry.split == base:
+        data = splits[base]
+    elif streaming:
+        raise SystemExit(f"dpo-trainer: {where}: the split slice {entry.split!r} needs `streaming: false`.")
+    else:
+        from datasets import load_dataset
+
+        if os.path.isfile(entry.path):
+            extension = os.path.splitext(entry.path)[1].lower()
+            data = load_dataset(DATA_BUILDERS[extension], data_files={"train": entry.path}, split=entry.split)
+        else:
+            data = load_dataset(entry.path, split=entry.split, **kwargs)
+    if entry.columns is not None:
+        available = data.column_names  # None for some streamed data: checked when read
+        if available is not None:
+            missing = [column for column in entry.columns if column not in available]
+            if missing:
+                raise SystemExit(
+                    f"dpo-trainer: {where} has no column {', '.join(map(repr, missing))} "
+                    f"(columns: {', '.join(available)})."
+                )
+        data = data.select_columns(entry.columns)
+    return data
+
+
+def _check_same_columns(parts: list, entries: list[DatasetConfig]) -> None:
+    """The entries of a mixture must have the same columns, of the same types, to be concatenated."""
+    first = parts[0]
+    for index, part in enumerate(parts[1:], start=1):
+        if first.column_names is None or part.column_names is None:
+            continue
+        if set(part.column_names) != set(first.column_names):
+            raise SystemExit(
+                f"dpo-trainer: the `datasets` entries do not have the same columns: {_entry_name(0, entries[0])} "
+                f"has {', '.join(first.column_names)} and {_entry_name(index, entries[index])} has "
+                f"{', '.join(part.column_names)}; keep common ones with each entry's `columns`."
+            )
+        if first.features is None or part.features is None:
+            continue
+        for column in first.column_names:
+            if part.features[column] != first.features[column]:
+                raise SystemExit(
+                    f"dpo-trainer: column {column!r} holds {first.features[column]} in "
+                    f"{_entry_name(0, entries[0])} but {part.features[column]} in "
+                    f"{_entry_name(index, entries[index])}; the entries of a mixture must hold the same types."
+                )
+
+
+def load_mixture(script: ScriptArguments):
+    """TRL's `get_dataset`: the `datasets` entries loaded, cut to their `columns`, concatenated in order.
+
+    Returns a `DatasetDict` (an `IterableDatasetDict` with `streaming`) whose one split is named by
+    `--dataset_train_split` ("train", TRL's name); `load_data` then holds out `test_split_size`. With every
+    entry's `fraction` set, each entry contributes its first round(weight x N) rows, the weights being the
+    fractions normalised to sum to 1 and N the largest mixture size that repeats no row (as in TRL).
+    """
+    from datasets import DatasetDict, IterableDatasetDict, concatenate_datasets
+
+    entries = script.datasets
+    parts = [_load_entry(index, entry, script.streaming) for index, entry in enumerate(entries)]
+    _check_same_columns(parts, entries)
+    fractions = [entry.fraction for entry in entries]
+    if any(fraction is not None for fraction in fractions):
+        unset = [_entry_name(i, e) for i, e in enumerate(entries) if e.fraction is None]
+        if unset:
+            raise SystemExit(
+                f"dpo-trainer: `fraction` must be set on every `datasets` entry or on none; {', '.join(unset)} "
+                "has none."
+            )
+        negative = [_entry_name(i, e) for i, e in enumerate(entries) if e.fraction < 0]
+        if negative or sum(fractions) <= 0:
+            raise SystemExit(
+                f"dpo-trainer: `fraction` must be >= 0 with a positive sum (see {', '.join(negative) or 'all'})."
+            )
+        if script.streaming:
+            raise SystemExit("dpo-trainer: `fraction` needs map-style data sets, not `streaming: true`.")
+        weights = [fraction / sum(fractions) for fraction in fractions]
+        total = min(len(part) / weight for part, weight in zip(parts, weights) if weight > 0)
+        parts = [part.select(range(round(weight * total))) for part, weight in zip(parts, weights)]
+    try:
+        combined = concatenate_datasets(parts)
+    except ValueError as error:
+        raise SystemExit(f"dpo-trainer: the `datasets` entries cannot be concatenated: {error}") from error
+    logger.info("Mixture of %d data sets: %s rows", len(parts), getattr(combined, "num_rows", "streamed"))
+    return (IterableDatasetDict if script.streaming else DatasetDict)({script.dataset_train_split: combined})
 
 
 def quantization_config(model: ModelArguments):
@@ -217,17 +410,21 @@ def run(script: ScriptArguments, training: DPOConfig, model: ModelArguments):
         init["attn_implementation"] = model.attn_implementation
     training.model_init_kwargs = {**init, **(training.model_init_kwargs or {})}
     data = load_data(script)
+    source = "the `datasets` mixture" if script.datasets else script.dataset_name
     if script.dataset_train_split not in data:
         raise SystemExit(
-            f"dpo-trainer: {script.dataset_name} has no split {script.dataset_train_split!r} "
+            f"dpo-trainer: {source} has no split {script.dataset_train_split!r} "
             f"(splits: {', '.join(data)}); set --dataset_train_split."
         )
     evaluation = None
     if training.eval_strategy != "no":
         if script.dataset_test_split not in data:
+            hint = (
+                "set test_split_size" if script.datasets else "set --dataset_test_split or --test_split_size"
+            )
             raise SystemExit(
-                f"dpo-trainer: eval_strategy is {training.eval_strategy.value!r} but {script.dataset_name} has no "
-                f"split {script.dataset_test_split!r} (splits: {', '.join(data)}); set --dataset_test_split."
+                f"dpo-trainer: eval_strategy is {training.eval_strategy.value!r} but {source} has no "
+                f"split {script.dataset_test_split!r} (splits: {', '.join(data)}); {hint}."
             )
         evaluation = data[script.dataset_test_split]
     trainer = DPOTrainer(
