@@ -38,7 +38,6 @@ defaults below suit it; flags given on the command line win.
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import json
 import os
 import sys
@@ -53,35 +52,55 @@ from dpo_trainer import DPOConfig, DPOTrainer
 from dpo_trainer.checkpoints import last_complete_checkpoint
 from dpo_trainer.data import check_row_text, detect_format, split_hh_transcript, to_example
 from dpo_trainer.data.formats import FORMAT_COLUMNS
+from hh_data import rule_score
+from run_folder import (
+    RUN_MARKER,
+    mark_done,
+    prepare_run_dir,
+    save_history,
+    stage_done,
+    wait_for_everyone,
+    write_json,
+)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 BUNDLED_DATA = os.path.join(HERE, "data", "hh_tiny")
-RUN_MARKER = "run.json"  # marks a folder as this script's run folder, so a rerun may resume in it
 DATA_EXTENSIONS = (".jsonl", ".json", ".parquet")
-# DPO-stage settings for the offline tiny model; any flag given on the command line overrides them.
-TINY_DEFAULTS = {
-    "max_steps": "250",
-    "per_device_train_batch_size": "16",
-    "per_device_eval_batch_size": "128",
-    "learning_rate": "1e-4",
-    "beta": "2",
-    "lr_scheduler_type": "cosine",
-    "warmup_steps": "10",
-    "logging_steps": "10",
-    "max_length": "192",
-    "max_prompt_length": "128",
-    "save_steps": "50",
-    "seed": "0",
-}
-# The paper's reference implementation truncates HH at 512 tokens, prompts at 256, keeping a long prompt's
-# end (the turns nearest the reply); DPOConfig's own defaults follow TRL (1024, no prompt cap, keep_start).
-PAPER_DEFAULTS = {"max_length": "512", "max_prompt_length": "256", "truncation_mode": "keep_end"}
-TINY_SCRIPT_DEFAULTS = {
-    "sft_max_steps": "700",
-    "sft_learning_rate": "3e-3",
-    "full": "true",
-    "eval_prompts": "100",
-}
+UNSET_OUTPUT_DIR = "runs/unset"  # no --output_dir given: the run folder is chosen from the settings
+
+
+@dataclass(frozen=True)
+class PaperDefaults:
+    """The paper's reference implementation truncates HH at 512 tokens, prompts at 256, keeping a long prompt's
+    end (the turns nearest the reply); DPOConfig's own defaults follow TRL (1024, no prompt cap, keep_start).
+    Applied unless given on the command line."""
+
+    max_length: int = 512
+    max_prompt_length: int = 256
+    truncation_mode: str = "keep_end"
+
+
+@dataclass(frozen=True)
+class OfflineDefaults:
+    """The offline default run, without --model: a tiny model trained from scratch on the bundled data, fully
+    fine-tuned (SFT then DPO). Applied unless given on the command line."""
+
+    max_steps: int = 250
+    per_device_train_batch_size: int = 16
+    per_device_eval_batch_size: int = 128
+    learning_rate: float = 1e-4
+    beta: float = 2.0
+    lr_scheduler_type: str = "cosine"
+    warmup_steps: int = 10
+    logging_steps: int = 10
+    max_length: int = 192
+    max_prompt_length: int = 128
+    save_steps: int = 50
+    seed: int = 0
+    sft_max_steps: int = 700
+    sft_learning_rate: float = 3e-3
+    full: bool = True
+    eval_prompts: int = 100
 
 
 @dataclass
@@ -141,19 +160,16 @@ class ScriptArguments:
 
 
 def parse_args(argv: list[str]) -> tuple[ScriptArguments, DPOConfig]:
-    given = {arg[2:].split("=")[0] for arg in argv if arg.startswith("--")}
-    chosen = dict(PAPER_DEFAULTS)
-    if "model" not in given:
-        chosen.update({**TINY_DEFAULTS, **TINY_SCRIPT_DEFAULTS})
-    defaults = [f"--{k}={v}" for k, v in chosen.items() if k not in given]
     parser = HfArgumentParser((ScriptArguments, DPOConfig))
-    if "output_dir" not in given:
+    parser.set_defaults(**asdict(PaperDefaults()), output_dir=UNSET_OUTPUT_DIR)
+    script_args, config = parser.parse_args_into_dataclasses(argv)
+    if script_args.model is None:
+        parser.set_defaults(**asdict(OfflineDefaults()))
+        script_args, config = parser.parse_args_into_dataclasses(argv)
+    if config.output_dir == UNSET_OUTPUT_DIR:
         # rerunning the same command continues the last default run; other settings start a new one
-        script_args, config = parser.parse_args_into_dataclasses(
-            defaults + ["--output_dir=runs/unset"] + argv
-        )
-        defaults.append(f"--output_dir={default_output_dir(run_manifest(script_args, config))}")
-    script_args, config = parser.parse_args_into_dataclasses(defaults + argv)
+        parser.set_defaults(output_dir=default_output_dir(run_manifest(script_args, config)))
+        script_args, config = parser.parse_args_into_dataclasses(argv)
     if script_args.judge not in ("rule", "llm", "reward"):
         raise SystemExit(f"--judge must be rule, llm or reward, got {script_args.judge!r}.")
     return script_args, config
@@ -235,12 +251,6 @@ def base_model(script_args: ScriptArguments, config: DPOConfig, train, out: str)
     return path
 
 
-def wait_for_everyone():
-    from accelerate import PartialState
-
-    PartialState().wait_for_everyone()
-
-
 def load_causal_lm(
     path: str, script_args: ScriptArguments, config: DPOConfig, *, quantize: bool = False, dtype=None
 ):
@@ -279,20 +289,6 @@ def load_for_sampling(path: str, script_args: ScriptArguments, config: DPOConfig
 
 
 # ---------------------------------------------------------------- stages
-
-
-def stage_done(folder: str) -> dict | None:
-    path = os.path.join(folder, "done.json")
-    return json.load(open(path)) if os.path.exists(path) else None
-
-
-def mark_done(folder: str, info: dict, config: DPOConfig) -> None:
-    if config.process_index == 0:
-        path = os.path.join(folder, "done.json")
-        with open(f"{path}.tmp", "w") as handle:  # written whole or not at all: a kill leaves no half file
-            json.dump(info, handle, indent=2)
-        os.replace(f"{path}.tmp", path)
-    wait_for_everyone()
 
 
 def run_sft(script_args: ScriptArguments, config: DPOConfig, base: str, train, test, out: str) -> str:
@@ -338,8 +334,10 @@ def run_sft(script_args: ScriptArguments, config: DPOConfig, base: str, train, t
     trainer.train(resume_from_checkpoint=last_complete_checkpoint(folder))
     metrics = trainer.evaluate()
     trainer.save_model(final)
-    save_history(trainer, folder, config)
-    mark_done(folder, {"eval_loss": metrics["eval_loss"], "seconds": time.time() - started}, config)
+    save_history(trainer, folder, config.process_index)
+    mark_done(
+        folder, {"eval_loss": metrics["eval_loss"], "seconds": time.time() - started}, config.process_index
+    )
     print(
         f"[sft] {args.max_steps} steps in {time.time() - started:.0f}s, held-out loss {metrics['eval_loss']:.3f}: {final}"
     )
@@ -400,7 +398,7 @@ def run_pairs(script_args: ScriptArguments, config: DPOConfig, sft: str, train, 
                 f"[pairs] {len(pairs)} pairs from {len(prompts)} prompts x {script_args.sft_samples_per_prompt} SFT "
                 f"samples in {stats['seconds']:.0f}s (mean score gap {stats['mean_score_gap']:.2f}): {path}"
             )
-        mark_done(folder, stats, config)
+        mark_done(folder, stats, config.process_index)
     return load_dataset("json", data_files=path)["train"].select_columns(["prompt", "chosen", "rejected"])
 
 
@@ -426,9 +424,11 @@ def run_dpo(script_args: ScriptArguments, config: DPOConfig, sft: str, train, te
     trainer.train(resume_from_checkpoint=last_complete_checkpoint(folder))
     after = trainer.evaluate()
     trainer.save_model(final)
-    save_history(trainer, folder, config)
+    save_history(trainer, folder, config.process_index)
     mark_done(
-        folder, {"before": before, "after": after, "seconds": time.time() - started, "sft": sft}, config
+        folder,
+        {"before": before, "after": after, "seconds": time.time() - started, "sft": sft},
+        config.process_index,
     )
     print(
         f"[dpo] {trainer.state.global_step} steps in {time.time() - started:.0f}s: held-out reward accuracy "
@@ -447,12 +447,6 @@ def peft_config(script_args: ScriptArguments):
     return LoraConfig(
         r=script_args.lora_r, lora_alpha=alpha, target_modules="all-linear", task_type="CAUSAL_LM"
     )
-
-
-def save_history(trainer, folder: str, config: DPOConfig) -> None:
-    if config.process_index == 0:
-        with open(os.path.join(folder, "log_history.json"), "w") as handle:
-            json.dump(trainer.state.log_history, handle, indent=1)
 
 
 def load_policy(path: str, sft: str, script_args: ScriptArguments, config: DPOConfig):
@@ -486,18 +480,7 @@ def make_judge(script_args: ScriptArguments, cache_dir: str | None = None):
         if not script_args.reward_model:
             raise SystemExit("--judge reward needs --reward_model.")
         return RewardModelJudge.from_pretrained(script_args.reward_model, device=sampling_device())
-    return RuleJudge(bundled_rule_score())
-
-
-def bundled_rule_score():
-    """`rule_score(prompt, response)` of the bundled data's generator (examples/ is not a package)."""
-    spec = importlib.util.spec_from_file_location(
-        "make_hh_data", os.path.join(HERE, "data", "make_hh_data.py")
-    )
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module.rule_score
+    return RuleJudge(rule_score)
 
 
 def run_eval(
@@ -739,13 +722,6 @@ def check_run_manifest(out: str, manifest: dict, restart_stale: bool) -> None:
         print(f"[{stage}] settings changed; the earlier results are kept in {aside}")
 
 
-def write_json(path: str, value) -> None:
-    """Write `value` as JSON, whole or not at all (a killed run leaves no half-written file)."""
-    with open(f"{path}.tmp", "w", encoding="utf-8") as handle:
-        json.dump(value, handle, indent=2)
-    os.replace(f"{path}.tmp", path)
-
-
 def default_output_dir(manifest: dict) -> str:
     """The newest `runs/hh-*` folder run with exactly these settings, else a new timestamped one."""
     runs = sorted(os.listdir("runs")) if os.path.isdir("runs") else []
@@ -787,23 +763,6 @@ def validate_flags(script_args: ScriptArguments) -> None:
         make_judge(script_args)  # checks the URL and model flags; sends nothing
     if needs_judge and script_args.judge == "reward" and not script_args.reward_model:
         raise SystemExit("--judge reward needs --reward_model.")
-
-
-def prepare_run_dir(out: str, script_args: ScriptArguments) -> None:
-    """Refuse a folder holding anything but an earlier run of this script (which is then resumed)."""
-    if os.path.isdir(out) and os.listdir(out) and not os.path.exists(os.path.join(out, RUN_MARKER)):
-        raise SystemExit(
-            f"{out} already holds files that are not a run of this script; choose another --output_dir."
-        )
-    os.makedirs(out, exist_ok=True)
-    marker = os.path.join(out, RUN_MARKER)
-    if not os.path.exists(marker):
-        with open(marker, "w") as handle:
-            json.dump(
-                {"script_args": asdict(script_args), "started": time.strftime("%Y-%m-%d %H:%M:%S")},
-                handle,
-                indent=2,
-            )
 
 
 def main(argv: list[str] | None = None) -> dict:

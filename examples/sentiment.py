@@ -55,35 +55,37 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, HfArgumentParser
 
 from dpo_trainer import DPOConfig, DPOTrainer
 from dpo_trainer.checkpoints import last_complete_checkpoint
+from run_folder import mark_done, prepare_run_dir, save_history, stage_done, stage_finished, wait_for_everyone
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 BUNDLED_DATA = os.path.join(HERE, "data", "reviews_tiny")
-RUN_MARKER = "run.json"  # marks a folder as this script's run folder, so a rerun may resume in it
 DATA_EXTENSIONS = (".jsonl", ".json", ".parquet")
 METHODS = ("dpo", "preferred_ft", "unlikelihood")
-# DPO-run settings for the offline tiny model; any flag given on the command line overrides them.
-TINY_DEFAULTS = {
-    "max_steps": "120",
-    "per_device_train_batch_size": "32",
-    "per_device_eval_batch_size": "128",
-    "learning_rate": "2e-4",
-    "lr_scheduler_type": "constant_with_warmup",
-    "warmup_steps": "10",
-    "logging_steps": "10",
-    "max_length": "96",
-    "max_prompt_length": "32",
-    "save_steps": "60",
-    "seed": "0",
-}
-TINY_SCRIPT_DEFAULTS = {
-    "sft_max_steps": "400",
-    "sft_learning_rate": "3e-3",
-    "full": "true",
-    "pair_prompts": "400",
-    "eval_prompts": "200",
-    "betas": "0.05,0.1,0.5,1,5",
-    "bon_n": "1,2,4,8,16",
-}
+
+
+@dataclass(frozen=True)
+class OfflineDefaults:
+    """The offline default run, without --model: a tiny model trained from scratch on the bundled reviews.
+    Applied unless given on the command line."""
+
+    max_steps: int = 120
+    per_device_train_batch_size: int = 32
+    per_device_eval_batch_size: int = 128
+    learning_rate: float = 2e-4
+    lr_scheduler_type: str = "constant_with_warmup"
+    warmup_steps: int = 10
+    logging_steps: int = 10
+    max_length: int = 96
+    max_prompt_length: int = 32
+    save_steps: int = 60
+    seed: int = 0
+    sft_max_steps: int = 400
+    sft_learning_rate: float = 3e-3
+    full: bool = True
+    pair_prompts: int = 400
+    eval_prompts: int = 200
+    betas: str = "0.05,0.1,0.5,1,5"
+    bon_n: str = "1,2,4,8,16"
 
 
 @dataclass
@@ -154,15 +156,12 @@ class ScriptArguments:
 
 
 def parse_args(argv: list[str]) -> tuple[ScriptArguments, DPOConfig]:
-    given = {arg[2:].split("=")[0] for arg in argv if arg.startswith("--")}
-    defaults = []
-    if "model" not in given:
-        tiny = {**TINY_DEFAULTS, **TINY_SCRIPT_DEFAULTS}
-        defaults = [f"--{k}={v}" for k, v in tiny.items() if k not in given]
-    if "output_dir" not in given:
-        defaults.append(f"--output_dir={os.path.join('runs', 'sentiment-' + time.strftime('%Y%m%d-%H%M%S'))}")
     parser = HfArgumentParser((ScriptArguments, DPOConfig))
-    script_args, config = parser.parse_args_into_dataclasses(defaults + argv)
+    parser.set_defaults(output_dir=os.path.join("runs", "sentiment-" + time.strftime("%Y%m%d-%H%M%S")))
+    script_args, config = parser.parse_args_into_dataclasses(argv)
+    if script_args.model is None:
+        parser.set_defaults(**asdict(OfflineDefaults()))
+        script_args, config = parser.parse_args_into_dataclasses(argv)
     unknown = set(script_args.method_names()) - set(METHODS)
     if unknown:
         raise SystemExit(f"--methods takes {', '.join(METHODS)}; unknown: {', '.join(sorted(unknown))}.")
@@ -266,12 +265,6 @@ def base_model(script_args: ScriptArguments, config: DPOConfig, train, out: str)
     return path
 
 
-def wait_for_everyone():
-    from accelerate import PartialState
-
-    PartialState().wait_for_everyone()
-
-
 def load_tokenizer(path: str):
     """The model's tokenizer; one without a pad token (GPT-2) pads with its EOS."""
     tokenizer = AutoTokenizer.from_pretrained(path)
@@ -315,33 +308,6 @@ def make_scorer(script_args: ScriptArguments):
 # ---------------------------------------------------------------- stages
 
 
-def stage_done(folder: str) -> dict | None:
-    path = os.path.join(folder, "done.json")
-    return json.load(open(path)) if os.path.exists(path) else None
-
-
-def stage_finished(folder: str) -> bool:
-    """Whether a stage finished in an earlier run, the same answer on every process: each looks before
-    any may go on (and the main process writes `done.json` only after the stage's work)."""
-    done = stage_done(folder) is not None
-    wait_for_everyone()
-    return done
-
-
-def mark_done(folder: str, info: dict, config: DPOConfig) -> None:
-    if config.process_index == 0:
-        os.makedirs(folder, exist_ok=True)
-        with open(os.path.join(folder, "done.json"), "w") as handle:
-            json.dump(info, handle, indent=2)
-    wait_for_everyone()
-
-
-def save_history(trainer, folder: str, config: DPOConfig) -> None:
-    if config.process_index == 0:
-        with open(os.path.join(folder, "log_history.json"), "w") as handle:
-            json.dump(trainer.state.log_history, handle, indent=1)
-
-
 def training_args(config: DPOConfig, folder: str, *, max_steps: int, learning_rate: float) -> DPOConfig:
     """The run's settings for an SFT-style stage (a plain Trainer reads only the TrainingArguments fields).
 
@@ -380,9 +346,9 @@ def run_sft(script_args: ScriptArguments, config: DPOConfig, base: str, train, o
     )
     trainer.train(resume_from_checkpoint=last_complete_checkpoint(folder))
     trainer.save_model(final)
-    save_history(trainer, folder, config)
+    save_history(trainer, folder, config.process_index)
     loss = next((e["train_loss"] for e in reversed(trainer.state.log_history) if "train_loss" in e), None)
-    mark_done(folder, {"train_loss": loss, "seconds": time.time() - started}, config)
+    mark_done(folder, {"train_loss": loss, "seconds": time.time() - started}, config.process_index)
     print(f"[sft] {args.max_steps} steps in {time.time() - started:.0f}s: {final}")
     return final
 
@@ -439,7 +405,7 @@ def run_pairs(script_args: ScriptArguments, config: DPOConfig, sft: str, train, 
                 f"[pairs] {len(pairs)} pairs from {len(prompts)} prefixes x {script_args.samples_per_prompt} SFT "
                 f"completions in {stats['seconds']:.0f}s (mean reward gap {stats['mean_reward_gap']:.3f}): {pairs_path}"
             )
-        mark_done(folder, stats, config)
+        mark_done(folder, stats, config.process_index)
     return read_jsonl(pairs_path)
 
 
@@ -477,11 +443,11 @@ def run_dpo(
     )
     trainer.train(resume_from_checkpoint=last_complete_checkpoint(folder))
     trainer.save_model(final)
-    save_history(trainer, folder, config)
+    save_history(trainer, folder, config.process_index)
     logged = [e for e in trainer.state.log_history if "rewards/accuracies" in e]
     last = logged[-1] if logged else {}
     info = {"beta": beta, "seconds": time.time() - started, "last_logged": last}
-    mark_done(folder, info, config)
+    mark_done(folder, info, config.process_index)
     print(
         f"[{name}] {trainer.state.global_step} steps in {info['seconds']:.0f}s: train reward accuracy "
         f"{last.get('rewards/accuracies', float('nan')):.2f}, margin {last.get('rewards/margins', float('nan')):.2f}: {final}"
@@ -519,8 +485,10 @@ def run_baseline(
         )
     trainer.train(resume_from_checkpoint=last_complete_checkpoint(folder))
     trainer.save_model(final)
-    save_history(trainer, folder, config)
-    mark_done(folder, {"seconds": time.time() - started, "learning_rate": learning_rate}, config)
+    save_history(trainer, folder, config.process_index)
+    mark_done(
+        folder, {"seconds": time.time() - started, "learning_rate": learning_rate}, config.process_index
+    )
     print(f"[{name}] {trainer.state.global_step} steps in {time.time() - started:.0f}s: {final}")
     return final
 
@@ -766,23 +734,6 @@ def print_table(results: dict, comparisons: dict, prompts: int, reward_label: st
 
 
 # ---------------------------------------------------------------- the run
-
-
-def prepare_run_dir(out: str, script_args: ScriptArguments) -> None:
-    """Refuse a folder holding anything but an earlier run of this script (which is then resumed)."""
-    if os.path.isdir(out) and os.listdir(out) and not os.path.exists(os.path.join(out, RUN_MARKER)):
-        raise SystemExit(
-            f"{out} already holds files that are not a run of this script; choose another --output_dir."
-        )
-    os.makedirs(out, exist_ok=True)
-    marker = os.path.join(out, RUN_MARKER)
-    if not os.path.exists(marker):
-        with open(marker, "w") as handle:
-            json.dump(
-                {"script_args": asdict(script_args), "started": time.strftime("%Y-%m-%d %H:%M:%S")},
-                handle,
-                indent=2,
-            )
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -20,6 +20,10 @@ import dpo_trainer  # noqa: E402
 from dpo_trainer import DPOConfig  # noqa: E402
 from dpo_trainer.tiny import tiny_causal_lm, train_tokenizer  # noqa: E402
 
+# The example scripts import their shared modules (`run_folder`, `hh_data`) as `python examples/<script>.py` does.
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+sys.path.insert(0, str(EXAMPLES))
+
 TOPICS = ["garden", "river", "music", "bread", "winter", "train", "forest", "paper", "lamp", "coffee"]
 GOOD = ["thanks", "happy", "glad", "sure", "here", "helpful", "kindly", "welcome", "great", "answer"]
 BAD = ["no", "go", "away", "stupid", "never", "whatever", "boring", "ugh", "leave", "annoying"]

@@ -255,7 +255,7 @@ def test_hh_scores_every_n_from_one_draw_on_tldr_format_rows(tmp_path):
     drawn, scores = json.load(open(draw_file))
     assert [len(row) for row in drawn] == [4] * 6
     assert not any(os.path.basename(f).startswith("samples-best-of-2") for f in files)  # nothing resampled
-    rule = hh.bundled_rule_score()
+    rule = hh.rule_score
     with open(data / "test.jsonl") as handle:
         prompts = [json.loads(line)["prompt"] for line in handle][:6]
     for row, (prompt, samples_row) in enumerate(zip(prompts, drawn)):

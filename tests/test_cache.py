@@ -9,6 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+import dpo_trainer.reference
 from dpo_trainer import DPOTrainer
 from dpo_trainer.reference import (
     STALE_TEMPORARY_S,
@@ -96,7 +97,7 @@ def test_a_valid_cache_is_used_as_it_is(tmp_path, make_model, tokenizer, fresh, 
     def fail(*args, **kwargs):
         raise AssertionError("the cache should have been used")
 
-    monkeypatch.setattr(DPOTrainer, "_compute_reference_column", fail)
+    monkeypatch.setattr(dpo_trainer.reference, "compute_reference_column", fail)
     assert torch.equal(precompute(tmp_path, make_model, tokenizer, path.parent, "again"), values)
 
 

@@ -5,7 +5,6 @@ import math
 
 import pytest
 import torch
-from peft import LoraConfig
 from torch import nn
 from transformers import TrainerCallback
 
@@ -111,17 +110,6 @@ def test_loss_uses_the_updated_reference(tmp_path, make_model, tokenizer, pairs)
     )
     baseline.train()
     assert abs(baseline.evaluate()["eval_rewards/margins"]) > 1e-3  # without the sync the rewards move
-
-
-def test_lora_is_refused_as_in_trl(tmp_path, make_model, tokenizer, pairs):
-    with pytest.raises(ValueError, match="PEFT adapter"):
-        DPOTrainer(
-            make_model(),
-            args=dpo_config(tmp_path, sync_ref_model=True),
-            train_dataset=pairs,
-            processing_class=tokenizer,
-            peft_config=LoraConfig(r=4, target_modules=["q_proj", "v_proj"]),
-        )
 
 
 def test_a_separate_reference_of_another_shape_is_refused(tmp_path, make_model, tokenizer, pairs):

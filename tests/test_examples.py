@@ -124,7 +124,7 @@ def test_dpo_on_pairs_of_sft_samples(hh, tmp_path, capsys):
     hh.main(argv + SHORT)
     with open(os.path.join(out, "pairs", "train.jsonl")) as handle:
         pairs = [json.loads(line) for line in handle]
-    rule = hh.bundled_rule_score()
+    rule = hh.rule_score
     assert 0 < len(pairs) <= 12
     for pair in pairs:
         assert pair["prompt"].endswith("\n\nAssistant:") and pair["chosen"].startswith(" ")

@@ -1,6 +1,5 @@
-"""The bundled hh_tiny dataset and its generator (examples/data/make_hh_data.py)."""
+"""The bundled hh_tiny dataset and its generator (examples/hh_data.py)."""
 
-import importlib.util
 import json
 from pathlib import Path
 
@@ -13,15 +12,7 @@ ARGS = ["--train", "2000", "--test", "200", "--seed", "0"]
 ASSISTANT = "\n\nAssistant:"
 
 
-def _load_generator():
-    # examples/ is not a package: import the script by path, as the examples do
-    spec = importlib.util.spec_from_file_location("make_hh_data", DATA_DIR / "make_hh_data.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-gen = _load_generator()
+import hh_data as gen  # noqa: E402  (examples/ is on sys.path: conftest)
 
 
 def _read(name):

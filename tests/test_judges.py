@@ -36,11 +36,9 @@ EXAMPLES_DATA = Path(__file__).resolve().parents[1] / "examples" / "data"
 
 
 def _load_hh_generator():
-    # examples/ is not a package: import the script by path, as the examples do
-    spec = importlib.util.spec_from_file_location("make_hh_data", EXAMPLES_DATA / "make_hh_data.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    import hh_data  # examples/hh_data.py (examples/ is on sys.path: conftest)
+
+    return hh_data
 
 
 def test_rule_judge_scores_and_compares_with_rule_score():

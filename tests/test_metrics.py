@@ -72,7 +72,7 @@ def test_custom_prefixes_keep_their_own_metrics(trained):
     before = trained.evaluate(metric_key_prefix="before")
     assert set(f"before_{name}" for name in DPO_METRICS) <= set(before)
     assert not any(key.startswith("eval_") for key in before)
-    assert trained._metrics == {}  # nothing left over for the next evaluation or training log
+    assert trained.metrics.sums == {}  # nothing left over for the next evaluation or training log
 
 
 def test_training_metrics_are_per_example_means_of_the_logged_steps(tmp_path, make_model, tokenizer):
@@ -103,10 +103,10 @@ def test_recording_a_step_keeps_the_sums_on_the_device(tmp_path, make_model, tok
         make_model(seed=2), args=dpo_config(tmp_path), train_dataset=ROWS, processing_class=tokenizer
     )
     rewards = torch.tensor([[0.5, -0.5], [0.1, 0.2]])
-    trainer._record_metrics(
+    trainer.metrics.record(
         "train", torch.tensor([[-3.0, -4.0], [-5.0, -6.0]]), rewards, torch.tensor([0.1, 0.2])
     )
-    sums, count = trainer._metrics["train"]
+    sums, count = trainer.metrics.sums["train"]
     assert isinstance(sums, torch.Tensor) and count == 2
     trainer.model.train()
     logs = {"loss": 0.15}

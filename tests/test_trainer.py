@@ -8,7 +8,9 @@ import torch
 from datasets import Dataset
 from peft import LoraConfig
 
+import dpo_trainer.reference
 from dpo_trainer import DPOTrainer
+from dpo_trainer.attention import choose_attention, grouped_layout_unsupported, resolve_layout
 from dpo_trainer.data import PaddedCollator
 from dpo_trainer.logprobs import sequence_logps
 
@@ -218,7 +220,7 @@ def test_precomputed_reference_trains_like_the_live_one_and_is_cached(
     def fail(*a, **k):
         raise AssertionError("the cache should have been used")
 
-    monkeypatch.setattr(DPOTrainer, "_compute_reference_column", fail)
+    monkeypatch.setattr(dpo_trainer.reference, "compute_reference_column", fail)
     again = DPOTrainer(
         make_model(seed=2), args=args, train_dataset=pairs, eval_dataset=held_out, processing_class=tokenizer
     )
@@ -392,8 +394,16 @@ def test_missing_pad_token_falls_back_to_eos(tmp_path, make_model, tokenizer, pa
 
     no_pad = copy.deepcopy(tokenizer)
     no_pad.pad_token = None
-    trainer = DPOTrainer(make_model(), args=config(tmp_path), train_dataset=pairs, processing_class=no_pad)
-    assert trainer.processing_class.pad_token_id == tokenizer.eos_token_id
+    trainer = DPOTrainer(
+        make_model(), args=config(tmp_path, layout="padded"), train_dataset=pairs, processing_class=no_pad
+    )
+    assert no_pad.pad_token is None  # the caller's tokenizer is left as it was (and saved so)
+    assert trainer.pad_token_id == tokenizer.eos_token_id
+    batch = trainer.data_collator([trainer.train_dataset[0], trainer.train_dataset[1]])
+    lengths = batch["attention_mask"].sum(dim=1)
+    short = int(lengths.argmin())
+    assert lengths.min() < lengths.max()  # a padded row exists, padded with EOS
+    assert (batch["input_ids"][short, int(lengths[short]) :] == tokenizer.eos_token_id).all()
 
 
 @pytest.mark.parametrize(
@@ -471,7 +481,7 @@ def test_every_layout_trains_the_same(tmp_path, make_model, tokenizer, pairs):
 def test_flex_attention_choice(tmp_path, make_model, setting, device, impl, expected):
     policy, reference = make_model(attn_implementation=impl), make_model(attn_implementation=impl)
     args = config(tmp_path, flex_attention=setting)
-    DPOTrainer._choose_attention(args, [policy, reference, None], device)
+    choose_attention([policy, reference, None], args.flex_attention, device, args.layout)
     assert policy.config._attn_implementation == expected
     assert reference.config._attn_implementation == expected
 
@@ -480,7 +490,7 @@ def test_flex_attention_reaches_the_base_model_of_a_peft_policy(tmp_path, make_m
     from peft import get_peft_model
 
     policy = get_peft_model(make_model(), LoraConfig(r=2, target_modules=["q_proj"]))
-    DPOTrainer._choose_attention(config(tmp_path), [policy, None], "cuda")
+    choose_attention([policy, None], None, "cuda", "auto")
     assert policy.get_base_model().config._attn_implementation == "flex_attention"
 
 
@@ -504,8 +514,6 @@ def test_auto_layout_and_trl_padding_free_name(tmp_path, make_model, tokenizer, 
 
 
 def test_models_that_cannot_take_the_mask_fall_back_to_padded(tmp_path, make_model, tokenizer, pairs, caplog):
-    from dpo_trainer.trainer import grouped_layout_unsupported
-
     model = make_model()
     assert grouped_layout_unsupported(model) is None
     model.config._attn_implementation_internal = (
@@ -513,7 +521,7 @@ def test_models_that_cannot_take_the_mask_fall_back_to_padded(tmp_path, make_mod
     )
     assert "flash_attention_2" in grouped_layout_unsupported(model)
     with caplog.at_level("WARNING"):
-        layout = DPOTrainer._resolve_layout(config(tmp_path, layout="shared_prompt"), model, None)
+        layout = resolve_layout("shared_prompt", [model, None])
     assert layout == "padded" and "not available" in caplog.text and "flash_attention_2" in caplog.text
 
 

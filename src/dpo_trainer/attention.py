@@ -37,7 +37,9 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from ._compat import attn_implementation
 from .data.layouts import SHARED_BRANCH
+from .models import unwrap
 
 logger = logging.getLogger(__name__)
 
@@ -72,12 +74,6 @@ class MaskPlan:
     implementation: str
     windows: tuple[tuple[str, int | None], ...]
     keyed: bool
-
-
-def _unwrap(model: nn.Module) -> nn.Module:
-    from .logprobs import unwrap  # logprobs imports this module
-
-    return unwrap(model)
 
 
 @functools.cache
@@ -117,9 +113,9 @@ def _layer_windows(model: nn.Module) -> list[tuple[str, int | None]]:
 
 def mask_plan(model: nn.Module) -> MaskPlan:
     """How `model` (possibly wrapped) takes a grouped layout's mask; raises `LayoutUnsupported` with the reason."""
-    inner = _unwrap(model)
+    inner = unwrap(model)
     name = type(inner).__name__
-    implementation = getattr(inner.config, "_attn_implementation", None)
+    implementation = attn_implementation(inner)
     if implementation not in MASKED_IMPLEMENTATIONS:
         raise LayoutUnsupported(f"its {implementation!r} attention takes no explicit attention mask")
     if "position_ids" not in inspect.signature(inner.forward).parameters:
@@ -318,7 +314,7 @@ def grouped_attention_mask(batch: Mapping[str, torch.Tensor], model: nn.Module):
     Built once per batch and plan (cached in `batch` when it is a dict). Raises `LayoutUnsupported` for a
     model that cannot take it (the trainer checks this first and uses the `padded` layout instead).
     """
-    inner = _unwrap(model)
+    inner = unwrap(model)
     plan = mask_plan(inner)
     key = f"_attention_mask_{plan.implementation}_{plan.windows}"
     if key in batch:
@@ -336,16 +332,25 @@ def grouped_attention_mask(batch: Mapping[str, torch.Tensor], model: nn.Module):
     return mask
 
 
-def resolve_layout(requested: str, models: Iterable[nn.Module | None]) -> str:
+def resolve_layout(requested: str, models: Iterable[nn.Module | None], router_aux_loss: bool = False) -> str:
     """The layout to use: the requested one if every model's attention can take its mask, else `padded`.
 
     `auto` means `shared_prompt` (SDPA models get `CHUNKED_SDPA`, FlexAttention a `BlockMask`: memory
     linear in the row length), except for eager attention, which takes a dense (rows, 1, T, T) mask: a
     `shared_prompt` row (prompt + every response) can be twice as long as a padded one, so its mask and
     scores up to twice the padded layout's, while `packed` rows are never longer than padded ones and never
-    more numerous. A refusal or a change is logged once, with the reason.
+    more numerous. A refusal or a change is logged once, with the reason. With the MoE `router_aux_loss` on,
+    the layout is `padded`: the model computes that loss from a (rows, T) padding mask, which grouped layouts
+    do not have.
     """
     if requested == "padded":
+        return "padded"
+    if router_aux_loss:
+        logger.warning(
+            "Layout %r is not available with the MoE router aux loss; using 'padded' "
+            "(router_aux_loss_coef=0 turns the aux loss off).",
+            requested,
+        )
         return "padded"
     models = [model for model in models if model is not None]
     for model in models:
@@ -355,7 +360,7 @@ def resolve_layout(requested: str, models: Iterable[nn.Module | None]) -> str:
             return "padded"
     if requested != "auto":
         return requested
-    eager = [type(_unwrap(m)).__name__ for m in models if _unwrap(m).config._attn_implementation == "eager"]
+    eager = [type(unwrap(m)).__name__ for m in models if attn_implementation(unwrap(m)) == "eager"]
     if eager:
         logger.warning(
             "Layout 'auto': %s uses eager attention, whose dense (T, T) mask would make 'shared_prompt' rows "
@@ -379,8 +384,8 @@ def choose_attention(
     """
     wanted = flex if flex is not None else device_type == "cuda"
     for candidate in models:
-        inner = None if candidate is None else _unwrap(candidate)
-        current = getattr(getattr(inner, "config", None), "_attn_implementation", None)
+        inner = None if candidate is None else unwrap(candidate)
+        current = attn_implementation(inner)
         if inner is None or current in ("flex_attention", CHUNKED_SDPA):
             continue
         if wanted and (current == "sdpa" or flex) and _switch_to_flex(inner, current, flex, layout):
@@ -406,7 +411,7 @@ def _switch_to_flex(inner: nn.Module, current: str | None, flex: bool | None, la
             error,
         )
         return False
-    if getattr(inner.config, "_attn_implementation", None) == "flex_attention":
+    if attn_implementation(inner) == "flex_attention":
         logger.info("Layout %r: %s now uses FlexAttention.", layout, type(inner).__name__)
         return True
     if flex:

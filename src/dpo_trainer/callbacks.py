@@ -46,7 +46,7 @@ from torch import nn
 from transformers import TrainerCallback
 
 from .logprobs import unwrap
-from .reference import is_peft_model, unwrap_to_peft
+from .models import is_peft_model, unwrap_to_peft
 
 __all__ = [
     "REFERENCE_ADAPTER",

@@ -195,3 +195,64 @@ def settings_changes(saved: dict, current: dict) -> tuple[list[str], list[str]]:
             line = f"{key}: {saved.get(key)!r} -> {current.get(key)!r}"
             (refused if key in REFUSED_CHANGES else warned).append(line)
     return refused, warned
+
+
+def check_resume_settings(checkpoint: str, current: dict) -> None:
+    """Warn about DPO settings changed since `checkpoint` was saved; refuse a changed loss or data."""
+    saved = read_settings(checkpoint)
+    if saved is None:
+        logger.warning("%s has no dpo_settings.json: the resumed settings go unchecked.", checkpoint)
+        return
+    refused, warned = settings_changes(saved, current)
+    if refused:
+        raise ValueError(
+            f"Cannot resume from {checkpoint}: it was trained with other settings ({'; '.join(refused + warned)}). "
+            "Resuming would mix two experiments; train into a fresh output_dir instead."
+        )
+    if warned:
+        logger.warning("Resuming from %s with changed settings: %s.", checkpoint, "; ".join(warned))
+
+
+def resolve_resume(
+    resume_from_checkpoint, output_dir: str, accelerator, current_settings
+) -> str | bool | None:
+    """The checkpoint `Trainer.train` should resume from, checked.
+
+    `True` takes the newest *complete* checkpoint of `output_dir` (rank 0 chooses, every process follows),
+    where Trainer would take the newest folder even when a kill left it half-written. A path must hold a
+    complete checkpoint trained with the same loss and data (`current_settings()` gives this run's).
+    """
+    if resume_from_checkpoint is True:
+        found = [last_complete_checkpoint(output_dir) if accelerator.is_main_process else None]
+        if accelerator.num_processes > 1:
+            from accelerate.utils import broadcast_object_list
+
+            broadcast_object_list(found)
+        if found[0] is None:
+            raise ValueError(
+                f"resume_from_checkpoint=True, but {output_dir} holds no complete checkpoint-N "
+                "folder (see the warnings above for those skipped)."
+            )
+        resume_from_checkpoint = found[0]
+        logger.info("Resuming from %s", resume_from_checkpoint)
+    if isinstance(resume_from_checkpoint, str):
+        problem = checkpoint_problem(resume_from_checkpoint)
+        if problem:
+            raise ValueError(f"Cannot resume from {resume_from_checkpoint}: {problem}.")
+        check_resume_settings(resume_from_checkpoint, current_settings())
+    return resume_from_checkpoint
+
+
+# DPOConfig fields that decide a run's result besides the model (with the layout and the data's fingerprint)
+RESULT_SETTINGS = ("beta", "loss_type", "label_smoothing", "rpo_alpha", "max_length", "max_prompt_length")
+RESULT_SETTINGS += ("truncation_mode", "precompute_ref_log_probs", "disable_dropout")
+RESULT_SETTINGS += ("sync_ref_model", "ref_model_mixup_alpha", "ref_model_sync_steps")
+
+
+def run_settings(args, layout: str, data_fingerprint: str | None) -> dict:
+    """What `write_settings` saves beside a checkpoint and `check_resume_settings` compares."""
+    return {
+        **{name: getattr(args, name) for name in RESULT_SETTINGS},
+        "layout": layout,
+        "data": data_fingerprint,
+    }

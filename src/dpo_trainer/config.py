@@ -6,6 +6,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
 from transformers import TrainingArguments
 
 from .data.layouts import LAYOUTS
@@ -348,3 +349,38 @@ class DPOConfig(TrainingArguments):
         if self.pad_to_multiple_of == "auto":
             # Neuron compiles once per input shape; padding bounds the number of compilations (as TRL does)
             self.pad_to_multiple_of = 128 if self.device.type == "neuron" else None
+
+    def data_settings(self) -> dict:
+        """Keyword arguments of `data.prepare_dataset` for this run: truncation, and the loss (for rankings)."""
+        return {
+            "max_length": self.max_length,
+            "max_prompt_length": self.max_prompt_length,
+            "truncation_mode": self.truncation_mode,
+            "loss_type": self.loss_type,
+            "label_smoothing": self.label_smoothing,
+            "num_proc": self.dataset_num_proc,
+        }
+
+    def loss_settings(self) -> dict:
+        """Keyword arguments of `losses.preference_loss` for this run."""
+        names = ("beta", "loss_type", "label_smoothing", "loss_weights", "f_divergence_type")
+        return {name: getattr(self, name) for name in names + ("f_alpha_divergence_coef", "discopop_tau")}
+
+
+def trainer_args(args: DPOConfig | None, model, train_dataset) -> DPOConfig:
+    """`args` checked, or TRL's default when None: a `DPOConfig` writing to "<model name>-DPO"."""
+    if train_dataset is None:
+        raise ValueError(
+            "train_dataset is required (as in TRL): pass the preference rows to train on, even when you "
+            "only mean to evaluate."
+        )
+    if args is None:
+        name = (
+            model if isinstance(model, str) else getattr(getattr(model, "config", None), "_name_or_path", "")
+        )
+        return DPOConfig(output_dir=f"{(name or 'model').rstrip('/').split('/')[-1]}-DPO")
+    if not isinstance(args, DPOConfig):
+        raise TypeError(f"args must be a DPOConfig, got {type(args).__name__}.")
+    if args.activation_offloading and not hasattr(torch.autograd.graph, "save_on_cpu"):
+        raise ValueError("DPOConfig.activation_offloading=True needs torch.autograd.graph.save_on_cpu.")
+    return args

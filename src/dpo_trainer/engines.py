@@ -22,7 +22,8 @@ import logging
 
 from torch import nn
 
-from .logprobs import unwrap
+from ._compat import unregister_prepared
+from .models import hidden_size, is_fsdp2, unwrap  # noqa: F401
 
 logger = logging.getLogger(__name__)
 
@@ -33,19 +34,6 @@ _MODEL_SIZED_ZERO_KEYS = (
     "stage3_prefetch_bucket_size",
     "stage3_param_persistence_threshold",
 )
-
-
-def is_fsdp2(accelerator) -> bool:
-    plugin = getattr(accelerator.state, "fsdp_plugin", None)
-    return plugin is not None and getattr(plugin, "fsdp_version", 1) == 2
-
-
-def hidden_size(model: nn.Module) -> int | None:
-    config = getattr(unwrap(model), "config", None)
-    sizes = getattr(config, "hidden_sizes", None)
-    if sizes:
-        return max(sizes)
-    return getattr(config, "hidden_size", None)
 
 
 def deepspeed_inference_config(ds_config: dict, model: nn.Module) -> dict:
@@ -121,7 +109,7 @@ def prepare_reference(model: nn.Module, accelerator) -> nn.Module:
     prepared = accelerator.prepare_model(model, evaluation_mode=True)
     # prepare_model registers the model among those accelerate trains and checkpoints; the reference is
     # neither, and Trainer reads an empty registry as "the policy is not prepared yet" before evaluation.
-    accelerator._models[:] = [m for m in accelerator._models if m is not prepared and m is not model]
+    unregister_prepared(accelerator, prepared, model)
     return prepared
 
 

@@ -11,8 +11,12 @@ Reference log-probs are sums of log-probabilities, so they are finite and <= 0 (
 
 from __future__ import annotations
 
+import logging
+
 import torch
 from torch import nn
+
+logger = logging.getLogger(__name__)
 
 ON_NONFINITE = ("raise", "skip")
 # log p <= 0 exactly; a float32 sum over a long response may round a hair above it
@@ -59,3 +63,77 @@ def nonfinite_parameters(model: nn.Module, limit: int = 5) -> list[str]:
         return []
     flags = torch.stack([~torch.isfinite(p).all() for _, p in named]).cpu().tolist()
     return [name for (name, _), bad in zip(named, flags) if bad][:limit]
+
+
+class StepGuard:
+    """The trainer's divergence guard: device flags per micro-step, one decision per optimizer step.
+
+    `flag(mode, losses, reference)` ORs a micro-step's problems into flags [loss non-finite, reference
+    invalid] without a host sync. `check(model, grad_norm, step, accelerator)` reads the training flags and
+    the gradient norm once (summed over processes, so every process decides alike) and raises, or drops the
+    step's gradients when `on_nonfinite="skip"` (the optimizer skips parameters without a gradient).
+    """
+
+    def __init__(self, on_nonfinite: str, device):
+        self.on_nonfinite, self.device = on_nonfinite, device
+        self.flags: dict[str, torch.Tensor] = {}
+        self.skipped_steps = 0
+
+    def check_engine(self, deepspeed: bool) -> None:
+        """Refuse `skip` under DeepSpeed, whose engine applies the gradients itself."""
+        if self.on_nonfinite == "skip" and deepspeed:
+            raise ValueError(
+                "DPOConfig.on_nonfinite='skip' is not available under DeepSpeed, whose engine applies the "
+                "gradients itself; use on_nonfinite='raise'."
+            )
+
+    def flag(self, mode: str, losses: torch.Tensor, reference: torch.Tensor) -> None:
+        flags = torch.stack([~torch.isfinite(losses.detach()).all(), invalid_reference(reference)])
+        current = self.flags.get(mode)
+        self.flags[mode] = flags if current is None else current | flags
+
+    def reference_was_invalid(self, mode: str) -> bool:
+        """Whether any batch of `mode` since the last call had invalid reference log-probs (one host sync)."""
+        flags = self.flags.pop(mode, None)
+        return flags is not None and bool(flags[1])
+
+    def check(self, model: nn.Module, grad_norm, step: int, accelerator) -> None:
+        flags = self.flags.pop("train", None)
+        if hasattr(grad_norm, "full_tensor"):  # FSDP2 gives a DTensor
+            grad_norm = grad_norm.full_tensor()
+        norm = torch.as_tensor(0.0 if grad_norm is None else grad_norm, dtype=torch.float32).reshape(1)
+        device = flags.device if flags is not None else self.device
+        flags = torch.zeros(2, dtype=torch.bool, device=device) if flags is None else flags
+        values = torch.cat([flags.float(), (~torch.isfinite(norm.to(device))).float()])
+        if accelerator.num_processes > 1:
+            values = accelerator.reduce(values, reduction="sum")
+        loss_bad, reference_bad, norm_bad = (value > 0 for value in values.tolist())
+        if reference_bad:
+            raise NonFiniteError(
+                f"Step {step}: reference log-probs that are not finite or above 0 (a log-probability is <= 0); "
+                "the reference model or the precomputed values are broken."
+            )
+        if not (loss_bad or norm_bad):
+            return
+        what = " and ".join(
+            name for name, bad in (("loss", loss_bad), (f"gradient norm ({float(norm)})", norm_bad)) if bad
+        )
+        if self.on_nonfinite == "raise":
+            raise NonFiniteError(
+                f"Training diverged at step {step}: non-finite {what}. The optimizer did not apply this step, so "
+                f"the weights (and every checkpoint) are those of step {step - 1}. Lower the learning rate, or "
+                "set DPOConfig(on_nonfinite='skip') to skip such steps."
+            )
+        for parameter in model.parameters():
+            parameter.grad = None
+        self.skipped_steps += 1
+        logger.warning("Step %d: non-finite %s; step skipped (no optimizer update).", step, what)
+
+
+def check_finite_before_save(model: nn.Module, output_dir: str, step: int) -> None:
+    """Never write a checkpoint or a model from NaN / inf weights (this process's shards, if sharded)."""
+    bad = nonfinite_parameters(model)
+    if bad:
+        raise NonFiniteError(
+            f"Refusing to save to {output_dir} at step {step}: non-finite weights in {', '.join(bad)}."
+        )

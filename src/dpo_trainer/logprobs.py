@@ -24,6 +24,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from .attention import grouped_attention_mask
+from .models import is_fsdp_module, unwrap  # noqa: F401
 
 # About 64M float32 logits (256 MiB) per chunk when the chunk size is chosen automatically.
 AUTO_CHUNK_LOGITS = 1 << 26
@@ -179,14 +180,6 @@ def fused_linear_head(head: nn.Module) -> bool:
     return not any(_is_sharded(p) for p in (head.weight, head.bias) if p is not None)
 
 
-def is_fsdp_module(module: nn.Module) -> bool:
-    try:
-        from torch.distributed.fsdp import FSDPModule
-    except ImportError:
-        return False
-    return isinstance(module, FSDPModule)
-
-
 def _module_chunk_logps(head: nn.Module, hidden, targets, softcap, scale, with_stats=False):
     logits = head(hidden).float() * scale
     if softcap is not None:
@@ -279,19 +272,6 @@ def head_log_sum_sq_probs(
             logits = softcap * torch.tanh(logits / softcap)
         parts.append(torch.logsumexp(2 * logits, dim=-1) - 2 * torch.logsumexp(logits, dim=-1))
     return torch.cat(parts)
-
-
-def unwrap(model: nn.Module) -> nn.Module:
-    """The `PreTrainedModel` inside DDP / DeepSpeed / torch.compile / PEFT wrappers (LoRA layers stay in it)."""
-    while True:
-        if hasattr(model, "get_base_model"):  # peft.PeftModel
-            model = model.get_base_model()
-        elif hasattr(model, "module") and isinstance(model.module, nn.Module):  # DDP, DeepSpeed engine
-            model = model.module
-        elif hasattr(model, "_orig_mod"):  # torch.compile
-            model = model._orig_mod
-        else:
-            return model
 
 
 @dataclass(frozen=True)
@@ -556,3 +536,11 @@ def check_sequence_logps(
             "skips this check."
         )
     return worst
+
+
+def check_models_logps(models, dataset, collate, rows: int = 2) -> None:
+    """`check_sequence_logps` for every model given (None skipped) on the first `rows` rows of `dataset`."""
+    first = [row for _, row in zip(range(rows), dataset)]
+    for model in models:
+        if model is not None:
+            check_sequence_logps(model, first, collate)

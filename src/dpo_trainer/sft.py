@@ -8,13 +8,13 @@ plain `transformers.Trainer`; the loss covers response tokens only.
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 
 import torch
 from transformers import Trainer, TrainingArguments
 
-from .config import DPOConfig
-from .trainer import DPOTrainer
+from .data.prepare import prepare_dataset
 
 IGNORE_INDEX = -100  # label value the causal-LM loss skips
 
@@ -47,6 +47,31 @@ class SFTCollator:
         return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
 
 
+def prepare_rows(train_dataset, eval_dataset, tokenizer, max_length, max_prompt_length):
+    """(train, eval) tokenized by `data.prepare_dataset`; a long prompt keeps the turns nearest the reply, as
+    in the paper's code."""
+    settings = {
+        "max_length": max_length,
+        "max_prompt_length": max_prompt_length,
+        "truncation_mode": "keep_end",
+    }
+    train = prepare_dataset(train_dataset, tokenizer, **settings, name="train_dataset")
+    return train, prepare_dataset(eval_dataset, tokenizer, **settings, name="eval_dataset")
+
+
+def padding_id(tokenizer) -> int:
+    """The tokenizer's pad token, else its EOS (padding is never scored nor attended)."""
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+
+def keeping_columns(args: TrainingArguments) -> TrainingArguments:
+    """A copy of `args` with `remove_unused_columns=False` (the collators read prompt_ids / response_ids, which
+    Trainer would drop); the caller's `args` is not changed."""
+    args = copy.copy(args)
+    args.remove_unused_columns = False
+    return args
+
+
 def sft_trainer(
     model,
     tokenizer,
@@ -60,26 +85,17 @@ def sft_trainer(
 ) -> Trainer:
     """A `transformers.Trainer` that fine-tunes `model` on the preferred response of each preference row.
 
-    Rows may be in any format `DPOTrainer` accepts; truncation follows `DPOConfig`'s rules.
+    Rows may be in any format `DPOTrainer` accepts (`data.prepare_dataset`); a long prompt keeps its end.
+    `args` is not changed: Trainer gets a copy with `remove_unused_columns=False`.
     """
-    data_args = DPOConfig(
-        output_dir=args.output_dir,
-        max_length=max_length,
-        max_prompt_length=max_prompt_length,
-        truncation_mode="keep_end",  # the paper's code: a long prompt keeps the turns nearest the reply
-        report_to="none",
-        # the run's device choice: another one would reset accelerate's process state (CPU multi-process)
-        use_cpu=getattr(args, "use_cpu", False),
-    )
-    train = DPOTrainer.prepare_dataset(train_dataset, tokenizer, data_args, "train_dataset")
-    evaluation = DPOTrainer.prepare_dataset(eval_dataset, tokenizer, data_args, "eval_dataset")
-    args.remove_unused_columns = False  # the collator reads prompt_ids / response_ids
+    train, evaluation = prepare_rows(train_dataset, eval_dataset, tokenizer, max_length, max_prompt_length)
+    args = keeping_columns(args)
     return Trainer(
         model=model,
         args=args,
         train_dataset=train,
         eval_dataset=evaluation,
-        data_collator=SFTCollator(tokenizer.pad_token_id),
+        data_collator=SFTCollator(padding_id(tokenizer)),
         processing_class=tokenizer,
         callbacks=callbacks,
     )

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 from transformers import Trainer, TrainingArguments
 
-from .sft import IGNORE_INDEX, SFTCollator, sft_trainer
+from .sft import IGNORE_INDEX, SFTCollator, keeping_columns, padding_id, prepare_rows
 
 MAX_PROBABILITY = 1 - 1e-5  # log(1 - p) is clamped here, as in Welleck et al.'s code
 
@@ -105,22 +105,14 @@ def unlikelihood_trainer(
     callbacks=None,
 ) -> UnlikelihoodTrainer:
     """An `UnlikelihoodTrainer` on preference rows in any format `DPOTrainer` takes (pairs: K = 2);
-    the rows are prepared exactly as `sft_trainer` prepares them."""
-    prepared = sft_trainer(
-        model,
-        tokenizer,
-        args,
-        train_dataset,
-        eval_dataset,
-        max_length=max_length,
-        max_prompt_length=max_prompt_length,
-    )
+    the rows are prepared exactly as `sft_trainer` prepares them (`sft.prepare_rows`)."""
+    train, evaluation = prepare_rows(train_dataset, eval_dataset, tokenizer, max_length, max_prompt_length)
     return UnlikelihoodTrainer(
         model=model,
-        args=args,
-        train_dataset=prepared.train_dataset,
-        eval_dataset=prepared.eval_dataset,
-        data_collator=UnlikelihoodCollator(tokenizer.pad_token_id),
+        args=keeping_columns(args),
+        train_dataset=train,
+        eval_dataset=evaluation,
+        data_collator=UnlikelihoodCollator(padding_id(tokenizer)),
         processing_class=tokenizer,
         callbacks=callbacks,
         alpha=alpha,

@@ -10,6 +10,7 @@ from .formats import (
     split_hh_transcript,
     to_example,
 )
+from .prepare import prepare_dataset
 from .tokenize import TRUNCATION_MODES, tokenize_example, truncate_ids
 
 __all__ = [
@@ -20,6 +21,7 @@ __all__ = [
     "PaddedCollator",
     "check_row_text",
     "detect_format",
+    "prepare_dataset",
     "split_hh_transcript",
     "to_example",
     "tokenize_example",

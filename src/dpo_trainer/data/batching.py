@@ -56,3 +56,22 @@ class TokenBudgetBatchSampler(torch.utils.data.Sampler[list[int]]):
 
     def __len__(self) -> int:
         return len(self.batches)
+
+
+def token_budget_loader(dataset, layout: str, collate_fn, args) -> torch.utils.data.DataLoader:
+    """A training loader whose batches are whole examples filling `args.max_tokens_per_batch` tokens of `layout`
+    (`args`: the run's `DPOConfig`, for the budget, the seed and the loader settings)."""
+    lengths = [
+        example_tokens(len(prompt), [len(r) for r in responses], layout)
+        for prompt, responses in zip(dataset["prompt_ids"], dataset["response_ids"])
+    ]
+    columns = [c for c in ("prompt_ids", "response_ids", "ref_logps") if c in dataset.column_names]
+    return torch.utils.data.DataLoader(
+        dataset.select_columns(columns),
+        batch_sampler=TokenBudgetBatchSampler(
+            lengths, args.max_tokens_per_batch, seed=args.data_seed or args.seed
+        ),
+        collate_fn=collate_fn,
+        num_workers=args.dataloader_num_workers,
+        pin_memory=args.dataloader_pin_memory,
+    )

@@ -147,3 +147,35 @@ class GroupedCollator:
         if "ref_logps" in features[0]:
             batch["ref_logps"] = torch.tensor([list(f["ref_logps"]) for f in features], dtype=torch.float32)
         return batch
+
+
+@dataclass
+class WithPaddedView:
+    """A collator that adds TRL's padded rows to another layout's batch, for `compute_metrics`.
+
+    Adds ``padded_input_ids`` and ``padded_attention_mask`` (K*B, T), the ``input_ids`` /
+    ``attention_mask`` of `PaddedCollator` (chosen rows, then rejected rows, right-padded).
+    """
+
+    collator: object
+    padded: PaddedCollator
+
+    def __call__(self, features: list[dict]) -> dict[str, torch.Tensor]:
+        batch = self.collator(features)
+        view = self.padded(features)
+        batch["padded_input_ids"], batch["padded_attention_mask"] = view["input_ids"], view["attention_mask"]
+        return batch
+
+
+def default_collator(
+    layout: str, pad_token_id: int, pad_to_multiple_of: int | None = None, padded_view: bool = False
+):
+    """The collator of `layout`; `padded_view` adds TRL's padded rows to a grouped layout's batches."""
+    if layout == "padded":
+        return PaddedCollator(pad_token_id, pad_to_multiple_of)
+    collator = GroupedCollator(pad_token_id, layout, pad_to_multiple_of)
+    return (
+        WithPaddedView(collator, PaddedCollator(pad_token_id, pad_to_multiple_of))
+        if padded_view
+        else collator
+    )

@@ -1,6 +1,6 @@
 """Generate hh_tiny: a small preference dataset in the raw Anthropic-HH format, written for this project.
 
-    python examples/data/make_hh_data.py --out examples/data/hh_tiny --train 2000 --test 200 --seed 0
+    python examples/hh_data.py --out examples/data/hh_tiny --train 2000 --test 200 --seed 0
 
 Each JSONL row is ``{"chosen": transcript, "rejected": transcript}`` with transcripts
 ``"\\n\\nHuman: ...\\n\\nAssistant: ..."``. Both share everything up to the last ``"\\n\\nAssistant:"``
@@ -8,8 +8,8 @@ Each JSONL row is ``{"chosen": transcript, "rejected": transcript}`` with transc
 replies come from one assistant and the better one is marked chosen: each reply is drawn from
 ``REPLY_MIX`` (a helpful, on-topic answer from a small knowledge base, a polite but vague reply, a
 helpful answer about another topic, an evasive or a rude reply) and ``rule_score`` picks the chosen one, so a chosen reply is not
-always a good one (two poor replies make a poor chosen one). The examples import this file by path
-(``examples/`` is not a package) to reuse ``rule_score`` and ``TOPICS`` as a rule judge.
+always a good one (two poor replies make a poor chosen one). ``examples/hh.py`` imports
+``rule_score`` from here (``from hh_data import rule_score``) as its rule judge.
 
 Standard library only; the same arguments give byte-identical files.
 """
@@ -24,7 +24,7 @@ from pathlib import Path
 
 # topic -> question templates that fit its items, (item, concrete answer, short answer) triples, and tips:
 # the knowledge base the helpful replies draw on, kept as data beside this file.
-KNOWLEDGE_FILE = Path(__file__).resolve().parent / "hh_knowledge.json"
+KNOWLEDGE_FILE = Path(__file__).resolve().parent / "data" / "hh_knowledge.json"
 
 
 def _tuples(value):

@@ -1,0 +1,140 @@
+"""Every touch of another library's private state, in one place.
+
+Each entry says which upstream versions it was written and tested against (CI runs the newest versions in
+`setup.cfg`'s ranges and the lowest, `.ci/constraints-lowest.txt`). `check_upstream()` runs when a trainer
+is built and fails with the names that moved, rather than letting a renamed private method be skipped
+silently (an override of a method the base class no longer calls would be dead code).
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+from torch import nn
+
+# torch 2.4-2.13: the common base class of nn.Dropout, Dropout1d/2d/3d, AlphaDropout and FeatureAlphaDropout.
+DROPOUT_MODULE_TYPES = (nn.modules.dropout._DropoutNd,)
+
+
+def compiled_inner(model: nn.Module) -> nn.Module | None:
+    """The module inside a `torch.compile` wrapper, else None (torch 2.4-2.13: `OptimizedModule._orig_mod`)."""
+    inner = getattr(model, "_orig_mod", None)
+    return inner if isinstance(inner, nn.Module) else None
+
+
+def attn_implementation(model: nn.Module) -> str | None:
+    """The attention implementation a model runs (transformers 5.0-5.24: `config._attn_implementation`;
+    set through the public `set_attn_implementation`)."""
+    return getattr(getattr(model, "config", None), "_attn_implementation", None)
+
+
+def unregister_prepared(accelerator, *models: nn.Module) -> None:
+    """Drop `models` from accelerate's registry of the models it trains and checkpoints.
+
+    accelerate 1.4-1.15: `Accelerator.prepare_model` appends to `Accelerator._models`, which `save_state`
+    walks and transformers' Trainer reads (empty = "the policy is not prepared yet").
+    """
+    accelerator._models[:] = [m for m in accelerator._models if not any(m is model for model in models)]
+
+
+@contextlib.contextmanager
+def evaluating_before_training(trainer):
+    """Let `Trainer.evaluate` run before `train()` on a temporary view of the policy, then restore the trainer.
+
+    Before train(), Trainer prepares the policy for evaluation in ways training cannot start from: with
+    several processes accelerate then marks the policy prepared and train() never wraps it in DDP
+    (gradients are not synchronised); ZeRO 1-2 refuse to build an inference engine; ZeRO-3 leaves one
+    without optimizer that train() reuses; FSDP2 refuses a model without its optimizer. The view is the
+    policy itself (with the run's autocast), a DeepSpeed inference engine whose hooks are removed after, or
+    a sharded copy under FSDP (`engines.policy_as_reference`).
+
+    transformers 5.0-5.24: `evaluation_loop` calls `self.model` and takes a non-empty `accelerator._models`
+    (accelerate 1.4-1.15) or a set `self.deepspeed` for "already prepared".
+    """
+    from .engines import policy_as_reference
+
+    policy, models = trainer.model, list(trainer.accelerator._models)
+    with policy_as_reference(policy, trainer.accelerator) as view, trainer.accelerator.autocast():
+        trainer.model, trainer.model_wrapped = trainer.accelerator.unwrap_model(view), view
+        trainer.accelerator._models[:] = [view]
+        trainer.deepspeed = view if trainer.is_deepspeed_enabled else None
+        try:
+            yield
+        finally:
+            trainer.model = trainer.model_wrapped = policy
+            trainer.accelerator._models[:] = models
+            trainer.deepspeed = None
+
+
+def policy_prepared(trainer) -> bool:
+    """Whether Trainer has prepared the policy for training (engine, DDP, device and autocast).
+
+    transformers 5.0-5.24 keeps the DeepSpeed engine in `Trainer.deepspeed` once built; accelerate 1.4-1.15
+    marks a model it prepared with `_is_accelerate_prepared`.
+    """
+    from .models import is_fsdp_module
+
+    if trainer.is_deepspeed_enabled:
+        return trainer.deepspeed is not None
+    if trainer.is_fsdp_enabled:
+        return is_fsdp_module(trainer.model)
+    model = trainer.model
+    return trainer.model_wrapped is not model or getattr(model, "_is_accelerate_prepared", False)
+
+
+class TrainerOverrides:
+    """The private `transformers.Trainer` methods `DPOTrainer` overrides, each handing over to a named hook.
+
+    Written against transformers 5.24; every method below exists, with this signature, since 5.0.
+    """
+
+    # Trainer._get_num_items_in_batch(batch_samples, device): the training loss's denominator for a step.
+    def _get_num_items_in_batch(self, batch_samples, device):
+        return self.count_step_pairs(batch_samples, device)
+
+    # Trainer._set_signature_columns_if_needed(): Trainer keeps only columns named like model.forward's
+    # arguments (`_signature_columns`); ours feed the collator.
+    def _set_signature_columns_if_needed(self):
+        if self._signature_columns is None:
+            self._signature_columns = list(self.dataset_columns)
+
+    # Trainer._get_grad_norm(model, grad_norm): called once the step's gradients are final, just before the
+    # optimizer step.
+    def _get_grad_norm(self, model, grad_norm=None):
+        grad_norm = super()._get_grad_norm(model, grad_norm)
+        self.before_optimizer_step(model, grad_norm)
+        return grad_norm
+
+    # Trainer._save(output_dir, state_dict): writes the weights of every save (checkpoints and save_model).
+    def _save(self, output_dir: str | None = None, state_dict=None):
+        from .model_card import save_keeping_user_readme
+
+        output_dir = output_dir or self.args.output_dir
+        save = super()._save
+        save_keeping_user_readme(output_dir, lambda: save(output_dir, state_dict), self.write_model_card)
+
+
+# (module, attribute) pairs the code above relies on.
+_UPSTREAM = (
+    ("transformers.Trainer", "_get_num_items_in_batch"),
+    ("transformers.Trainer", "_set_signature_columns_if_needed"),
+    ("transformers.Trainer", "_get_grad_norm"),
+    ("transformers.Trainer", "_save"),
+    ("transformers.Trainer", "_prepare_inputs"),
+    ("accelerate.Accelerator", "prepare_model"),
+)
+
+
+def check_upstream() -> None:
+    """Raise ImportError naming every private method listed in `_UPSTREAM` that is missing upstream."""
+    import transformers
+
+    import accelerate
+
+    classes = {"transformers.Trainer": transformers.Trainer, "accelerate.Accelerator": accelerate.Accelerator}
+    missing = [f"{owner}.{name}" for owner, name in _UPSTREAM if not hasattr(classes[owner], name)]
+    if missing:
+        raise ImportError(
+            f"dpo_trainer overrides {', '.join(missing)}, which transformers {transformers.__version__} / "
+            f"accelerate {accelerate.__version__} no longer have; install versions within setup.cfg's ranges."
+        )
