@@ -189,3 +189,12 @@ DPO_METRICS = (
     "logps/chosen",
     "logps/rejected",
 )
+
+
+@pytest.fixture
+def model_dir(tmp_path, make_model, tokenizer):
+    """A tiny model and its tokenizer saved to a folder, as a hub checkpoint would be."""
+    path = tmp_path / "tiny-model"
+    make_model(seed=1).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return str(path)

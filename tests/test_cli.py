@@ -19,14 +19,6 @@ from conftest import dist_env, preference_rows
 COMMON = ["--report_to", "none", "--use_cpu", "--disable_tqdm", "true", "--save_strategy", "no"]
 
 
-@pytest.fixture
-def model_dir(tmp_path, make_model, tokenizer):
-    path = tmp_path / "tiny-model"
-    make_model(seed=1).save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return str(path)
-
-
 def write_rows(path: Path, rows) -> str:
     path.write_text("".join(json.dumps(row) + "\n" for row in rows))
     return str(path)

@@ -20,14 +20,6 @@ def write_rows(path: Path, rows) -> str:
 
 
 @pytest.fixture
-def model_dir(tmp_path, make_model, tokenizer):
-    path = tmp_path / "tiny-model"
-    make_model(seed=1).save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return str(path)
-
-
-@pytest.fixture
 def two_files(tmp_path):
     """Two preference files with the same pair columns and one extra column each, of different names."""
     first = [{**row, "source": "a"} for row in preference_rows(12, seed=11)]

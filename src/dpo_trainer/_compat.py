@@ -113,6 +113,12 @@ class TrainerOverrides:
         save = super()._save
         save_keeping_user_readme(output_dir, lambda: save(output_dir, state_dict), self.write_model_card)
 
+    # Trainer._load_from_checkpoint(resume_from_checkpoint, model=None): loads a checkpoint's weights when
+    # resuming, before the callbacks' on_train_begin.
+    def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
+        super()._load_from_checkpoint(resume_from_checkpoint, model)
+        self.after_checkpoint_loaded(resume_from_checkpoint)
+
 
 # (module, attribute) pairs the code above relies on.
 _UPSTREAM = (
@@ -121,6 +127,7 @@ _UPSTREAM = (
     ("transformers.Trainer", "_get_grad_norm"),
     ("transformers.Trainer", "_save"),
     ("transformers.Trainer", "_prepare_inputs"),
+    ("transformers.Trainer", "_load_from_checkpoint"),
     ("accelerate.Accelerator", "prepare_model"),
 )
 

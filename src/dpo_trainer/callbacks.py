@@ -40,6 +40,7 @@ reference log-probs of `precompute_ref_log_probs` (fixed before training), promp
 from __future__ import annotations
 
 import copy
+import os
 
 import torch
 from torch import nn
@@ -60,21 +61,29 @@ __all__ = [
 REFERENCE_ADAPTER = "reference"
 
 
+def _pair_by_name(
+    reference: dict, policy: dict, names: tuple[str, str]
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(reference tensor, policy tensor) pairs of two name -> parameter dicts; a value error naming the first
+    differences when they do not hold the same names and shapes. `names`: what the two are, for the message."""
+    if reference.keys() != policy.keys():
+        different = sorted(reference.keys() ^ policy.keys())[:3]
+        raise ValueError(
+            f"sync_ref_model: {names[0]} and {names[1]} have different parameters, e.g. {different}"
+        )
+    for name, target in reference.items():
+        if policy[name].shape != target.shape:
+            raise ValueError(
+                f"sync_ref_model: parameter {name} has shape {tuple(policy[name].shape)} in {names[1]} and "
+                f"{tuple(target.shape)} in {names[0]}"
+            )
+    return [(target, policy[name]) for name, target in reference.items()]
+
+
 def _paired_parameters(reference: nn.Module, policy: nn.Module) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """(reference parameter, policy parameter) pairs by name; a value error when the models differ."""
-    reference_params, policy_params = dict(reference.named_parameters()), dict(policy.named_parameters())
-    if reference_params.keys() != policy_params.keys():
-        missing = sorted(reference_params.keys() ^ policy_params.keys())[:3]
-        raise ValueError(
-            f"sync_ref_model: the reference and the policy have different parameters, e.g. {missing}"
-        )
-    for name, target in reference_params.items():
-        if policy_params[name].shape != target.shape:
-            raise ValueError(
-                f"sync_ref_model: parameter {name} has shape {tuple(policy_params[name].shape)} in the policy and "
-                f"{tuple(target.shape)} in the reference"
-            )
-    return [(target, policy_params[name]) for name, target in reference_params.items()]
+    pairs = (dict(reference.named_parameters()), dict(policy.named_parameters()))
+    return _pair_by_name(*pairs, ("the reference", "the policy"))
 
 
 @torch.no_grad()
@@ -127,19 +136,7 @@ def _adapter_pairs(peft_model: nn.Module, policy_adapter: str) -> list[tuple[tor
         raise ValueError(
             f"sync_ref_model: the policy's adapter {policy_adapter!r} has no parameters to copy."
         )
-    if reference.keys() != policy.keys():
-        different = sorted(reference.keys() ^ policy.keys())[:3]
-        raise ValueError(
-            f"sync_ref_model: the adapters {REFERENCE_ADAPTER!r} and {policy_adapter!r} have different "
-            f"parameters, e.g. {different}"
-        )
-    for name, target in reference.items():
-        if policy[name].shape != target.shape:
-            raise ValueError(
-                f"sync_ref_model: adapter parameter {name} has shape {tuple(policy[name].shape)} in "
-                f"{policy_adapter!r} and {tuple(target.shape)} in {REFERENCE_ADAPTER!r}"
-            )
-    return [(target, policy[name]) for name, target in reference.items()]
+    return _pair_by_name(reference, policy, (f"adapter {REFERENCE_ADAPTER!r}", f"adapter {policy_adapter!r}"))
 
 
 def add_reference_adapter(peft_model: nn.Module) -> str:
@@ -187,6 +184,23 @@ def mix_reference_adapter(peft_model: nn.Module, alpha: float, policy_adapter: s
     mixes LoRA's factors A and B separately, which for alpha < 1 is not the mix of the weight updates B·A.
     """
     _mix(_adapter_pairs(peft_model, policy_adapter or _policy_adapter(peft_model)), alpha)
+
+
+def load_reference_adapter(peft_model: nn.Module, checkpoint: str) -> bool:
+    """Load the reference adapter's weights saved in `checkpoint` (`<checkpoint>/reference/`) into `peft_model`,
+    if both have it; True when loaded. Resuming needs this: Trainer reloads only the active adapter in some
+    transformers versions (5.3-5.20 at least), which would leave the reference as it was built."""
+    path = os.path.join(checkpoint, REFERENCE_ADAPTER, "adapter_model.safetensors")
+    if REFERENCE_ADAPTER not in getattr(peft_model, "peft_config", {}) or not os.path.exists(path):
+        return False
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    set_peft_model_state_dict(peft_model, load_file(path), adapter_name=REFERENCE_ADAPTER)
+    for name, parameter in peft_model.named_parameters():
+        if REFERENCE_ADAPTER in name.split("."):
+            parameter.requires_grad_(False)
+    return True
 
 
 class SyncRefModelCallback(TrainerCallback):

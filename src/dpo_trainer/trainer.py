@@ -22,7 +22,7 @@ from transformers import Trainer
 from . import model_card, models
 from ._compat import TrainerOverrides, check_upstream, evaluating_before_training, policy_prepared
 from .attention import choose_attention, resolve_layout
-from .callbacks import SyncRefModelCallback
+from .callbacks import SyncRefModelCallback, load_reference_adapter
 from .checkpoints import resolve_resume, run_settings, write_settings
 from .config import DPOConfig, trainer_args
 from .data.batching import token_budget_loader
@@ -139,7 +139,7 @@ class DPOTrainer(TrainerOverrides, Trainer):
         self.model_accepts_loss_kwargs = True
         self.metrics = DPOMetrics(self.accelerator, args.device, self.layout, self.aux_loss_enabled)
         self.guard = StepGuard(args.on_nonfinite, args.device)
-        self._eval_prefix, self._data_fingerprint = "eval", None
+        self._eval_prefix, self._data_fingerprint, self._bco_reward_shift = "eval", None, RunningMean()
         if hasattr(self.model, "add_model_tags"):  # the hub model card's tags, as TRL's ("trl", "dpo")
             self.model.add_model_tags(self._tag_names)
         if self.ref_model is not None:  # placed like the policy, never given to an optimizer
@@ -220,8 +220,6 @@ class DPOTrainer(TrainerOverrides, Trainer):
             return losses, (args.beta * (policy_logps - reference_logps)).detach()
         reward_shift = 0.0
         if "bco_pair" in ([args.loss_type] if isinstance(args.loss_type, str) else args.loss_type):
-            if not hasattr(self, "_bco_reward_shift"):
-                self._bco_reward_shift = RunningMean()
             if self.model.training:  # δ includes this batch, as in the BCO reference code; eval only reads it
                 batch_mean = (args.beta * (policy_logps - reference_logps)).detach().mean().reshape(1)
                 self._bco_reward_shift.update(self.accelerator.gather(batch_mean).mean().item())
@@ -238,7 +236,7 @@ class DPOTrainer(TrainerOverrides, Trainer):
             aligned, self._wpo_logps = getattr(self, "_wpo_logps", None), None
             if aligned is None:
                 raise ValueError(
-                    "use_weighting: policy_logps did not keep the WPO means (call DPOTrainer.policy_logps)."
+                    "use_weighting: policy_logps did not keep the WPO means (see DPOTrainer.policy_logps)."
                 )
             losses = losses * wpo_weights(aligned).to(losses.dtype)
         return losses, torch.stack([chosen, rejected], dim=1)
@@ -247,9 +245,7 @@ class DPOTrainer(TrainerOverrides, Trainer):
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         # Trainer's default calls model(**inputs) and reads .loss; DPO needs two scorings and a pairwise loss.
-        if (
-            self.args.ld_alpha is not None
-        ):  # LD-DPO: tokens past the shared length weigh ld_alpha, in π and π_ref
+        if self.args.ld_alpha is not None:  # LD-DPO: tokens past the shared length weigh ld_alpha (π, π_ref)
             weights = ld_token_weights(inputs["score_seq"], inputs["response_lengths"], self.args.ld_alpha)
             inputs = {**inputs, "score_weight": weights}
         policy = self.policy_logps(model, inputs)
@@ -287,6 +283,10 @@ class DPOTrainer(TrainerOverrides, Trainer):
         """Pairs (examples) in the optimizer step, summed over processes: the training loss's denominator."""
         pairs = sum(batch["response_lengths"].shape[0] for batch in batch_samples)
         return self.accelerator.gather(torch.tensor(pairs, device=device)).sum()
+
+    def after_checkpoint_loaded(self, checkpoint: str) -> None:
+        """TR-DPO with LoRA: the reference adapter as the checkpoint saved it (`callbacks.load_reference_adapter`)."""
+        load_reference_adapter(models.unwrap_to_peft(self.model), checkpoint)
 
     def before_optimizer_step(self, model: nn.Module, grad_norm) -> None:
         """The divergence guard (`guards.StepGuard`), once the step's gradients are final."""
