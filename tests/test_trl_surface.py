@@ -118,7 +118,8 @@ def test_pad_token_field(tmp_path, make_model, tokenizer, pairs):
     tok = copy.deepcopy(tokenizer)
     args = dpo_config(tmp_path, pad_token=tok.bos_token, layout="padded")
     trainer = DPOTrainer(make_model(), args=args, train_dataset=pairs, processing_class=tok)
-    assert trainer.processing_class.pad_token_id == tokenizer.bos_token_id != tokenizer.pad_token_id
+    assert trainer.pad_token_id == tokenizer.bos_token_id != tokenizer.pad_token_id
+    assert tok.pad_token_id == tokenizer.pad_token_id  # the tokenizer itself is left as given
     rows = sorted(trainer.train_dataset, key=lambda row: len(row["prompt_ids"]) + len(row["response_ids"][0]))
     batch = trainer.data_collator([rows[0], rows[-1]])
     shortest = batch["input_ids"][0, batch["attention_mask"][0] == 0]
@@ -404,16 +405,16 @@ def test_trust_remote_code_reaches_model_and_tokenizer(tmp_path, model_dir, pair
 def test_precompute_ref_batch_size_sets_the_batches_not_the_values(
     tmp_path, make_model, tokenizer, pairs, monkeypatch
 ):
-    import dpo_trainer.trainer as trainer_module
+    import dpo_trainer.reference as reference_module
 
     totals = []
-    real = trainer_module.compute_dataset_reference_logps
+    real = reference_module.compute_dataset_reference_logps
 
     def spy(batches, score, *, total, **kwargs):
         totals.append(total)
         return real(batches, score, total=total, **kwargs)
 
-    monkeypatch.setattr(trainer_module, "compute_dataset_reference_logps", spy)
+    monkeypatch.setattr(reference_module, "compute_dataset_reference_logps", spy)
 
     def column(**overrides):
         args = dpo_config(tmp_path / str(overrides), precompute_ref_log_probs=True, **overrides)
