@@ -27,8 +27,8 @@ def unwrap(model: nn.Module) -> nn.Module:
             model = model.get_base_model()
         elif hasattr(model, "module") and isinstance(model.module, nn.Module):  # DDP, DeepSpeed engine
             model = model.module
-        elif compiled_inner(model) is not None:  # torch.compile
-            model = compiled_inner(model)
+        elif (inner := compiled_inner(model)) is not None:  # torch.compile
+            model = inner
         else:
             return model
 

@@ -15,6 +15,7 @@ import torch
 from transformers import Trainer, TrainingArguments
 
 from .data.prepare import prepare_dataset
+from .models import pad_token_id
 
 IGNORE_INDEX = -100  # label value the causal-LM loss skips
 
@@ -59,11 +60,6 @@ def prepare_rows(train_dataset, eval_dataset, tokenizer, max_length, max_prompt_
     return train, prepare_dataset(eval_dataset, tokenizer, **settings, name="eval_dataset")
 
 
-def padding_id(tokenizer) -> int:
-    """The tokenizer's pad token, else its EOS (padding is never scored nor attended)."""
-    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-
-
 def keeping_columns(args: TrainingArguments) -> TrainingArguments:
     """A copy of `args` with `remove_unused_columns=False` (the collators read prompt_ids / response_ids, which
     Trainer would drop); the caller's `args` is not changed."""
@@ -95,7 +91,7 @@ def sft_trainer(
         args=args,
         train_dataset=train,
         eval_dataset=evaluation,
-        data_collator=SFTCollator(padding_id(tokenizer)),
+        data_collator=SFTCollator(pad_token_id(tokenizer)),
         processing_class=tokenizer,
         callbacks=callbacks,
     )

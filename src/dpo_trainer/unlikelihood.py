@@ -17,7 +17,8 @@ from dataclasses import dataclass
 import torch
 from transformers import Trainer, TrainingArguments
 
-from .sft import IGNORE_INDEX, SFTCollator, keeping_columns, padding_id, prepare_rows
+from .models import pad_token_id
+from .sft import IGNORE_INDEX, SFTCollator, keeping_columns, prepare_rows
 
 MAX_PROBABILITY = 1 - 1e-5  # log(1 - p) is clamped here, as in Welleck et al.'s code
 
@@ -112,7 +113,7 @@ def unlikelihood_trainer(
         args=keeping_columns(args),
         train_dataset=train,
         eval_dataset=evaluation,
-        data_collator=UnlikelihoodCollator(padding_id(tokenizer)),
+        data_collator=UnlikelihoodCollator(pad_token_id(tokenizer)),
         processing_class=tokenizer,
         callbacks=callbacks,
         alpha=alpha,
