@@ -69,6 +69,40 @@ def test_a_rerun_resumes_instead_of_retraining(hh, finished_run, capsys):
     assert os.path.getmtime(adapter) == stamp
 
 
+def test_a_changed_flag_is_refused_then_restarts_only_the_stale_stages(hh, finished_run, tmp_path, capsys):
+    """The whole script, not only its manifest helpers: a changed DPO flag (the offline default beta is 2.0) is refused with the key named and
+    nothing touched; with --restart_stale the DPO stage (and the evaluation after it) runs again, the earlier
+    DPO folder is kept aside whole, and SFT is reused."""
+    import shutil
+
+    out = str(tmp_path / "run")
+    shutil.copytree(finished_run[0], out)
+    adapter = os.path.join(out, "dpo", "final", "adapter_model.safetensors")
+    with open(adapter, "rb") as handle:
+        old_adapter = handle.read()
+    stamp = os.path.getmtime(adapter)
+    capsys.readouterr()
+    with pytest.raises(SystemExit, match=r"(?s)dpo:.*beta: 2\.0 -> 0\.5.*--restart_stale"):
+        hh.main(["--output_dir", out, "--full", "false", "--beta", "0.5"] + SHORT)
+    assert os.path.getmtime(adapter) == stamp and not glob.glob(os.path.join(out, "*.stale-*"))
+
+    summary = hh.main(["--output_dir", out, "--full", "false", "--beta", "0.5", "--restart_stale"] + SHORT)
+    printed = capsys.readouterr().out
+    assert "[sft] already done" in printed and "[dpo] already done" not in printed
+    (aside,) = glob.glob(os.path.join(out, "dpo.stale-*"))
+    with open(os.path.join(aside, "final", "adapter_model.safetensors"), "rb") as handle:
+        assert handle.read() == old_adapter  # the earlier result, kept whole
+    with open(adapter, "rb") as handle:
+        assert handle.read() != old_adapter  # trained again, with the new beta
+    with open(os.path.join(out, "run.json")) as handle:
+        assert json.load(handle)["stages"]["dpo"]["settings"]["beta"] == 0.5
+    assert summary["dpo_policy"] == os.path.join(out, "dpo", "final")
+    hh.main(
+        ["--output_dir", out, "--full", "false", "--beta", "0.5"] + SHORT
+    )  # now the same settings: resumes
+    assert "[dpo] already done" in capsys.readouterr().out
+
+
 def test_refuses_a_folder_holding_other_files(hh, tmp_path):
     out = tmp_path / "taken"
     out.mkdir()
