@@ -97,9 +97,8 @@ def test_a_changed_flag_is_refused_then_restarts_only_the_stale_stages(hh, finis
     with open(os.path.join(out, "run.json")) as handle:
         assert json.load(handle)["stages"]["dpo"]["settings"]["beta"] == 0.5
     assert summary["dpo_policy"] == os.path.join(out, "dpo", "final")
-    hh.main(
-        ["--output_dir", out, "--full", "false", "--beta", "0.5"] + SHORT
-    )  # now the same settings: resumes
+    # now the same settings: resumes
+    hh.main(["--output_dir", out, "--full", "false", "--beta", "0.5"] + SHORT)
     assert "[dpo] already done" in capsys.readouterr().out
 
 
