@@ -454,6 +454,78 @@ def test_chunked_sdpa_under_gradient_checkpointing(reentrant, monkeypatch):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
 
 
+class _Attention(torch.nn.Module):
+    num_key_value_groups = 2  # 4 query heads over 2 key/value heads
+
+
+def _grouped_ids(batch, window, chunk):
+    ids = attention._GroupedIds(batch["doc_ids"], batch["branch_ids"], batch["position_ids"], window, chunk)
+    return ids, attention._ids_carrier(ids)
+
+
+@pytest.mark.parametrize("layout", ["packed", "shared_prompt"])
+@pytest.mark.parametrize("window", [None, 5])
+def test_chunked_sdpa_equals_sdpa_with_the_whole_mask_outputs_and_gradients(layout, window):
+    """Against SDPA given the layout's whole (T, T) mask, on rows holding several groups, three responses,
+    padding and chunks of 4 (so chunks start inside segments and segments inside chunks): the same output at
+    every real token, zero at padding, and the same gradients for queries, keys and values."""
+    torch.manual_seed(0)
+    rows = [
+        {"prompt_ids": [3] * p, "response_ids": [[4] * r for r in responses]}
+        for p, responses in ((9, (6, 11, 3)), (3, (2, 5, 1)), (13, (7, 4, 9)), (5, (3, 3, 3)), (2, (1, 1, 1)))
+    ]
+    batch = collate(layout, rows)
+    doc = batch["doc_ids"]
+    assert (doc == attention.PAD_DOC).any() and (doc.amax(dim=1) > 0).any()  # padding; several groups a row
+    ids, carrier = _grouped_ids(batch, window, chunk=4)
+    n, width = doc.shape
+    q = torch.randn(n, 4, width, 8, dtype=torch.float64, requires_grad=True)
+    k = torch.randn(n, 2, width, 8, dtype=torch.float64, requires_grad=True)
+    v = torch.randn(n, 2, width, 8, dtype=torch.float64, requires_grad=True)
+    module = _Attention().train()
+    out, _ = attention.chunked_sdpa_attention(module, q, k, v, carrier)  # (rows, T, heads, d)
+    allowed = attention_allowed(doc, batch["branch_ids"], batch["position_ids"], window)[:, None]
+    want = torch.nn.functional.scaled_dot_product_attention(
+        q, k.repeat_interleave(2, dim=1), v.repeat_interleave(2, dim=1), attn_mask=allowed
+    ).transpose(1, 2)
+    real = (doc != attention.PAD_DOC)[:, :, None, None]
+    torch.testing.assert_close(out * real, want * real)
+    assert not out[~real.expand_as(out)].any()  # padding attends nothing
+    weights = torch.randn_like(out) * real
+    grads = torch.autograd.grad((out * weights).sum(), (q, k, v))
+    want_grads = torch.autograd.grad((want * weights).sum(), (q, k, v))
+    for got, expected in zip(grads, want_grads):
+        torch.testing.assert_close(got, expected)
+
+
+def test_chunked_sdpa_scores_only_the_keys_each_chunk_can_see(monkeypatch):
+    """A response's queries score their prompt and their own response, never another response: each SDPA
+    call's (queries x keys) is the chunk's size times the keys its last query may see (the whole mask's row)."""
+    rows = [{"prompt_ids": [3] * 10, "response_ids": [[4] * 12, [5] * 9, [6] * 7]}]
+    batch = collate("shared_prompt", rows)
+    ids, carrier = _grouped_ids(batch, None, chunk=4)
+    width = batch["doc_ids"].shape[1]
+    calls = []
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+
+    def counting(query, key, *args, **kwargs):
+        calls.append((query.shape[2], key.shape[2]))
+        return sdpa(query, key, *args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", counting)
+    q = torch.randn(1, 4, width, 8)
+    kv = torch.randn(1, 2, width, 8)
+    attention.chunked_sdpa_attention(_Attention().eval(), q, kv, kv, carrier)
+    allowed = attention_allowed(batch["doc_ids"], batch["branch_ids"])[0]
+    expected = []
+    for start, end in ((0, 10), (10, 22), (22, 31), (31, 38)):  # the prompt, then each response
+        for a in range(start, end, 4):
+            b = min(a + 4, end)
+            expected.append((b - a, int(allowed[b - 1].sum())))
+    assert calls == expected
+    assert calls[-2:] == [(4, 10 + 4), (3, 10 + 7)]  # the last response: its prompt and itself only
+
+
 def test_chunked_sdpa_refuses_a_mask_that_lost_its_ids():
     batch = collate("packed", features(seed=2))
     model = build("llama", "sdpa")

@@ -31,14 +31,14 @@ import inspect
 import logging
 import re
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from ._compat import attn_implementation
-from .data.layouts import SHARED_BRANCH
+from .data.layouts import PAD_DOC, SHARED_BRANCH
 from .models import unwrap
 
 logger = logging.getLogger(__name__)
@@ -46,7 +46,7 @@ logger = logging.getLogger(__name__)
 # Implementations whose mask we build here; any other (flash attention, paged, kernels) takes no 4D mask.
 # The grouped layouts' SDPA path: query-chunked, its mask built per chunk (see `chunked_sdpa_attention`).
 CHUNKED_SDPA = "dpo_chunked_sdpa"
-QUERY_CHUNK = 512  # queries per chunk: a chunk's mask and scores are (rows, heads, QUERY_CHUNK, <= T)
+QUERY_CHUNK = 512  # queries per chunk: a chunk's mask is (QUERY_CHUNK, <= T), one row at a time
 MASKED_IMPLEMENTATIONS = (None, "sdpa", "eager", "flex_attention", CHUNKED_SDPA)
 # Layer kinds in `config.layer_types` served here: attention ones, and token-wise ones that mix nothing.
 ATTENTION_LAYER_TYPES = ("full_attention", "sliding_attention")
@@ -195,6 +195,8 @@ class _GroupedIds:
     position_ids: torch.Tensor  # (rows, T)
     window: int | None
     chunk: int
+    # per row, the segments' (start, end, key ranges they see in full); built once per batch (`_segments`)
+    plan: list = field(default_factory=list, compare=False, repr=False)
 
 
 def _ids_carrier(ids: _GroupedIds) -> torch.Tensor:
@@ -207,6 +209,40 @@ def _ids_carrier(ids: _GroupedIds) -> torch.Tensor:
     carrier = torch.zeros((), dtype=torch.bool, device=ids.doc_ids.device).expand(rows, 1, width, width)
     carrier.dpo_grouped_ids = ids
     return carrier
+
+
+def _segments(ids: _GroupedIds) -> list[list[tuple[int, int, tuple[tuple[int, int], ...]]]]:
+    """Per row, its segments (maximal runs of one group and branch) as (start, end, seen), where `seen` are
+    the key ranges before the segment that its queries see in full: the same group's earlier runs of the
+    shared branch or of the segment's own (for a response: its prompt; for the prompt or a packed sequence:
+    none). A query sees `seen` and its own segment up to itself, which is the module docstring's rule
+    without the window. Padding (group -1) gets `seen` None: it attends nothing and its output is zero."""
+    if ids.plan:
+        return ids.plan
+    doc, branch = ids.doc_ids, ids.branch_ids
+    rows, width = doc.shape
+    change = torch.ones(rows, width, dtype=torch.bool, device=doc.device)
+    change[:, 1:] = (doc[:, 1:] != doc[:, :-1]) | (branch[:, 1:] != branch[:, :-1])
+    found = change.nonzero().tolist()  # one host transfer per batch: the segment starts
+    labels = torch.stack([doc[change], branch[change]], dim=1).tolist()
+    starts: list[list[tuple[int, int, int]]] = [[] for _ in range(rows)]
+    for (row, start), (group, kind) in zip(found, labels):
+        starts[row].append((start, group, kind))
+    plan = []
+    for row in starts:
+        segments, runs = [], {}  # group -> its earlier runs (start, end, branch)
+        for index, (start, group, kind) in enumerate(row):
+            end = row[index + 1][0] if index + 1 < len(row) else width
+            if group == PAD_DOC:
+                segments.append((start, end, None))
+                continue
+            earlier = runs.setdefault(group, [])
+            seen = tuple((a, b) for a, b, k in earlier if k in (SHARED_BRANCH, kind))
+            segments.append((start, end, seen))
+            earlier.append((start, end, kind))
+        plan.append(segments)
+    ids.plan.extend(plan)
+    return ids.plan
 
 
 def _chunk_attention(query, key, value, ids: _GroupedIds, start: int, end: int, low: int, scaling, dropout):
@@ -224,14 +260,44 @@ def _chunk_attention(query, key, value, ids: _GroupedIds, start: int, end: int, 
     )
 
 
+def _segment_chunk_attention(
+    query, key, value, seen_keys, seen_values, q_pos, k_pos, window, scaling, dropout
+):
+    """SDPA of one row's query chunk over the keys it may see: `seen_*` (seen in full; may be empty) followed
+    by its own segment from the start up to the chunk's end (causal, the chunk's queries last).
+
+    query: (1, heads, c, d); key, value: (1, heads, n, d), n >= c, the own segment's keys up to the chunk's
+    end; seen_keys, seen_values: tuples of (1, heads, m, d) ranges, concatenated here (inside the checkpoint,
+    so the copy is recomputed, never kept); q_pos (c,), k_pos (all keys,): positions, for the window only.
+    """
+    if seen_keys:
+        key, value = torch.cat([*seen_keys, key], dim=2), torch.cat([*seen_values, value], dim=2)
+    c, n = query.shape[2], key.shape[2]
+    # query i (0-based in the chunk) sees every key up to itself: the last c keys are the chunk's own
+    if window is None:  # additive: zero over the keys seen in full, a causal block over the chunk's own
+        mask = query.new_zeros(c, n)
+        mask[:, n - c :] = torch.full((c, c), float("-inf"), dtype=query.dtype, device=query.device).triu(1)
+    else:
+        mask = (
+            torch.arange(n, device=query.device)[None, :]
+            <= torch.arange(n - c, n, device=query.device)[:, None]
+        )
+        mask &= (q_pos[:, None] - k_pos[None, :]) < window
+    return torch.nn.functional.scaled_dot_product_attention(
+        query, key, value, attn_mask=mask, dropout_p=dropout, scale=scaling
+    )
+
+
 def chunked_sdpa_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
     """SDPA whose memory grows linearly in the row length T for the `packed` / `shared_prompt` layouts.
 
-    Registered with transformers as `CHUNKED_SDPA`. Given a mask from `grouped_attention_mask`, queries run
-    `QUERY_CHUNK` at a time over the keys from the first one their groups can see, the chunk's mask built
-    from the layout's ids; each chunk is recomputed in the backward pass (activation checkpointing), so no
-    (T, T) mask or score matrix exists, forward or backward. Any other mask (the `padded` layout,
-    generation) goes to transformers' own SDPA attention unchanged.
+    Registered with transformers as `CHUNKED_SDPA`. Given a mask from `grouped_attention_mask`, each row's
+    segments (`_segments`: the prompt, each response, each packed sequence) run `QUERY_CHUNK` queries at a
+    time over only the keys they can see (a response: its prompt and itself, not the other responses), with
+    a mask built from positions; each chunk is recomputed in the backward pass (activation checkpointing), so
+    no (T, T) mask or score matrix exists, forward or backward; padding is not computed (its output is zero).
+    Rows no longer than one chunk run as one call with the layout's whole mask. Any other mask (the `padded`
+    layout, generation) goes to transformers' own SDPA attention unchanged.
 
     Args:
         query: (rows, heads, T, d); key, value: (rows, kv_heads, T, d); returns ((rows, T, heads, d), None).
@@ -253,32 +319,49 @@ def chunked_sdpa_attention(module, query, key, value, attention_mask, dropout=0.
     key, value = repeat_kv(key, groups), repeat_kv(value, groups)
     dropout = dropout if module.training else 0.0
     width = query.shape[2]
-    # the first key a query can see: its group's first token (queries of a chunk share the earliest)
-    doc = ids.doc_ids
-    new_group = torch.ones_like(doc, dtype=torch.bool)
-    new_group[:, 1:] = doc[:, 1:] != doc[:, :-1]
-    index = torch.arange(width, device=doc.device).expand_as(doc)
-    group_start = torch.where(new_group, index, 0).cummax(dim=1).values
-    outputs = []
-    for start in range(0, width, ids.chunk):
-        end = min(start + ids.chunk, width)
-        low = int(group_start[:, start].min())
-        args = (
-            query[:, :, start:end],
-            key[:, :, low:end],
-            value[:, :, low:end],
-            ids,
-            start,
-            end,
-            low,
-            scaling,
-        )
-        needs_grad = query.requires_grad or key.requires_grad or value.requires_grad
-        if width > ids.chunk and torch.is_grad_enabled() and needs_grad:  # keep no chunk's mask or scores
-            outputs.append(checkpoint(_chunk_attention, *args, dropout, use_reentrant=False))
-        else:
-            outputs.append(_chunk_attention(*args, dropout))
-    return torch.cat(outputs, dim=2).transpose(1, 2).contiguous(), None
+    if width <= ids.chunk:  # one call: its mask is at most (chunk, chunk) a row
+        out = _chunk_attention(query, key, value, ids, 0, width, 0, scaling, dropout)
+        return out.transpose(1, 2).contiguous(), None
+    checkpointed = torch.is_grad_enabled() and (
+        query.requires_grad or key.requires_grad or value.requires_grad
+    )
+    positions = ids.position_ids
+    rows = []
+    for r, segments in enumerate(_segments(ids)):
+        pieces = []
+        for start, end, seen in segments:
+            if seen is None:  # padding
+                pieces.append(query.new_zeros(1, query.shape[1], end - start, value.shape[-1]))
+                continue
+            seen_keys = tuple(key[r : r + 1, :, a:b] for a, b in seen)
+            seen_values = tuple(value[r : r + 1, :, a:b] for a, b in seen)
+            if seen and seen[-1][1] == start:  # the prompt right before the segment: one slice, no copy
+                own_start, seen_keys, seen_values = seen[-1][0], seen_keys[:-1], seen_values[:-1]
+                seen = seen[:-1]
+            else:
+                own_start = start
+            seen_pos = [positions[r, a:b] for a, b in seen]
+            for a in range(start, end, ids.chunk):
+                b = min(a + ids.chunk, end)
+                k_pos = torch.cat([*seen_pos, positions[r, own_start:b]]) if ids.window is not None else None
+                args = (
+                    query[r : r + 1, :, a:b],
+                    key[r : r + 1, :, own_start:b],
+                    value[r : r + 1, :, own_start:b],
+                    seen_keys,
+                    seen_values,
+                    positions[r, a:b],
+                    k_pos,
+                    ids.window,
+                    scaling,
+                    dropout,
+                )
+                if checkpointed:  # keep no chunk's mask or scores
+                    pieces.append(checkpoint(_segment_chunk_attention, *args, use_reentrant=False))
+                else:
+                    pieces.append(_segment_chunk_attention(*args))
+        rows.append(torch.cat(pieces, dim=2))
+    return torch.cat(rows, dim=0).transpose(1, 2).contiguous(), None
 
 
 def register_chunked_sdpa() -> None:
