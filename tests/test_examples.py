@@ -4,6 +4,7 @@ import glob
 import importlib.util
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -73,8 +74,6 @@ def test_a_changed_flag_is_refused_then_restarts_only_the_stale_stages(hh, finis
     """The whole script, not only its manifest helpers: a changed DPO flag (the offline default beta is 2.0) is refused with the key named and
     nothing touched; with --restart_stale the DPO stage (and the evaluation after it) runs again, the earlier
     DPO folder is kept aside whole, and SFT is reused."""
-    import shutil
-
     out = str(tmp_path / "run")
     shutil.copytree(finished_run[0], out)
     adapter = os.path.join(out, "dpo", "final", "adapter_model.safetensors")

@@ -211,12 +211,14 @@ def _ids_carrier(ids: _GroupedIds) -> torch.Tensor:
     return carrier
 
 
-def _segments(ids: _GroupedIds) -> list[list[tuple[int, int, tuple[tuple[int, int], ...]]]]:
-    """Per row, its segments (maximal runs of one group and branch) as (start, end, seen), where `seen` are
-    the key ranges before the segment that its queries see in full: the same group's earlier runs of the
-    shared branch or of the segment's own (for a response: its prompt; for the prompt or a packed sequence:
-    none). A query sees `seen` and its own segment up to itself, which is the module docstring's rule
-    without the window. Padding (group -1) gets `seen` None: it attends nothing and its output is zero."""
+def _segments(ids: _GroupedIds) -> list[list[tuple[int, int, int, tuple[tuple[int, int], ...] | None]]]:
+    """Per row, its segments (maximal runs of one group and branch) as (start, end, own_start, seen).
+
+    A query of the segment sees the key ranges `seen` in full and the keys from `own_start` up to itself:
+    the same group's earlier runs of the shared branch or of the segment's own (for a response: its prompt;
+    for the prompt or a packed sequence: none), the one right before the segment joined to it (`own_start`
+    < `start`, one slice of the keys instead of a copy). That is the module docstring's rule without the
+    window. Padding (group -1) gets `seen` None: it attends nothing and its output is zero."""
     if ids.plan:
         return ids.plan
     doc, branch = ids.doc_ids, ids.branch_ids
@@ -234,30 +236,18 @@ def _segments(ids: _GroupedIds) -> list[list[tuple[int, int, tuple[tuple[int, in
         for index, (start, group, kind) in enumerate(row):
             end = row[index + 1][0] if index + 1 < len(row) else width
             if group == PAD_DOC:
-                segments.append((start, end, None))
+                segments.append((start, end, start, None))
                 continue
             earlier = runs.setdefault(group, [])
             seen = tuple((a, b) for a, b, k in earlier if k in (SHARED_BRANCH, kind))
-            segments.append((start, end, seen))
+            own_start = start
+            if seen and seen[-1][1] == start:
+                own_start, seen = seen[-1][0], seen[:-1]
+            segments.append((start, end, own_start, seen))
             earlier.append((start, end, kind))
         plan.append(segments)
     ids.plan.extend(plan)
     return ids.plan
-
-
-def _chunk_attention(query, key, value, ids: _GroupedIds, start: int, end: int, low: int, scaling, dropout):
-    """SDPA of queries [start, end) over keys [low, end), with the chunk's slice of the layout's mask."""
-    doc, branch, pos = ids.doc_ids, ids.branch_ids, ids.position_ids
-    q_doc, k_doc = doc[:, start:end, None], doc[:, None, low:end]
-    q_branch, k_branch = branch[:, start:end, None], branch[:, None, low:end]
-    q_index = torch.arange(start, end, device=doc.device)[:, None]
-    k_index = torch.arange(low, end, device=doc.device)[None, :]
-    allowed = (k_index <= q_index) & (q_doc == k_doc) & ((k_branch == SHARED_BRANCH) | (k_branch == q_branch))
-    if ids.window is not None:
-        allowed &= (pos[:, start:end, None] - pos[:, None, low:end]) < ids.window
-    return torch.nn.functional.scaled_dot_product_attention(
-        query, key, value, attn_mask=allowed[:, None], dropout_p=dropout, scale=scaling
-    )
 
 
 def _segment_chunk_attention(
@@ -320,7 +310,10 @@ def chunked_sdpa_attention(module, query, key, value, attention_mask, dropout=0.
     dropout = dropout if module.training else 0.0
     width = query.shape[2]
     if width <= ids.chunk:  # one call: its mask is at most (chunk, chunk) a row
-        out = _chunk_attention(query, key, value, ids, 0, width, 0, scaling, dropout)
+        allowed = attention_allowed(ids.doc_ids, ids.branch_ids, ids.position_ids, ids.window)[:, None]
+        out = torch.nn.functional.scaled_dot_product_attention(
+            query, key, value, attn_mask=allowed, dropout_p=dropout, scale=scaling
+        )
         return out.transpose(1, 2).contiguous(), None
     checkpointed = torch.is_grad_enabled() and (
         query.requires_grad or key.requires_grad or value.requires_grad
@@ -329,18 +322,13 @@ def chunked_sdpa_attention(module, query, key, value, attention_mask, dropout=0.
     rows = []
     for r, segments in enumerate(_segments(ids)):
         pieces = []
-        for start, end, seen in segments:
+        for start, end, own_start, seen in segments:
             if seen is None:  # padding
                 pieces.append(query.new_zeros(1, query.shape[1], end - start, value.shape[-1]))
                 continue
             seen_keys = tuple(key[r : r + 1, :, a:b] for a, b in seen)
             seen_values = tuple(value[r : r + 1, :, a:b] for a, b in seen)
-            if seen and seen[-1][1] == start:  # the prompt right before the segment: one slice, no copy
-                own_start, seen_keys, seen_values = seen[-1][0], seen_keys[:-1], seen_values[:-1]
-                seen = seen[:-1]
-            else:
-                own_start = start
-            seen_pos = [positions[r, a:b] for a, b in seen]
+            seen_pos = [positions[r, a:b] for a, b in seen] if ids.window is not None else None
             for a in range(start, end, ids.chunk):
                 b = min(a + ids.chunk, end)
                 k_pos = torch.cat([*seen_pos, positions[r, own_start:b]]) if ids.window is not None else None
