@@ -30,9 +30,14 @@ BAD = ["no", "go", "away", "stupid", "never", "whatever", "boring", "ugh", "leav
 
 
 def dpo_config(tmp_path, **overrides) -> DPOConfig:
-    """A small CPU training configuration writing under tmp_path; keyword arguments override it."""
+    """A small CPU training configuration writing under tmp_path; keyword arguments override it.
+
+    float32 and no activation checkpointing (TRL's defaults are bf16 autocast and checkpointing on, which the
+    tests of those defaults ask for): the tests compare log-probs and losses with float64 oracles and TRL."""
     settings = dict(
         output_dir=str(tmp_path / "out"),
+        bf16=False,
+        gradient_checkpointing=False,
         per_device_train_batch_size=4,
         per_device_eval_batch_size=4,
         max_steps=3,
@@ -176,8 +181,11 @@ def launch_dist_script(
 
 @pytest.fixture(scope="session")
 def one_process_runs(tmp_path_factory):
-    """train_dpo.py in one plain process, batch 4: the `live` and `lora` runs every launch is compared to."""
-    return launch_dist_script([sys.executable], tmp_path_factory.mktemp("one_process"), 4, "live,lora")
+    """train_dpo.py in one plain process, batch 4: the `live`, `lora` and `adapter` runs every launch is
+    compared to."""
+    return launch_dist_script(
+        [sys.executable], tmp_path_factory.mktemp("one_process"), 4, "live,lora,adapter"
+    )
 
 
 # TRL's metric names, logged by the trainer (eval_-prefixed in evaluation)

@@ -303,3 +303,80 @@ def test_an_explicit_half_written_checkpoint_is_refused_with_the_reason(run_dir,
     trainer = DPOTrainer(make_model(seed=5), args=args, train_dataset=ROWS, processing_class=tokenizer)
     with pytest.raises(ValueError, match=r"Cannot resume from .*checkpoint-6: model.safetensors"):
         trainer.train(resume_from_checkpoint=partial)
+
+
+# ---------------------------------------------------------------- every setting that decides the result is compared
+
+# a valid other value of every DPOConfig field that decides the result: a new field must be added here, or the
+# test below that walks the fields fails
+OTHER_VALUES = {
+    "beta": 0.2,
+    "loss_type": ["hinge"],
+    "label_smoothing": 0.1,
+    "loss_weights": [2.0],
+    "f_divergence_type": "forward_kl",
+    "f_alpha_divergence_coef": 0.3,
+    "discopop_tau": 0.1,
+    "use_weighting": True,
+    "ld_alpha": 0.5,
+    "rpo_alpha": 0.5,
+    "router_aux_loss_coef": 0.01,
+    "max_length": 64,
+    "max_prompt_length": 32,
+    "truncation_mode": "keep_end",
+    "precompute_ref_log_probs": True,
+    "disable_dropout": False,
+    "peft_reference": "base",
+    "sync_ref_model": True,
+    "ref_model_mixup_alpha": 0.5,
+    "ref_model_sync_steps": 8,
+}
+
+
+def test_every_dpo_field_is_either_a_result_setting_or_named_neutral():
+    import dataclasses
+
+    from transformers import TrainingArguments
+
+    from dpo_trainer import DPOConfig
+    from dpo_trainer.config import NEUTRAL_FIELDS, RESULT_FIELDS
+
+    inherited = {field.name for field in dataclasses.fields(TrainingArguments)}
+    own = {field.name for field in dataclasses.fields(DPOConfig)} - inherited
+    assert set(RESULT_FIELDS).isdisjoint(NEUTRAL_FIELDS)
+    assert own == set(RESULT_FIELDS) | set(NEUTRAL_FIELDS)
+    assert set(OTHER_VALUES) == set(RESULT_FIELDS)
+
+
+@pytest.mark.parametrize("name", sorted(OTHER_VALUES))
+def test_a_changed_result_setting_is_refused_or_warned_on_resume(tmp_path, name, caplog):
+    from dpo_trainer.checkpoints import check_resume_settings, run_settings, write_settings
+    from dpo_trainer.config import LOSS_FIELDS, TRAINER_LOSS_FIELDS
+
+    saved = run_settings(dpo_config(tmp_path), "padded", "data-key")
+    changed = run_settings(dpo_config(tmp_path, **{name: OTHER_VALUES[name]}), "padded", "data-key")
+    assert changed[name] != saved[name]
+    write_settings(str(tmp_path / "checkpoint-2"), saved)
+    objective = name in LOSS_FIELDS + TRAINER_LOSS_FIELDS and name != "beta"
+    with caplog.at_level(logging.WARNING, logger="dpo_trainer.checkpoints"):
+        if objective:  # another loss: another experiment
+            with pytest.raises(ValueError, match=rf"Cannot resume .*{name}: "):
+                check_resume_settings(str(tmp_path / "checkpoint-2"), changed)
+        else:
+            check_resume_settings(str(tmp_path / "checkpoint-2"), changed)
+            assert f"{name}: " in caplog.text
+
+
+def test_a_checkpoint_whose_loss_name_meant_the_papers_form_is_refused(tmp_path):
+    from dpo_trainer.checkpoints import check_resume_settings, run_settings, write_settings
+
+    current = run_settings(dpo_config(tmp_path, loss_type="ipo"), "padded", "data-key")
+    older = {key: value for key, value in current.items() if key != "loss_names"}  # written before the rename
+    write_settings(str(tmp_path / "old"), older)
+    with pytest.raises(ValueError, match="ipo_paper"):
+        check_resume_settings(str(tmp_path / "old"), current)
+    write_settings(str(tmp_path / "new"), current)
+    check_resume_settings(str(tmp_path / "new"), current)  # the same names, the same forms
+    # the previous release's name of TRL's form is the same loss
+    write_settings(str(tmp_path / "trl-name"), {**older, "loss_type": ["ipo_trl"]})
+    check_resume_settings(str(tmp_path / "trl-name"), current)

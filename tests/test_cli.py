@@ -12,7 +12,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from dpo_trainer import DPOConfig
-from dpo_trainer.cli import main, parse_args, run
+from dpo_trainer.cli import main, parse_args, resume_from, run
 
 from conftest import dist_env, preference_rows
 
@@ -154,3 +154,43 @@ def test_the_console_script_trains_a_lora_adapter_from_a_yaml_file(tmp_path, mod
     adapter = json.loads((out / "adapter_config.json").read_text())
     assert adapter["r"] == 4 and sorted(adapter["target_modules"]) == ["q_proj", "v_proj"]
     assert "| beta | 0.25 |" in (out / "README.md").read_text()  # the flag over the file's 0.3
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        *[(word, True) for word in ("true", "True", "TRUE", "1", "yes", "Yes")],
+        *[(word, None) for word in ("false", "False", "0", "no", "none", "None", "")],
+        (True, True),  # YAML's true and false arrive as bools
+        (False, None),
+        (None, None),
+        ("out/checkpoint-500", "out/checkpoint-500"),
+        ("./true", "./true"),  # a folder named like a word
+    ],
+)
+def test_resume_from_checkpoint_words(value, expected):
+    assert resume_from(value) is expected or resume_from(value) == expected
+
+
+def test_resume_from_checkpoint_true_resumes_from_the_newest_checkpoint(
+    tmp_path, model_dir, data_file, monkeypatch
+):
+    from dpo_trainer.trainer import DPOTrainer
+
+    steps = []
+    training_step = DPOTrainer.training_step
+    monkeypatch.setattr(
+        DPOTrainer, "training_step", lambda self, *a, **k: steps.append(1) or training_step(self, *a, **k)
+    )
+    out = tmp_path / "out"
+    argv = ["--model_name_or_path", model_dir, "--dataset_name", data_file, "--output_dir", str(out)]
+    argv += ["--per_device_train_batch_size", "4", *COMMON[:5], "--max_steps"]
+    run(*parse_args([*argv, "2", "--save_strategy", "steps", "--save_steps", "1"]))
+    assert (out / "checkpoint-2").is_dir() and len(steps) == 2
+    # "true" was taken as a folder named "true"; it means the newest checkpoint, as Trainer.train(True) does
+    steps.clear()
+    trainer = run(*parse_args([*argv, "3", "--save_strategy", "no", "--resume_from_checkpoint", "true"]))
+    assert trainer.state.global_step == 3 and len(steps) == 1  # steps 1 and 2 came from checkpoint-2
+    steps.clear()
+    trainer = run(*parse_args([*argv, "3", "--save_strategy", "no", "--resume_from_checkpoint", "False"]))
+    assert trainer.state.global_step == 3 and len(steps) == 3  # afresh

@@ -1,6 +1,7 @@
 """Row formats → Example: standard, conversational, implicit (Anthropic-HH), ranked, and bad rows."""
 
 import os
+import random
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 
@@ -14,6 +15,7 @@ from dpo_trainer.data.formats import (
     Example,
     check_row_text,
     detect_format,
+    split_common_prefix,
     split_hh_transcript,
     to_example,
 )
@@ -194,9 +196,9 @@ def test_implicit_messages(chat_tokenizer):
     assert example == expected
 
 
-def test_implicit_messages_prompts_differ(chat_tokenizer):
+def test_implicit_messages_with_no_shared_prompt_are_refused(chat_tokenizer):
     row = {"chosen": [user("hi"), assistant("hello")], "rejected": [user("bye"), assistant("hello")]}
-    with pytest.raises(ValueError, match=r"row 6: prompts differ between chosen and rejected"):
+    with pytest.raises(ValueError, match=r"row 6: chosen and rejected share nothing.*'prompt' column"):
         to_example(row, 6, "implicit", chat_tokenizer)
 
 
@@ -208,8 +210,135 @@ def test_implicit_messages_last_turn_must_be_assistant(chat_tokenizer):
 
 def test_implicit_messages_need_a_prompt(chat_tokenizer):
     row = {"chosen": [assistant("hello")], "rejected": [assistant("bye")]}
-    with pytest.raises(ValueError, match=r"row 1, field 'chosen'.*before the final assistant turn"):
+    with pytest.raises(ValueError, match=r"row 1: chosen and rejected share nothing"):
         to_example(row, 1, "implicit", chat_tokenizer)
+    # identical single messages: TRL keeps the one message back for the responses, leaving no prompt
+    row = {"chosen": [assistant("hello")], "rejected": [assistant("hello"), user("hi"), assistant("bye")]}
+    with pytest.raises(ValueError, match=r"row 2: chosen and rejected share only their first message"):
+        to_example(row, 2, "implicit", chat_tokenizer)
+
+
+# ------------------------------------- implicit rows without the marker: TRL 1.16's `extract_prompt`
+
+TRL_IMPLICIT_ROWS = [
+    # the TRL suite's rows: the prompt stops before the space that opens the first differing word
+    ("Beautiful is better than ugly.", "Beautiful is better than the moon."),
+    ("Readability counts.", "Readability is optional."),
+    # identical opening words of both replies fold into the prompt (the marker rule exists to avoid this)
+    ("Q: colour? A: The sky is bright blue.", "Q: colour? A: The sky is bright red."),
+    # divergence inside a word: the prompt ends mid-word, as TRL cuts it
+    ("The sky is blue", "The sky is black"),
+    # one a prefix of the other, and identical rows: TRL keeps the last shared character for the responses
+    ("Go on", "Go on and on"),
+    ("Go on and on", "Go on"),
+    ("Same text.", "Same text."),
+    # newlines and several spaces: only one space is moved to the responses
+    ("Line one\nLine two:  yes", "Line one\nLine two:  no"),
+    ("Human: hi\nAssistant: hello", "Human: hi\nAssistant: bye"),  # no blank line: not the HH marker
+]
+
+
+@pytest.mark.parametrize(("chosen", "rejected"), TRL_IMPLICIT_ROWS)
+def test_implicit_strings_without_marker_split_as_trl(chosen, rejected):
+    from trl.data_utils import extract_prompt
+
+    theirs = extract_prompt({"chosen": chosen, "rejected": rejected})
+    assert split_common_prefix(chosen, rejected, row=0) == (
+        theirs["prompt"],
+        theirs["chosen"],
+        theirs["rejected"],
+    )
+    example = to_example({"chosen": chosen, "rejected": rejected}, 0, "implicit")
+    assert example == Example(theirs["prompt"], (theirs["chosen"], theirs["rejected"]))
+
+
+def test_implicit_strings_without_marker_agree_with_trl_on_random_rows():
+    from trl.data_utils import extract_prompt
+
+    rng = random.Random(0)
+    compared = refused = 0
+    for _ in range(3000):
+        shared = "".join(rng.choice("ab ") for _ in range(rng.randint(0, 4)))
+        chosen = shared + "".join(rng.choice("ab ") for _ in range(rng.randint(0, 4)))
+        rejected = shared + "".join(rng.choice("ab ") for _ in range(rng.randint(0, 4)))
+        try:
+            ours = split_common_prefix(chosen, rejected, row=0)
+        except ValueError:
+            refused += 1
+            # refused exactly where TRL gives no prompt, a prompt that is no prefix of rejected, or fails
+            try:
+                theirs = extract_prompt({"chosen": chosen, "rejected": rejected})
+            except UnboundLocalError:  # an empty chosen or rejected
+                continue
+            assert theirs["prompt"] == "" or not rejected.startswith(theirs["prompt"]), (chosen, rejected)
+            continue
+        compared += 1
+        theirs = extract_prompt({"chosen": chosen, "rejected": rejected})
+        assert ours == (theirs["prompt"], theirs["chosen"], theirs["rejected"]), (chosen, rejected)
+        assert ours[0] and ours[1] and ours[2]  # a prompt and two responses, never empty
+    assert compared > 1000 and refused > 100
+
+
+@pytest.mark.parametrize(
+    ("chosen", "rejected", "message"),
+    [
+        ("Yes, gladly.", "No way.", r"row 4: chosen and rejected share nothing.*'prompt' column"),
+        (" yes", " no", r"row 4: chosen and rejected share only ' '"),
+        ("a", "ab", r"row 4: chosen and rejected share only 'a'"),
+        # TRL: the prompt would be "Yes," (chosen without its last character), a text rejected does not start with
+        ("Yes, ", "No, ", r"row 4: chosen and rejected share nothing"),
+        ("", "Some text", r"row 4, field 'chosen': empty"),
+        ("Some text", "", r"row 4, field 'rejected': empty"),
+    ],
+)
+def test_implicit_strings_without_a_shared_prompt_are_refused(chosen, rejected, message):
+    with pytest.raises(ValueError, match=message) as info:
+        to_example({"chosen": chosen, "rejected": rejected}, 4, "implicit")
+    if "share" in message:
+        assert "\\n\\nAssistant:" in str(info.value)  # says the HH marker was looked for
+
+
+def test_implicit_strings_with_the_marker_in_one_field_only_follow_the_marker_rule():
+    # the row is an HH transcript with a broken side: named, not split at a shared prefix
+    row = {"chosen": "\n\nHuman: hi\n\nAssistant: hello", "rejected": "\n\nHuman: hi\nAssistant: bye"}
+    with pytest.raises(ValueError, match=r"row 2, field 'rejected': no '\\n\\nAssistant:' marker"):
+        to_example(row, 2, "implicit")
+
+
+@pytest.mark.parametrize(
+    ("chosen", "rejected"),
+    [
+        # the final turns differ: the same as all-but-the-last
+        ([user("hi"), assistant("hello")], [user("hi"), assistant("bye")]),
+        # an earlier assistant turn differs: the prompt stops there, each response holds the rest
+        (
+            [user("hi"), assistant("hello"), user("bye"), assistant("bye")],
+            [user("hi"), assistant("bye"), user("bye"), assistant("hi")],
+        ),
+        # identical rows, and one a prefix of the other: TRL keeps the last shared message back
+        ([user("hi"), assistant("hello")], [user("hi"), assistant("hello")]),
+        ([user("hi"), assistant("hello")], [user("hi"), assistant("hello"), user("bye"), assistant("hi")]),
+    ],
+)
+def test_implicit_messages_split_as_trl(chat_tokenizer, chosen, rejected):
+    from trl.data_utils import extract_prompt
+
+    theirs = extract_prompt({"chosen": chosen, "rejected": rejected})
+    assert split_common_prefix(chosen, rejected, row=0) == (
+        theirs["prompt"],
+        theirs["chosen"],
+        theirs["rejected"],
+    )
+    example = to_example({"chosen": chosen, "rejected": rejected}, 0, "implicit", chat_tokenizer)
+    assert example == to_example(theirs, 0, "standard", chat_tokenizer)
+
+
+def test_implicit_messages_whose_shared_prompt_is_not_followed_by_an_assistant_turn(chat_tokenizer):
+    # the rows share [user, assistant]; the rest opens with a user turn, which no generation prompt precedes
+    chosen = [user("hi"), assistant("hello"), user("bye"), assistant("bye")]
+    rejected = [user("hi"), assistant("hello"), user("hi"), assistant("hi")]
+    with pytest.raises(ValueError, match=r"row 3, field 'chosen'.*followed by an assistant turn.*'user'"):
+        to_example({"chosen": chosen, "rejected": rejected}, 3, "implicit", chat_tokenizer)
 
 
 # ---------------------------------------------------------------- ranked

@@ -2,9 +2,11 @@
 with `on_nonfinite="skip"`), no checkpoint is written from NaN weights, and reference log-probs must be
 finite and <= 0."""
 
+import logging
 import math
 import os
 import re
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -12,7 +14,13 @@ from safetensors.torch import load_file
 from transformers import TrainerCallback
 
 from dpo_trainer import DPOConfig, DPOTrainer
-from dpo_trainer.guards import NonFiniteError, reference_problem
+from dpo_trainer.guards import (
+    MAX_SCALER_SKIPS_IN_A_ROW,
+    MIN_LOSS_SCALE,
+    NonFiniteError,
+    StepGuard,
+    reference_problem,
+)
 
 from conftest import dpo_config, preference_rows
 
@@ -39,24 +47,40 @@ class WeightsAtStepEnd(TrainerCallback):
         self.weights[state.global_step] = {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
-def test_a_diverging_learning_rate_stops_naming_the_step_and_saves_nothing_from_nan(
-    tmp_path, make_model, tokenizer
-):
-    args = dpo_config(tmp_path, learning_rate=1e2, max_steps=12, save_strategy="steps", save_steps=1)
-    trainer = DPOTrainer(make_model(seed=1), args=args, train_dataset=ROWS, processing_class=tokenizer)
-    with pytest.raises(NonFiniteError, match=r"diverged at step \d+") as error:
+class NaNGradients(TrainerCallback):
+    """From training step `start` (1-based) on, the first parameter's gradient is NaN while the loss stays
+    finite: a diverging backward pass, made deterministic (a large learning rate reaches NaN on some CPUs and
+    not on others)."""
+
+    def __init__(self, start: int):
+        self.start, self.hook = start, None
+
+    def on_step_begin(self, args, state, control, model=None, **kwargs):
+        if state.global_step + 1 >= self.start and self.hook is None:
+            self.hook = next(model.parameters()).register_hook(lambda grad: torch.full_like(grad, math.nan))
+
+
+def test_a_diverging_step_stops_naming_the_step_and_saves_nothing_from_nan(tmp_path, make_model, tokenizer):
+    args = dpo_config(tmp_path, max_steps=12, save_strategy="steps", save_steps=1)
+    trainer = DPOTrainer(
+        make_model(seed=1),
+        args=args,
+        train_dataset=ROWS,
+        processing_class=tokenizer,
+        callbacks=[NaNGradients(start=4)],
+    )
+    with pytest.raises(NonFiniteError, match=r"diverged at step 4: non-finite gradient norm"):
         trainer.train()
-    step = int(re.search(r"step (\d+)", str(error.value)).group(1))
-    assert 1 < step <= 12
-    # the weights in memory and every checkpoint written are finite; none is written at or after `step`
-    assert all(torch.isfinite(p).all() for p in trainer.model.parameters())
+    # the weights in memory are step 3's, finite; checkpoints 1-3 were written, all finite, none after
     saved = sorted(
         int(name.split("-")[1]) for name in os.listdir(args.output_dir) if name.startswith("checkpoint-")
     )
-    assert saved == list(range(1, step))
+    assert saved == [1, 2, 3]
     for number in saved:
         weights = load_file(os.path.join(args.output_dir, f"checkpoint-{number}", "model.safetensors"))
         assert all(torch.isfinite(tensor).all() for tensor in weights.values()), number
+    for name, value in trainer.model.state_dict().items():
+        assert torch.isfinite(value).all() and torch.equal(value, weights[name]), name
 
 
 def test_a_nan_loss_raises_before_the_optimizer_applies_it(tmp_path, make_model, tokenizer):
@@ -126,6 +150,121 @@ def test_on_nonfinite_is_validated(tmp_path):
         DPOConfig(output_dir=str(tmp_path), on_nonfinite="ignore")
 
 
+# ---------------------------------------------------------------- fp16 loss scaling
+
+
+def fp16_on_cpu(trainer, init_scale: float):
+    """Give `trainer` what `fp16=True` gives on a GPU: float16 autocast and a GradScaler, here starting at
+    `init_scale`. On CPU accelerate turns fp16 off (no autocast, no scaler: the run is float32), but torch
+    has both on CPU; set before train(), which hands the scaler to the optimizer it prepares."""
+    accelerator = trainer.accelerator
+    accelerator.native_amp = True
+    accelerator.scaler = torch.amp.GradScaler(accelerator.device.type, init_scale=init_scale)
+    return accelerator.scaler
+
+
+@pytest.mark.parametrize("on_nonfinite", ["raise", "skip"])
+def test_fp16_steps_the_loss_scaler_skips_are_not_divergence(tmp_path, make_model, tokenizer, on_nonfinite):
+    weights = WeightsAtStepEnd()
+    args = dpo_config(tmp_path, fp16=True, bf16=False, max_steps=20, on_nonfinite=on_nonfinite)
+    trainer = DPOTrainer(
+        make_model(seed=1), args=args, train_dataset=ROWS, processing_class=tokenizer, callbacks=[weights]
+    )
+    initial = {name: value.detach().clone() for name, value in trainer.model.state_dict().items()}
+    # 2**32 times any gradient above 1.6e-5 overflows float16 (65504): the first steps overflow for sure,
+    # as fp16 runs do at their start; the scaler halves its scale until the gradients fit
+    scaler = fp16_on_cpu(trainer, init_scale=2.0**32)
+    trainer.train()
+    logs = [entry for entry in trainer.state.log_history if "loss" in entry]
+    skipped = [entry["step"] for entry in logs if not math.isfinite(entry["grad_norm"])]
+    assert skipped[0] == 1 and len(skipped) < 20  # the scaler skipped the first steps, then training went on
+    assert logs[-1]["scaler_skipped_steps"] == len(skipped)
+    assert not any("nonfinite_skipped_steps" in entry for entry in trainer.state.log_history)
+    assert scaler.get_scale() == 2.0**32 / 2 ** len(skipped)  # the scaler, not the guard, skipped them
+    before = initial
+    for step in range(1, 21):  # a skipped step applies nothing, every other step moves the weights
+        unchanged = all(torch.equal(weights.weights[step][name], before[name]) for name in before)
+        assert unchanged == (step in skipped), step
+        before = weights.weights[step]
+    assert all(torch.isfinite(p).all() for p in trainer.model.parameters())
+
+
+def test_fp16_a_nan_loss_still_stops_training(tmp_path, make_model, tokenizer):
+    args = dpo_config(tmp_path, fp16=True, bf16=False, max_steps=5)
+    trainer = NaNAtStep(make_model(seed=1), args=args, train_dataset=ROWS, processing_class=tokenizer)
+    fp16_on_cpu(trainer, init_scale=2.0**32)  # steps 1 and 2 overflow: skipped by the scaler
+    with pytest.raises(NonFiniteError, match=r"step 3: non-finite loss"):
+        trainer.train()
+    assert trainer.guard.scaler_skipped_steps == 2
+
+
+def test_fp16_a_collapsing_loss_scale_stops_training(tmp_path, make_model, tokenizer):
+    # the loss is finite, the gradients NaN at every step: the scaler skips each one and halves its scale
+    args = dpo_config(tmp_path, fp16=True, bf16=False, max_steps=10)
+    trainer = DPOTrainer(
+        make_model(seed=1),
+        args=args,
+        train_dataset=ROWS,
+        processing_class=tokenizer,
+        callbacks=[NaNGradients(start=1)],
+    )
+    initial = {name: value.detach().clone() for name, value in trainer.model.state_dict().items()}
+    fp16_on_cpu(trainer, init_scale=2.0**-21)  # steps at 2**-21 ... 2**-24 go on; 2**-25 is below the floor
+    assert MIN_LOSS_SCALE == 2.0**-24
+    with pytest.raises(
+        NonFiniteError, match=r"step 5: the fp16 loss scaler skipped 5 steps in a row"
+    ) as error:
+        trainer.train()
+    assert "No update was applied after step 0" in str(error.value)
+    for name, value in trainer.model.state_dict().items():
+        assert torch.equal(value, initial[name]), name
+
+
+class DeepSpeedFP16(SimpleNamespace):
+    """An accelerator under DeepSpeed fp16 as the guard sees it (accelerate 1.16, deepspeed 0.19): no torch
+    scaler; the engine's fp16 optimizer has already stepped, setting `overflow` and lowering `loss_scale`.
+    DeepSpeed's fp16 needs a GPU (or a CPU with oneDNN float16), hence a stand-in."""
+
+    def __init__(self, fp16: bool = True):
+        optimizer = SimpleNamespace(overflow=False, loss_scale=2.0**16)
+        engine = SimpleNamespace(optimizer=optimizer, fp16_enabled=lambda: fp16)
+        super().__init__(
+            scaler=None, num_processes=1, deepspeed_engine_wrapped=SimpleNamespace(engine=engine)
+        )
+
+    def step(self, guard, step: int, overflow: bool, scale: float | None = None, loss: float = 0.0) -> None:
+        """One optimizer step through the guard: the engine overflowed or not (halving its scale, or setting
+        `scale`); the loss of the step is `loss`."""
+        optimizer = self.deepspeed_engine_wrapped.engine.optimizer
+        optimizer.overflow = overflow
+        if scale is not None:
+            optimizer.loss_scale = scale
+        elif overflow:
+            optimizer.loss_scale /= 2
+        guard.flag("train", torch.tensor([loss]), torch.tensor([-1.0]))
+        guard.check(torch.nn.Linear(1, 1), math.inf if overflow else 1.0, step, self)
+
+
+def test_deepspeed_fp16_overflow_steps_are_counted_and_a_pinned_scale_stops():
+    engine, guard = DeepSpeedFP16(), StepGuard("raise", "cpu")
+    for step in (1, 2, 3):
+        engine.step(guard, step, overflow=True)
+    engine.step(guard, 4, overflow=False)
+    assert guard.log_fields() == {"scaler_skipped_steps": 3} and guard.scaler_skips_in_a_row == 0
+    # min_loss_scale=1 with raise_error_at_min_scale=False: the scale stays at 1, every step is skipped
+    for step in range(5, 5 + MAX_SCALER_SKIPS_IN_A_ROW - 1):
+        engine.step(guard, step, overflow=True, scale=1.0)
+    with pytest.raises(NonFiniteError, match=f"skipped {MAX_SCALER_SKIPS_IN_A_ROW} steps in a row"):
+        engine.step(guard, 4 + MAX_SCALER_SKIPS_IN_A_ROW, overflow=True, scale=1.0)
+
+
+def test_deepspeed_fp16_a_nan_loss_or_bf16_overflow_is_still_divergence():
+    with pytest.raises(NonFiniteError, match="step 1: non-finite loss"):
+        DeepSpeedFP16().step(StepGuard("raise", "cpu"), 1, overflow=True, loss=math.nan)
+    with pytest.raises(NonFiniteError, match=r"step 1: non-finite gradient norm"):  # no loss scaling in bf16
+        DeepSpeedFP16(fp16=False).step(StepGuard("raise", "cpu"), 1, overflow=True)
+
+
 # ---------------------------------------------------------------- errors before training, model cards
 
 
@@ -170,3 +309,13 @@ def test_a_lora_model_gets_our_model_card_not_peft_s(tmp_path, make_model, token
     (users / "README.md").write_text("# My adapter\n\nMy own words.\n")
     trainer.save_model(str(users))
     assert (users / "README.md").read_text() == "# My adapter\n\nMy own words.\n"  # byte for byte
+
+
+def test_fp16_on_the_cpu_says_it_trains_in_float32(tmp_path, make_model, tokenizer, caplog):
+    # accelerate sets up no float16 autocast on the CPU: the run is float32, and the trainer says so
+    with caplog.at_level(logging.WARNING, logger="dpo_trainer.trainer"):
+        trainer = DPOTrainer(
+            make_model(), args=dpo_config(tmp_path, fp16=True), train_dataset=ROWS, processing_class=tokenizer
+        )
+    assert not trainer.accelerator.native_amp
+    assert "fp16=True on the CPU" in caplog.text and "float32" in caplog.text

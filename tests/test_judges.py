@@ -529,7 +529,7 @@ def test_a_trickling_server_cannot_stall_a_request_past_its_deadline(server):
     started = time.monotonic()
     with pytest.raises(JudgeError, match=r"failed 2 times.*within timeout=0.5s"):
         _judge(server.url, timeout=0.5, max_retries=1).compare(["q"], ["a"], ["b"])
-    assert time.monotonic() - started < 4  # two attempts of 0.5 s, not 2 x 10 s of trickling
+    assert time.monotonic() - started < 10  # two attempts of 0.5 s (slack for a busy machine), not 2 x 10 s
     assert server.attempts == 2
 
 

@@ -2,15 +2,22 @@
 
 import copy
 import math
+import warnings
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 from dpo_trainer.losses import (
+    DEPRECATED_F_DIVERGENCES,
+    DEPRECATED_LOSS_NAMES,
     F_DIVERGENCES,
     LOSSES,
+    RunningMean,
+    check_loss_settings,
+    f_divergence_scores,
     loss_names,
+    needs_reward_shift,
     plackett_luce_loss,
     preference_loss,
     register_loss,
@@ -22,12 +29,12 @@ BUILTINS = (
     "apo_down",
     "apo_zero",
     "bco_pair",
-    "bco_pair_trl",
+    "bco_pair_paper",
     "discopop",
     "exo_pair",
     "hinge",
     "ipo",
-    "ipo_trl",
+    "ipo_paper",
     "nca_pair",
     "robust",
     "sft",
@@ -71,11 +78,29 @@ def test_cdpo_hand_value():
     torch.testing.assert_close(losses, t(0.75 * math.log(4 / 3) + 0.25 * math.log(4)))
 
 
-def test_ipo_hand_values():
-    """beta = 1/4 so 1/(2 beta) = 2: h = 5 gives (5 - 2)^2 = 9, h = 2 gives 0, h = -1 gives 9."""
+def test_ipo_paper_hand_values():
+    """IPO Eq. 17 on summed log-probs. beta = 1/4 so 1/(2 beta) = 2: h = 5 gives (5 - 2)^2 = 9, h = 2 gives 0,
+    h = -1 gives 9; the token counts play no part."""
+    lengths = dict(chosen_lengths=torch.tensor([2]), rejected_lengths=torch.tensor([7]))
     for h, expected in [(5.0, 9.0), (2.0, 0.0), (-1.0, 9.0)]:
-        losses, _, _ = preference_loss(*pair_with_h(h), beta=0.25, loss_type="ipo")
+        losses, _, _ = preference_loss(*pair_with_h(h), beta=0.25, loss_type="ipo_paper")
         torch.testing.assert_close(losses, t(expected))
+        losses, _, _ = preference_loss(*pair_with_h(h), beta=0.25, loss_type="ipo_paper", **lengths)
+        torch.testing.assert_close(losses, t(expected))
+
+
+def test_ipo_hand_values():
+    """TRL's ipo: per-token means. lr_w = h over n_w = 2 tokens, lr_l = 0; beta = 1/4 so 1/(2 beta) = 2:
+    h = 10 gives (5 - 2)^2 = 9, h = 4 gives 0, h = -2 gives (-1 - 2)^2 = 9. n = 0 counts as 1 token."""
+    lengths = dict(chosen_lengths=torch.tensor([2]), rejected_lengths=torch.tensor([7]))
+    for h, expected in [(10.0, 9.0), (4.0, 0.0), (-2.0, 9.0)]:
+        losses, _, _ = preference_loss(*pair_with_h(h), beta=0.25, loss_type="ipo", **lengths)
+        torch.testing.assert_close(losses, t(expected))
+    empty = dict(chosen_lengths=torch.tensor([0]), rejected_lengths=torch.tensor([0]))
+    losses, _, _ = preference_loss(*pair_with_h(5.0), beta=0.25, loss_type="ipo", **empty)
+    torch.testing.assert_close(losses, t(9.0))
+    with pytest.raises(ValueError, match="'ipo' needs chosen_lengths"):
+        preference_loss(*pair_with_h(5.0), beta=0.25, loss_type="ipo")
 
 
 def test_hinge_hand_values():
@@ -131,7 +156,7 @@ def naive_pairwise(loss_type, pc, pr, rc, rr, beta, eps):
         return -(1 - eps) * log_sig - eps * log_sig_neg
     if loss_type == "robust":
         return (-(1 - eps) * log_sig + eps * log_sig_neg) / (1 - 2 * eps)
-    if loss_type == "ipo":
+    if loss_type == "ipo_paper":
         return (h - 1 / (2 * beta)) ** 2
     if loss_type == "hinge":
         return torch.where(1 - x > 0, 1 - x, torch.zeros_like(x))
@@ -166,7 +191,8 @@ def random_pair_logps(shape_name, dtype, seed=0):
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("shape_name", list(SHAPES))
 @pytest.mark.parametrize(
-    ("loss_type", "eps"), [("sigmoid", 0.0), ("sigmoid", 0.2), ("robust", 0.2), ("ipo", 0.0), ("hinge", 0.0)]
+    ("loss_type", "eps"),
+    [("sigmoid", 0.0), ("sigmoid", 0.2), ("robust", 0.2), ("ipo_paper", 0.0), ("hinge", 0.0)],
 )
 def test_pairwise_values_and_gradients_match_naive(loss_type, eps, shape_name, dtype):
     pc, pr, rc, rr, beta = random_pair_logps(shape_name, dtype)
@@ -390,10 +416,10 @@ def naive_f_prime(logratio, f_type, alpha):
         return 1 - 1 / u
     if f_type == "js_divergence":
         return torch.log(2 * u / (1 + u))
-    if f_type == "alpha_divergence":
-        return (1 - u ** (-alpha)) / alpha
-    if f_type == "alpha_divergence_trl":
+    if f_type == "alpha_divergence":  # TRL 1.16's code
         return (u ** (alpha - 1) - 1) / (alpha - 1)
+    if f_type == "alpha_divergence_paper":  # the paper's Table 1
+        return (1 - u ** (-alpha)) / alpha
     raise AssertionError(f_type)
 
 
@@ -407,8 +433,10 @@ def naive_family(
     nw, nl = nw.clamp_min(1).double(), nl.clamp_min(1).double()
     if loss_type == "sigmoid":
         return -(1 - eps) * naive_log_sigmoid(x) - eps * naive_log_sigmoid(-x)
-    if loss_type == "ipo":
+    if loss_type == "ipo_paper":  # IPO Eq. 17 on summed log-probs
         return (sw - sl - 1 / (2 * beta)) ** 2
+    if loss_type == "ipo":  # TRL 1.16: Eq. 17 on per-token means
+        return (sw / nw - sl / nl - 1 / (2 * beta)) ** 2
     if loss_type == "hinge":
         return torch.where(1 - x > 0, 1 - x, torch.zeros_like(x))
     if loss_type == "robust":
@@ -419,8 +447,8 @@ def naive_family(
     if loss_type == "nca_pair":
         rw, rl = beta * lw, beta * ll
         return -naive_log_sigmoid(rw) - 0.5 * naive_log_sigmoid(-rw) - 0.5 * naive_log_sigmoid(-rl)
-    if loss_type in ("bco_pair", "bco_pair_trl"):
-        d = delta if loss_type == "bco_pair" else 0.0
+    if loss_type in ("bco_pair", "bco_pair_paper"):  # TRL 1.16 has no reward shift; the paper's delta
+        d = delta if loss_type == "bco_pair_paper" else 0.0
         return -naive_log_sigmoid(beta * lw - d) - naive_log_sigmoid(d - beta * ll)
     if loss_type == "sppo_hard":
         return (lw - 1 / (2 * beta)) ** 2 + (ll + 1 / (2 * beta)) ** 2
@@ -435,8 +463,6 @@ def naive_family(
         return (1 - modulation) * -naive_log_sigmoid(x) + modulation * torch.exp(-x)
     if loss_type == "sigmoid_norm":
         return -naive_log_sigmoid(beta * (sw / nw - sl / nl))
-    if loss_type == "ipo_trl":
-        return (sw / nw - sl / nl - 1 / (2 * beta)) ** 2
     if loss_type == "sft":
         token_mean_nll = -pc.sum() / nw.sum()
         return token_mean_nll * len(pc) * pc / pc.sum()  # each example's share, batch mean = token mean
@@ -451,8 +477,9 @@ FAMILY = [  # (loss_type, label_smoothing, extra keywords)
     ("exo_pair", 1e-3, {}),
     ("exo_pair", 0.2, {}),
     ("nca_pair", 0.0, {}),
-    ("bco_pair", 0.0, {"reward_shift": 0.37}),
-    ("bco_pair_trl", 0.0, {}),
+    ("bco_pair_paper", 0.0, {"reward_shift": 0.37}),
+    ("bco_pair_paper", 0.0, {}),
+    ("bco_pair", 0.0, {}),
     ("sppo_hard", 0.0, {}),
     ("aot", 0.0, {}),
     ("aot", 0.2, {}),
@@ -463,7 +490,8 @@ FAMILY = [  # (loss_type, label_smoothing, extra keywords)
     ("discopop", 0.0, {"discopop_tau": 2.0}),
     ("sft", 0.0, {}),
     ("sigmoid_norm", 0.0, {}),
-    ("ipo_trl", 0.0, {}),
+    ("ipo", 0.0, {}),
+    ("ipo_paper", 0.0, {}),
 ]
 
 
@@ -533,7 +561,9 @@ F_DIVERGENCE_CASES = [
     ("js_divergence", 0.5),
     ("alpha_divergence", 0.5),
     ("alpha_divergence", 0.3),
-    ("alpha_divergence_trl", 0.3),
+    ("alpha_divergence", 0.7),
+    ("alpha_divergence_paper", 0.3),
+    ("alpha_divergence_paper", 0.7),
 ]
 
 
@@ -548,12 +578,12 @@ F_DIVERGENCE_CASES = [
         ("sigmoid", 0.0),
         ("sigmoid", 0.1),
         ("hinge", 0.0),
-        ("ipo", 0.0),
+        ("ipo_paper", 0.0),
         ("robust", 0.1),
         ("exo_pair", 0.01),
         ("discopop", 0.0),
         ("sigmoid_norm", 0.0),
-        ("ipo_trl", 0.0),
+        ("ipo", 0.0),
         ("sft", 0.0),
     ],
 )
@@ -562,25 +592,39 @@ def test_f_divergences_match_naive(loss_type, eps, f_type, alpha, shape_name, dt
 
 
 def test_f_divergence_special_cases():
-    """alpha_divergence is the paper's (1 - u^-a)/a: a -> 0 is reverse KL, a = 1 forward KL; TRL's code form
-    (u^(a-1) - 1)/(a - 1) is the paper's at 1 - a, and reverse KL at a = 1."""
-    from dpo_trainer.losses import f_divergence_scores
-
+    """alpha_divergence_paper is the paper's (1 - u^-a)/a: a -> 0 is reverse KL, a = 1 forward KL.
+    alpha_divergence is TRL's code, (u^(a-1) - 1)/(a - 1): the paper's at 1 - a, and reverse KL at a = 1."""
     lr = torch.linspace(-6, 6, 25, dtype=torch.float64)
     close = torch.testing.assert_close
-    close(f_divergence_scores(lr, "alpha_divergence", 1e-9), lr)
-    close(f_divergence_scores(lr, "alpha_divergence", 1.0), f_divergence_scores(lr, "forward_kl"))
-    close(f_divergence_scores(lr, "alpha_divergence_trl", 1.0), lr)
-    close(
-        f_divergence_scores(lr, "alpha_divergence_trl", 0.3), f_divergence_scores(lr, "alpha_divergence", 0.7)
-    )
-    close(
-        f_divergence_scores(lr, "alpha_divergence_trl", 0.5), f_divergence_scores(lr, "alpha_divergence", 0.5)
-    )
+    close(f_divergence_scores(lr, "alpha_divergence_paper", 1e-9), lr)
+    close(f_divergence_scores(lr, "alpha_divergence_paper", 1.0), f_divergence_scores(lr, "forward_kl"))
+    close(f_divergence_scores(lr, "alpha_divergence", 1.0), lr)
+    close(f_divergence_scores(lr, "alpha_divergence", 1e-9), f_divergence_scores(lr, "forward_kl"))
+    for a in (0.3, 0.5, 0.7):
+        close(
+            f_divergence_scores(lr, "alpha_divergence", a),
+            f_divergence_scores(lr, "alpha_divergence_paper", 1 - a),
+        )
+    # the two forms differ away from a = 0.5
+    assert (
+        f_divergence_scores(lr, "alpha_divergence", 0.3)
+        - f_divergence_scores(lr, "alpha_divergence_paper", 0.3)
+    ).abs().max() > 1
     for f_type in F_DIVERGENCES:  # every score vanishes where the policy equals the reference
         assert f_divergence_scores(torch.zeros(1, dtype=torch.float64), f_type, 0.3).abs().item() < 1e-12
     # large log-ratios stay finite in float32: the exponent is capped at 80, as in TRL
-    assert torch.isfinite(f_divergence_scores(torch.tensor([-500.0]), "alpha_divergence", 0.5)).all()
+    for f_type in ("alpha_divergence", "alpha_divergence_paper"):
+        assert torch.isfinite(f_divergence_scores(torch.tensor([-500.0, 500.0]), f_type, 0.3)).all()
+
+
+def test_alpha_divergence_hand_values():
+    """u = 4 (log-ratio ln 4). TRL's form at a = 0.5: (4^-0.5 - 1)/(-0.5) = 1; at a = 0.3: (4^-0.7 - 1)/(-0.7)
+    = (1 - 2^-1.4)/0.7. The paper's at a = 0.3: (1 - 4^-0.3)/0.3 = (1 - 2^-0.6)/0.3."""
+    lr = t(math.log(4.0))
+    torch.testing.assert_close(f_divergence_scores(lr, "alpha_divergence", 0.5), t(1.0))
+    torch.testing.assert_close(f_divergence_scores(lr, "alpha_divergence_paper", 0.5), t(1.0))
+    torch.testing.assert_close(f_divergence_scores(lr, "alpha_divergence", 0.3), t((1 - 2**-1.4) / 0.7))
+    torch.testing.assert_close(f_divergence_scores(lr, "alpha_divergence_paper", 0.3), t((1 - 2**-0.6) / 0.3))
 
 
 # ---------------------------------------------------------------- hand-derived values of the family
@@ -602,25 +646,99 @@ def test_family_hand_values():
         at_zero("exo_pair", label_smoothing=eps), t(-ln2 - 0.5 * math.log((1 - eps) * eps))
     )
     torch.testing.assert_close(at_zero("nca_pair"), t(2 * ln2))  # ln 2 + ln2/2 + ln2/2
-    torch.testing.assert_close(at_zero("bco_pair_trl"), t(2 * ln2))
+    torch.testing.assert_close(at_zero("bco_pair"), t(2 * ln2))
+    torch.testing.assert_close(at_zero("bco_pair_paper"), t(2 * ln2))  # delta = 0
     torch.testing.assert_close(at_zero("apo_zero"), t(1.0))  # (1 - 1/2) + 1/2
     torch.testing.assert_close(at_zero("apo_down"), t(1.0))  # 1/2 + (1 - 1/2)
     torch.testing.assert_close(at_zero("discopop"), t(0.5 * ln2 + 0.5))  # (1 - 1/2) ln 2 + 1/2 e^0
     torch.testing.assert_close(at_zero("sppo_hard"), t(2.0))  # (0 - 1)^2 + (0 + 1)^2 with 1/(2 beta) = 1
     torch.testing.assert_close(at_zero("sigmoid_norm", chosen_lengths=ones, rejected_lengths=ones), t(ln2))
-    torch.testing.assert_close(at_zero("ipo_trl", chosen_lengths=ones, rejected_lengths=ones), t(1.0))
+    torch.testing.assert_close(
+        at_zero("ipo", chosen_lengths=ones, rejected_lengths=ones), t(1.0)
+    )  # (0 - 1)^2
+    torch.testing.assert_close(at_zero("ipo_paper"), t(1.0))
 
 
 def test_bco_reward_shift_centres_the_classifier():
-    """r_w = r_l = delta: both terms are -ln sigmoid(0), 2 ln 2; the same rewards without the shift differ."""
+    """bco_pair_paper with r_w = r_l = delta: both terms are -ln sigmoid(0), 2 ln 2. Without the shift, and in
+    TRL's bco_pair whatever reward_shift is passed, the same rewards give -ln sigmoid(1.5) - ln sigmoid(-1.5)."""
     pc, pr, rc, rr = t(-1.0), t(-3.0), t(-4.0), t(-6.0)  # log-ratios 3 and 3
     beta = 0.5
-    shifted, _, _ = preference_loss(pc, pr, rc, rr, beta=beta, loss_type="bco_pair", reward_shift=beta * 3.0)
+    shift = beta * 3.0
+    shifted, _, _ = preference_loss(pc, pr, rc, rr, beta=beta, loss_type="bco_pair_paper", reward_shift=shift)
     torch.testing.assert_close(shifted, t(2 * math.log(2)))
-    unshifted, _, _ = preference_loss(pc, pr, rc, rr, beta=beta, loss_type="bco_pair")
-    trl_variant, _, _ = preference_loss(pc, pr, rc, rr, beta=beta, loss_type="bco_pair_trl")
-    torch.testing.assert_close(unshifted, trl_variant)
-    assert unshifted.item() > 2 * math.log(2) + 0.5  # -ln sigmoid(1.5) - ln sigmoid(-1.5) = 1.90
+    unshifted, _, _ = preference_loss(pc, pr, rc, rr, beta=beta, loss_type="bco_pair_paper")
+    trl_form, _, _ = preference_loss(pc, pr, rc, rr, beta=beta, loss_type="bco_pair", reward_shift=shift)
+    expected = -math.log(1 / (1 + math.exp(-1.5))) - math.log(1 / (1 + math.exp(1.5)))  # 1.90
+    torch.testing.assert_close(unshifted, t(expected))
+    torch.testing.assert_close(trl_form, t(expected))
+
+
+# ---------------------------------------------------------------- deprecated names of TRL's forms
+
+
+@pytest.mark.parametrize(("old", "new"), sorted(DEPRECATED_LOSS_NAMES.items()))
+def test_deprecated_loss_names_warn_and_compute_trls_form(old, new):
+    pc, pr, rc, rr, beta = random_pair_logps("realistic", torch.float64)
+    nw, nl = random_lengths(len(pc))
+    kw = dict(beta=beta, chosen_lengths=nw, rejected_lengths=nl, reward_shift=0.4)
+    with pytest.warns(
+        FutureWarning, match=rf"loss_type='{old}' is deprecated.*use loss_type='{new}'.*'{new}_paper'"
+    ):
+        old_losses, _, _ = preference_loss(pc, pr, rc, rr, loss_type=old, **kw)
+    new_losses, _, _ = preference_loss(pc, pr, rc, rr, loss_type=new, **kw)
+    paper_losses, _, _ = preference_loss(pc, pr, rc, rr, loss_type=f"{new}_paper", **kw)
+    torch.testing.assert_close(old_losses, new_losses, rtol=0, atol=0)
+    assert (old_losses - paper_losses).abs().max() > 1e-3  # the two forms differ on these rows
+    with pytest.warns(FutureWarning):
+        assert check_loss_settings(["sigmoid", old]) == ["sigmoid", new]
+    assert old not in loss_names()
+
+
+def test_deprecated_f_divergence_name_warns_and_computes_trls_form():
+    ((old, new),) = DEPRECATED_F_DIVERGENCES.items()
+    pc, pr, rc, rr, beta = random_pair_logps("batch1", torch.float64)
+    with pytest.warns(FutureWarning, match=rf"f_divergence_type='{old}' is deprecated.*'{new}'"):
+        old_losses, _, _ = preference_loss(
+            pc, pr, rc, rr, beta=beta, f_divergence_type=old, f_alpha_divergence_coef=0.3
+        )
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # current names do not warn
+        new_losses, _, _ = preference_loss(
+            pc, pr, rc, rr, beta=beta, f_divergence_type=new, f_alpha_divergence_coef=0.3
+        )
+    torch.testing.assert_close(old_losses, new_losses, rtol=0, atol=0)
+    with pytest.warns(FutureWarning):
+        scores = f_divergence_scores(pc - rc, old, 0.3)
+    torch.testing.assert_close(scores, f_divergence_scores(pc - rc, new, 0.3), rtol=0, atol=0)
+    assert old not in F_DIVERGENCES
+
+
+def test_deprecated_names_are_replaced_in_the_config(tmp_path):
+    from dpo_trainer import DPOConfig
+
+    from conftest import dpo_config
+
+    with pytest.warns(FutureWarning, match=r"DPOConfig.loss_type='ipo_trl' is deprecated.*'ipo'") as record:
+        config = DPOConfig(output_dir=str(tmp_path), use_cpu=True, report_to="none", loss_type="ipo_trl")
+    assert config.loss_type == ["ipo"]
+    ours = [w for w in record if "is deprecated and will be removed" in str(w.message)]
+    assert [w.filename for w in ours] == [__file__]  # the warning names the user's line, not the library's
+    with pytest.warns(FutureWarning, match=r"DPOConfig.loss_type='bco_pair_trl' is deprecated"):
+        config = dpo_config(
+            tmp_path, loss_type=["sigmoid", "bco_pair_trl", "sft"], loss_weights=[0.8, 0.2, 1.0]
+        )
+    assert config.loss_type == ["sigmoid", "bco_pair", "sft"]
+    with pytest.warns(
+        FutureWarning, match=r"DPOConfig.f_divergence_type='alpha_divergence_trl' is deprecated"
+    ):
+        dpo_config(tmp_path, f_divergence_type="alpha_divergence_trl")
+
+
+def test_needs_reward_shift_only_for_the_papers_bco():
+    assert needs_reward_shift("bco_pair_paper") and needs_reward_shift(["sigmoid", "bco_pair_paper", "sft"])
+    for loss_type in ("bco_pair", "bco_pair_trl", ["sigmoid", "bco_pair", "sft"], "sigmoid", "ipo_paper"):
+        assert not needs_reward_shift(loss_type), loss_type
 
 
 def test_sppo_hard_minimum_at_its_targets():
@@ -829,13 +947,14 @@ def test_ld_token_weights_match_a_loop(interleaved):
 
 
 def test_training_with_a_weighted_list_of_losses(tmp_path, make_model, tokenizer, pairs):
-    """sigmoid + bco_pair + sft with MPO's weights trains; the first loss is the sum derived at policy = reference;
-    the evaluation loss equals the pure function on the trained policy with the trainer's BCO reward shift."""
+    """sigmoid + bco_pair_paper + sft with MPO's weights trains; the first loss is the sum derived at policy =
+    reference; the evaluation loss equals the pure function on the trained policy with the trainer's BCO reward
+    shift."""
     from dpo_trainer import DPOTrainer
 
     from conftest import dpo_config
 
-    names, weights = ["sigmoid", "bco_pair", "sft"], [0.8, 0.2, 1.0]
+    names, weights = ["sigmoid", "bco_pair_paper", "sft"], [0.8, 0.2, 1.0]
     trainer = DPOTrainer(
         make_model(),
         args=dpo_config(tmp_path, loss_type=names, loss_weights=weights, max_steps=3),
@@ -949,3 +1068,48 @@ def test_wpo_means_match_the_models_own_logits(tmp_path, make_model, tokenizer, 
     expected = (sums / batch["response_lengths"].T.reshape(-1).clamp_min(1)).view(k, b).T
     torch.testing.assert_close(aligned.double(), expected, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(wpo_weights(aligned).double(), expected.sum(1).exp(), rtol=1e-4, atol=1e-6)
+
+
+def test_trainer_keeps_the_bco_reward_shift_only_for_the_papers_form(tmp_path, make_model, tokenizer, pairs):
+    """δ is updated by training batches of a selection with bco_pair_paper and fed to it; TRL's bco_pair (and
+    any other selection) leaves it untouched and computes without it, even when a δ is already held."""
+    from dpo_trainer import DPOTrainer
+
+    from conftest import dpo_config
+
+    trainer = DPOTrainer(
+        make_model(), args=dpo_config(tmp_path), train_dataset=pairs, processing_class=tokenizer
+    )
+    gen = torch.Generator().manual_seed(0)
+    policy = -20 + torch.randn(4, 2, generator=gen)
+    reference = -20 + torch.randn(4, 2, generator=gen)
+    lengths = torch.randint(1, 9, (4, 2), generator=gen)
+    beta = trainer.args.beta
+    batch_mean = (beta * (policy - reference)).mean().item()
+    trainer.model.train()
+    for names, keeps in [
+        (["bco_pair"], False),
+        (["sigmoid", "bco_pair", "sft"], False),
+        (["sigmoid"], False),
+        (["bco_pair_paper"], True),
+        (["sigmoid", "bco_pair_paper", "sft"], True),
+    ]:
+        trainer.args.loss_type = names
+        trainer._bco_reward_shift = shift = RunningMean()
+        shift.update(1.5)  # a delta held from earlier batches
+        losses, _ = trainer.dpo_loss(policy, reference, lengths)
+        assert shift.count == (2 if keeps else 1), names
+        delta = (1.5 + batch_mean) / 2 if keeps else 0.0
+        expected, _, _ = preference_loss(
+            *policy.unbind(1),
+            *reference.unbind(1),
+            beta=beta,
+            loss_type=names,
+            chosen_lengths=lengths[:, 0],
+            rejected_lengths=lengths[:, 1],
+            reward_shift=delta,
+        )
+        torch.testing.assert_close(losses, expected)
+    trainer.model.eval()  # evaluation reads delta, it does not update it
+    losses, _ = trainer.dpo_loss(policy, reference, lengths)
+    assert shift.count == 2

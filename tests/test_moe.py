@@ -172,3 +172,29 @@ def test_evaluation_matches_trl_with_the_aux_loss(tmp_path, tokenizer):
     assert our_metrics["eval_aux_loss"] == pytest.approx(trl_metrics["eval_aux_loss"], rel=1e-4)
     # the aux term is in both losses: without it the loss would be off by far more than the tolerance
     assert COEF * our_metrics["eval_aux_loss"] > 1e-2 * our_metrics["eval_loss"]
+
+
+def test_a_run_shorter_than_logging_steps_logs_aux_loss_at_the_end_like_trl(tmp_path, tokenizer):
+    # TRL adds the metrics gathered since the last log to every training log, the end-of-training summary
+    # included: a run of fewer steps than logging_steps logs aux_loss (and the rewards) there.
+    import copy
+
+    from test_trl_oracle import our_trainer, trl_trainer
+
+    rows = preference_rows(16, seed=0)
+    torch.manual_seed(0)
+    policy = mixtral(len(tokenizer))
+    kwargs = dict(beta=0.2, router_aux_loss_coef=COEF, max_steps=2, logging_steps=10, learning_rate=1e-3)
+    theirs = trl_trainer(
+        tmp_path, copy.deepcopy(policy), tokenizer, rows, ref_model=copy.deepcopy(policy), **kwargs
+    )
+    ours = our_trainer(
+        tmp_path, copy.deepcopy(policy), tokenizer, rows, ref_model=copy.deepcopy(policy), **kwargs
+    )
+    theirs.train()
+    ours.train()
+    trl_last, our_last = theirs.state.log_history[-1], ours.state.log_history[-1]
+    assert "train_loss" in trl_last and "train_loss" in our_last  # the summary, no step was logged before it
+    for name in ("aux_loss", "rewards/margins", "logps/chosen"):
+        assert name in trl_last and name in our_last, name
+        assert our_last[name] == pytest.approx(trl_last[name], rel=1e-4, abs=1e-6), name

@@ -34,7 +34,7 @@ def runs(one_process_runs, tmp_path_factory):
         TORCHRUN_TWO_PROCESSES,
         tmp_path_factory.mktemp("two_processes"),
         per_device_batch=2,
-        modes=",".join(MODES),
+        modes=",".join(MODES + ("adapter",)),
     )
     return {"one": one_process_runs, "two": two}
 
@@ -118,3 +118,21 @@ def test_eval_loss_counts_each_example_once(runs, mode):
     assert two["eval_loss"] == pytest.approx(one["eval_loss"], rel=1e-4), (
         "eval_loss counts the example that accelerate repeats to even out the last eval batch"
     )
+
+
+def test_a_given_adapter_is_its_own_frozen_reference_under_ddp(runs):
+    # A PeftModel with a trained adapter (peft_config=None): π_ref is a frozen copy of that adapter on every
+    # process, so the evaluation before training is ln 2, and two processes train as one.
+    one, two = runs["one"]["adapter"], runs["two"]["adapter"]
+    for run in (one, two):
+        assert run["before"]["before_loss"] == pytest.approx(math.log(2), abs=1e-6)
+        assert run["train_logs"][0]["loss"] == pytest.approx(math.log(2), abs=1e-6)
+    assert two["world_size"] == 2 and two["batches"] == one["batches"]
+    assert len({round(entry["loss"], 4) for entry in one["train_logs"]}) > 1  # training moves the loss
+    for a, b in zip(one["train_logs"], two["train_logs"]):
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-4), a["step"]
+        assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-4), a["step"]
+    rank0, rank1 = _weights(two, 0), _weights(two, 1)
+    for name in rank0:
+        assert torch.equal(rank0[name], rank1[name]), f"DDP replicas diverged: {name}"
+        torch.testing.assert_close(rank0[name], _weights(one, 0)[name], rtol=1e-4, atol=1e-5)

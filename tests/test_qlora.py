@@ -5,6 +5,8 @@ their storage: bitsandbytes may repack 4-bit weights into another layout on the 
 (it does on some AMD CPUs), which changes the stored bytes but not the layer's function.
 """
 
+import math
+
 import bitsandbytes as bnb  # in the [dev] and [qlora] extras
 import pytest
 import torch
@@ -115,3 +117,36 @@ def test_quantization_config_errors(tmp_path, make_model, tokenizer):
             processing_class=tokenizer,
             quantization_config=quantization,
         )
+
+
+def test_a_given_qlora_adapter_is_its_own_frozen_reference(tmp_path, make_model, tokenizer):
+    # QLoRA SFT, then DPO on the same adapter: a PeftModel over a 4-bit base, given with peft_config=None.
+    from peft import get_peft_model
+
+    from dpo_trainer.callbacks import REFERENCE_ADAPTER
+
+    path = str(tmp_path / "base")
+    make_model(hidden_size=64).save_pretrained(path)
+    quantization = BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32
+    )
+    base = AutoModelForCausalLM.from_pretrained(path, quantization_config=quantization)
+    torch.manual_seed(0)
+    model = get_peft_model(base, LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False))
+    rows = preference_rows(8, seed=0)
+    trainer = DPOTrainer(
+        model,
+        args=dpo_config(tmp_path, learning_rate=1e-2, max_steps=2, per_device_train_batch_size=4),
+        train_dataset=rows,
+        eval_dataset=rows,
+        processing_class=tokenizer,
+    )
+    reference = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if REFERENCE_ADAPTER in n}
+    assert reference and not any(
+        p.requires_grad for n, p in trainer.model.named_parameters() if n in reference
+    )
+    assert trainer.evaluate()["eval_loss"] == pytest.approx(math.log(2), abs=1e-5)  # π = π_ref, not the base
+    trainer.train()
+    after = dict(trainer.model.named_parameters())
+    assert all(torch.equal(after[n], value) for n, value in reference.items())  # the reference never moves
+    assert trainer.evaluate()["eval_loss"] < math.log(2)  # the policy's adapter did

@@ -81,8 +81,17 @@ def implicit_conversational_rows(n=16, seed=0):
     ]
 
 
+def implicit_string_rows(n=16, seed=0):
+    """Rows with no prompt and no Anthropic marker: split at what chosen and rejected share, as in TRL."""
+    return [
+        {"chosen": row["prompt"] + row["chosen"], "rejected": row["prompt"] + row["rejected"]}
+        for row in preference_rows(n, seed=seed)
+    ]
+
+
 FORMATS = {
     "standard strings": (lambda: preference_rows(16, seed=0), 2),
+    "implicit strings without marker": (implicit_string_rows, 2),
     "conversational": (conversational_rows, 2),
     "implicit HH strings": (hh_rows, 2),
     "implicit conversational": (implicit_conversational_rows, 2),
@@ -230,6 +239,60 @@ def test_a_dataset_and_a_list_of_dicts_tokenize_alike(tmp_path, make_model, toke
     assert tokenized(from_list) == tokenized(from_dataset)
 
 
+def test_implicit_strings_without_marker_give_trls_token_ids(tmp_path, make_model, tokenizer):
+    # TRL 1.16 takes the characters chosen and rejected share as the prompt (trl.data_utils.extract_prompt);
+    # where the responses open with different letters the cut falls on a token boundary (before the space),
+    # so both libraries must give the very same ids (a cut inside a word is the merge case, README)
+    import trl
+
+    originals = preference_rows(24, seed=2)
+    rows = [
+        row
+        for row, original in zip(implicit_string_rows(24, seed=2), originals)
+        if trl.extract_prompt(row)["prompt"] == original["prompt"]  # not "...: a" when both open with "a"
+    ]
+    assert len(rows) >= 20
+    theirs = trl.DPOTrainer(
+        make_model(),
+        ref_model=make_model(),
+        args=trl.DPOConfig(
+            output_dir=str(tmp_path / "trl"),
+            bf16=False,
+            gradient_checkpointing=False,
+            use_cpu=True,
+            report_to="none",
+            max_length=None,
+        ),
+        train_dataset=Dataset.from_list(rows),
+        processing_class=tokenizer,
+    ).train_dataset
+    ours = DPOTrainer(make_model(), args=config(tmp_path), train_dataset=rows, processing_class=tokenizer)
+    for index, (a, b) in enumerate(zip(theirs, ours.train_dataset, strict=True)):
+        assert a["prompt_ids"] == b["prompt_ids"], f"row {index}: prompt ids differ"
+        assert [a["chosen_ids"], a["rejected_ids"]] == b["response_ids"], f"row {index}: response ids differ"
+
+
+def test_tokenized_rows_train_and_are_cut_by_the_trainer(tmp_path, make_model, tokenizer):
+    from dpo_trainer.data.prepare import prepare_dataset
+
+    rows = preference_rows(16, seed=0)
+    ids = prepare_dataset(rows, tokenizer, max_length=None).to_list()
+    settings = dict(max_length=12, max_prompt_length=5, truncation_mode="keep_end")
+    from_ids = DPOTrainer(
+        make_model(), args=config(tmp_path / "ids", **settings), train_dataset=ids, processing_class=tokenizer
+    )
+    from_text = DPOTrainer(
+        make_model(),
+        args=config(tmp_path / "text", **settings),
+        train_dataset=rows,
+        processing_class=tokenizer,
+    )
+    assert tokenized(from_ids) == tokenized(from_text) != ids
+    assert all(len(r["prompt_ids"]) + max(map(len, r["response_ids"])) <= 12 for r in tokenized(from_ids))
+    from_ids.train()
+    assert from_ids.state.global_step == 2
+
+
 # ---------------------------------------------------------------- bad rows and bad combinations
 
 
@@ -238,6 +301,9 @@ def _with_bad_row(rows, index, update):
     rows[index].update(update)
     return rows
 
+
+TOKENIZED_ROWS = [{"prompt_ids": [3, 4, 5], "response_ids": [[6, 7, 1], [8, 1]]}] * 16
+TRL_TOKENIZED_ROWS = [{"prompt_ids": [3, 4, 5], "chosen_ids": [6, 7, 1], "rejected_ids": [8, 1]}] * 16
 
 BAD_ROWS = {
     # name: (rows, exception, row, field); row 13 lies in the second worker's shard when num_proc=2
@@ -260,10 +326,39 @@ BAD_ROWS = {
         None,
     ),
     "conversational last turn not assistant": (
-        lambda: _with_bad_row(implicit_conversational_rows(), 11, {"rejected": [user("a"), user("b")]}),
+        lambda: [  # the prompt as in chosen, then a user turn where the assistant's reply should be
+            dict(row, rejected=[row["chosen"][0], user("b")]) if i == 11 else row
+            for i, row in enumerate(implicit_conversational_rows())
+        ],
         ValueError,
         11,
         "rejected",
+    ),
+    "implicit strings sharing no prompt": (
+        lambda: _with_bad_row(implicit_string_rows(), 13, {"rejected": "Why? No."}),
+        ValueError,
+        13,
+        None,
+    ),
+    "tokenized negative id": (
+        lambda: _with_bad_row(TOKENIZED_ROWS, 13, {"prompt_ids": [3, -100]}),
+        ValueError,
+        13,
+        "prompt_ids",
+    ),
+    "tokenized ref_logps count": (
+        lambda: _with_bad_row(
+            [dict(r, ref_logps=[-1.0, -2.0]) for r in TOKENIZED_ROWS], 13, {"ref_logps": [-1.0]}
+        ),
+        ValueError,
+        13,
+        "ref_logps",
+    ),
+    "TRL-tokenized empty response": (
+        lambda: _with_bad_row(TRL_TOKENIZED_ROWS, 13, {"rejected_ids": []}),
+        ValueError,
+        13,
+        "rejected_ids",
     ),
     "ranked None response": (
         lambda: [

@@ -9,13 +9,15 @@ when it computes the loss) and runs one `evaluate()` each, so TRL's numbers come
 The reference is the policy with every weight perturbed slightly: log-ratios of order 1, where every loss is
 away from its neutral point (a policy equal to its reference would make most losses a constant).
 
-Names that differ on purpose (README, "Differences from TRL"): TRL's `ipo` is our `ipo_trl` (ours is the IPO
-paper's summed form), TRL's `bco_pair` our `bco_pair_trl` (ours has BCO's reward shift, 0 before any training
-step), TRL's `alpha_divergence` with coefficient a our `alpha_divergence_trl` a, i.e. our `alpha_divergence`
-1 - a (the paper's exponent).
+Every name TRL defines computes TRL's numbers: `ipo` (per-token means), `bco_pair` (no reward shift) and
+`alpha_divergence` (TRL's code form, checked at α = 0.3, 0.5 and 0.7) included. The papers' forms have names of
+their own; `alpha_divergence_paper` at 1 - α equals TRL's `alpha_divergence` at α, which is checked here too.
+The deprecated names `ipo_trl`, `bco_pair_trl` and `alpha_divergence_trl` give TRL's numbers with a
+`FutureWarning`.
 """
 
 import copy
+import warnings
 
 import pytest
 import torch
@@ -63,17 +65,18 @@ def case(case_id, trl_loss, our_loss=None, *, ours=None, **settings):
     return pytest.param(theirs, our_settings, id=case_id)
 
 
-# TRL's alpha_divergence with coefficient a computes u^(a-1): our alpha_divergence_trl at a, and our
-# alpha_divergence (the paper's u^-alpha) at 1 - a.
+# TRL's alpha_divergence with coefficient a computes (u^(a-1) - 1)/(a - 1): our alpha_divergence at a, and our
+# alpha_divergence_paper (the paper's (1 - u^-a)/a) at 1 - a.
 TRL_ALPHA_03 = dict(f_divergence_type="alpha_divergence", f_alpha_divergence_coef=0.3)
+TRL_ALPHA_07 = dict(f_divergence_type="alpha_divergence", f_alpha_divergence_coef=0.7)
 CASES = [
     case("sigmoid", ["sigmoid"]),
     case("hinge", ["hinge"]),
     case("robust", ["robust"], label_smoothing=0.1),
-    case("ipo", ["ipo"], ["ipo_trl"]),
+    case("ipo", ["ipo"]),
     case("exo_pair", ["exo_pair"], label_smoothing=1e-3),
     case("nca_pair", ["nca_pair"]),
-    case("bco_pair", ["bco_pair"], ["bco_pair_trl"]),
+    case("bco_pair", ["bco_pair"]),
     case("sppo_hard", ["sppo_hard"]),
     case("aot", ["aot"], label_smoothing=0.1),
     case("aot_unpaired", ["aot_unpaired"]),
@@ -83,23 +86,28 @@ CASES = [
     case("discopop_tau2", ["discopop"], discopop_tau=2.0),
     case("sft", ["sft"]),
     case("sigmoid_norm", ["sigmoid_norm"]),
-    case(
-        "mpo",
-        ["sigmoid", "bco_pair", "sft"],
-        ["sigmoid", "bco_pair_trl", "sft"],
-        loss_weights=[0.8, 0.2, 1.0],
-    ),
+    case("mpo", ["sigmoid", "bco_pair", "sft"], loss_weights=[0.8, 0.2, 1.0]),
     case("forward_kl", ["sigmoid"], f_divergence_type="forward_kl"),
     case("js_divergence", ["exo_pair"], f_divergence_type="js_divergence", label_smoothing=0.01),
     case("alpha_0.5", ["sigmoid_norm"], f_divergence_type="alpha_divergence"),
+    case("alpha_0.3", ["ipo"], **TRL_ALPHA_03),
+    case("alpha_0.7", ["hinge"], **TRL_ALPHA_07),
     case(
-        "alpha_trl_0.3",
-        ["ipo"],
-        ["ipo_trl"],
-        ours=dict(f_divergence_type="alpha_divergence_trl"),
+        "alpha_paper_0.7_is_trl_0.3",
+        ["sigmoid"],
+        ours=dict(f_divergence_type="alpha_divergence_paper", f_alpha_divergence_coef=0.7),
         **TRL_ALPHA_03,
     ),
-    case("alpha_paper_0.7", ["hinge"], ours=dict(f_alpha_divergence_coef=0.7), **TRL_ALPHA_03),
+    # the previous release's names of TRL's forms: deprecated, the same numbers
+    case(
+        "deprecated_ipo_trl_alpha_trl_0.7",
+        ["ipo", "sigmoid"],
+        ["ipo_trl", "sigmoid"],
+        loss_weights=[1.0, 0.5],
+        ours=dict(f_divergence_type="alpha_divergence_trl"),
+        **TRL_ALPHA_07,
+    ),
+    case("deprecated_bco_pair_trl", ["bco_pair", "nca_pair"], ["bco_pair_trl", "nca_pair"]),
     case("ld_alpha_0.5", ["sigmoid"], ld_alpha=0.5),
     case("ld_alpha_0_sigmoid_norm", ["sigmoid_norm"], ld_alpha=0.0),
 ]
@@ -197,6 +205,8 @@ def build_trainers(
             output_dir=str(tmp / "ours"),
             report_to="none",
             use_cpu=True,
+            bf16=False,  # float32 and no recomputation, as TRL's settings above
+            gradient_checkpointing=False,
             per_device_eval_batch_size=EVAL_BATCH,
             max_length=None,
             beta=BETA,
@@ -242,7 +252,8 @@ def apply_ours(trainer, settings):
     for name, value in settings.items():
         setattr(trainer.args, name, value)
     trainer.args._check_loss_extras()  # the combination is one DPOConfig accepts
-    dpo_trainer.losses.check_loss_settings(
+    # as DPOConfig.__post_init__ does: validated, and deprecated loss names stored as their new names
+    trainer.args.loss_type = dpo_trainer.losses.check_loss_settings(
         settings["loss_type"],
         loss_weights=settings["loss_weights"],
         label_smoothing=settings["label_smoothing"],
@@ -250,15 +261,56 @@ def apply_ours(trainer, settings):
     )
 
 
+def deprecated_names(settings):
+    """The deprecated names among `settings`' loss types and f-divergence."""
+    names = [*settings["loss_type"], settings["f_divergence_type"]]
+    old = {**dpo_trainer.losses.DEPRECATED_LOSS_NAMES, **dpo_trainer.losses.DEPRECATED_F_DIVERGENCES}
+    return sorted(name for name in names if name in old)
+
+
+def evaluate_ours(trainer, settings):
+    """`apply_ours` and one evaluation; a `FutureWarning` names each deprecated name, and no other name warns."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        apply_ours(trainer, settings)
+        metrics = trainer.evaluate()
+    warned = {
+        str(w.message).split("=")[1].split("'")[1]
+        for w in caught
+        if issubclass(w.category, FutureWarning) and "is deprecated and will be removed" in str(w.message)
+    }
+    assert sorted(warned) == deprecated_names(settings)
+    return metrics
+
+
 @pytest.mark.parametrize("fmt", ["standard", "conversational"])
 @pytest.mark.parametrize(("trl_settings", "our_settings"), CASES)
 def test_loss_family_matches_trl(trainers, fmt, trl_settings, our_settings):
     theirs, ours = trainers[fmt]
     apply_trl(theirs, trl_settings)
-    apply_ours(ours, our_settings)
-    trl_metrics, our_metrics = theirs.evaluate(), ours.evaluate()
+    trl_metrics, our_metrics = theirs.evaluate(), evaluate_ours(ours, our_settings)
     for name in COMPARED:
         assert our_metrics[name] == pytest.approx(trl_metrics[name], rel=1e-4, abs=1e-5), name
+
+
+def test_trls_names_are_not_the_papers_forms(trainers):
+    """Where TRL's form and the paper's differ, they differ on these rows (so the matches above are not vacuous):
+    IPO on per-token means vs sums, alpha_divergence at 0.3 vs the paper's at 0.3. (bco_pair_paper at delta = 0,
+    which evaluation before training reads, is TRL's form; its delta is tested in tests/test_losses.py.)"""
+    _, ours = trainers["standard"]
+    pairs = [
+        (dict(loss_type=["ipo"]), dict(loss_type=["ipo_paper"])),
+        (
+            dict(loss_type=["sigmoid"], **TRL_ALPHA_03),
+            dict(loss_type=["sigmoid"], **{**TRL_ALPHA_03, "f_divergence_type": "alpha_divergence_paper"}),
+        ),
+    ]
+    for trl_named, paper_named in pairs:
+        apply_ours(ours, {**DEFAULTS, **trl_named})
+        trl_form = ours.evaluate()["eval_loss"]
+        apply_ours(ours, {**DEFAULTS, **paper_named})
+        paper_form = ours.evaluate()["eval_loss"]
+        assert abs(trl_form - paper_form) > 1e-3 * abs(trl_form), (trl_named, trl_form, paper_form)
 
 
 def test_cases_are_not_all_one_number(trainers):
@@ -266,15 +318,14 @@ def test_cases_are_not_all_one_number(trainers):
     _, ours = trainers["standard"]
     values = set()
     for param in CASES:
-        apply_ours(ours, param.values[1])
-        values.add(round(ours.evaluate()["eval_loss"], 5))
+        values.add(round(evaluate_ours(ours, param.values[1])["eval_loss"], 5))
     assert len(values) == len(CASES)
 
 
 WPO_CASES = [
     case("sigmoid", ["sigmoid"]),
     # (TRL 1.16 fails on sft with use_weighting: it scales an expanded tensor in place)
-    case("sigmoid_bco", ["sigmoid", "bco_pair"], ["sigmoid", "bco_pair_trl"], loss_weights=[0.8, 0.2]),
+    case("sigmoid_bco", ["sigmoid", "bco_pair"], loss_weights=[0.8, 0.2]),
     case("sigmoid_norm_ld_alpha", ["sigmoid_norm"], ld_alpha=0.5),
 ]
 
@@ -283,8 +334,7 @@ WPO_CASES = [
 def test_wpo_weighting_matches_trl(wpo_trainers, trl_settings, our_settings):
     theirs, ours = wpo_trainers["standard"]
     apply_trl(theirs, trl_settings)
-    apply_ours(ours, our_settings)
-    trl_metrics, our_metrics = theirs.evaluate(), ours.evaluate()
+    trl_metrics, our_metrics = theirs.evaluate(), evaluate_ours(ours, our_settings)
     for name in COMPARED:
         assert our_metrics[name] == pytest.approx(trl_metrics[name], rel=1e-4, abs=1e-5), name
     ours.args.use_weighting = False  # the weights are far from 1 here: without them the loss differs

@@ -10,9 +10,9 @@ What is compared, and why only that:
 * Metrics. TRL logs the mean over eval batches of per-batch means; we log per-example means. They
   coincide when every eval batch has the same size, so the eval batch size divides the row count.
 * Loss types. `sigmoid` (label_smoothing 0), `hinge` and `robust` have the same formula in both
-  libraries. Excluded: `ipo`, because TRL divides each log-ratio by the completion length before the
-  square (ours uses the summed log-ratios, as in the IPO paper's Eq. 17); `sigmoid` with
-  label_smoothing > 0, because TRL's sigmoid ignores label_smoothing while ours is conservative DPO.
+  libraries (every name TRL defines, `ipo` included, computes TRL's form; the whole family is compared in
+  tests/test_trl_losses.py). Excluded: `sigmoid` with label_smoothing > 0, because TRL's sigmoid ignores
+  label_smoothing while ours is conservative DPO.
 """
 
 import copy
@@ -85,6 +85,8 @@ def our_trainer(tmp_path, model, tokenizer, rows, *, ref_model=None, peft_config
         output_dir=str(tmp_path / "ours"),
         report_to="none",
         use_cpu=True,
+        bf16=False,  # as TRL's arm above
+        gradient_checkpointing=False,
         per_device_train_batch_size=EVAL_BATCH,
         per_device_eval_batch_size=EVAL_BATCH,
         max_length=4096,  # far above any row: no truncation

@@ -120,6 +120,43 @@ class TrainerOverrides:
         self.after_checkpoint_loaded(resume_from_checkpoint)
 
 
+def grad_scaler_found_inf(scaler):
+    """How many inf/NaN findings `scaler` (a `torch.amp.GradScaler`) recorded unscaling this step's gradients,
+    as a 0-dim float32 tensor on its device (no host sync), or None if it has unscaled nothing since `update()`.
+
+    torch 2.6-2.13: `GradScaler.unscale_` (which accelerate 1.8-1.16's `clip_grad_norm_` calls, before
+    `Trainer._get_grad_norm`) stores `found_inf_per_device` per optimizer in `_per_optimizer_states`; `step`
+    skips the optimizer where one is non-zero and `update()` clears them. FSDP's `ShardedGradScaler` alike.
+    """
+    import torch
+
+    states = getattr(scaler, "_per_optimizer_states", None)
+    if states is None:
+        raise RuntimeError(
+            f"torch {torch.__version__}'s {type(scaler).__name__} has no `_per_optimizer_states`: dpo_trainer "
+            "cannot tell the loss scaler's skipped steps from divergence; install torch within setup.cfg's range."
+        )
+    found = [value for state in states.values() for value in state["found_inf_per_device"].values()]
+    if not found:
+        return None
+    return torch.stack([value.to(found[0].device, torch.float32) for value in found]).sum()
+
+
+def deepspeed_fp16_overflow(accelerator) -> tuple[bool, float] | None:
+    """Under DeepSpeed with fp16 loss scaling: (whether the engine's loss scaler skipped this step, the scale
+    it holds now, already lowered after an overflow); else None.
+
+    accelerate 1.8-1.16's `DeepSpeedEngineWrapper.backward` runs `engine.step()` on the step's last micro-batch,
+    before `Trainer._get_grad_norm`; deepspeed 0.19's fp16 optimizers (FP16_Optimizer, ZeRO 1-3) then hold
+    that step's `overflow` (what accelerate's `step_was_skipped` reads) and their `loss_scale`.
+    """
+    engine = getattr(getattr(accelerator, "deepspeed_engine_wrapped", None), "engine", None)
+    if engine is None or not engine.fp16_enabled():
+        return None
+    optimizer = engine.optimizer
+    return bool(getattr(optimizer, "overflow", False)), float(getattr(optimizer, "loss_scale", 1.0))
+
+
 # (module, attribute) pairs the code above relies on.
 _UPSTREAM = (
     ("transformers.Trainer", "_get_num_items_in_batch"),

@@ -104,13 +104,13 @@ def _mix(pairs: list[tuple[torch.Tensor, torch.Tensor]], alpha: float) -> None:
         )
 
 
-def _policy_adapter(peft_model: nn.Module) -> str:
+def _policy_adapter(peft_model: nn.Module, reason: str = "sync_ref_model=True") -> str:
     """The name of the PEFT model's single active adapter; a value error for several."""
     active = getattr(peft_model, "active_adapters", None)
     active = [active] if isinstance(active, str) else list(active or [peft_model.active_adapter])
     if len(active) != 1:
         raise ValueError(
-            f"sync_ref_model=True with a PEFT policy needs exactly one active adapter to train, got {active}."
+            f"{reason} with a PEFT policy needs exactly one active adapter to train, got {active}."
         )
     return active[0]
 
@@ -139,24 +139,30 @@ def _adapter_pairs(peft_model: nn.Module, policy_adapter: str) -> list[tuple[tor
     return _pair_by_name(reference, policy, (f"adapter {REFERENCE_ADAPTER!r}", f"adapter {policy_adapter!r}"))
 
 
-def add_reference_adapter(peft_model: nn.Module) -> str:
+def add_reference_adapter(peft_model: nn.Module, reason: str = "sync_ref_model=True") -> str:
     """Add the frozen adapter `REFERENCE_ADAPTER`, a copy of the policy's active adapter; its name is returned.
 
     The copy has the policy adapter's config (`inference_mode=True`), values, dtypes and devices. An adapter
     already named `REFERENCE_ADAPTER` is kept as it is (after checking it pairs with the policy's). Every
-    other parameter keeps its `requires_grad`; the reference's parameters are frozen.
+    other parameter keeps its `requires_grad`; the reference's parameters are frozen. `reason` names what
+    asks for the copy in error messages (TR-DPO's sync, or a `PeftModel` given with its trained adapter).
     """
-    policy_adapter = _policy_adapter(peft_model)
+    policy_adapter = _policy_adapter(peft_model, reason)
     if policy_adapter == REFERENCE_ADAPTER:
         raise ValueError(
-            f"sync_ref_model=True adds a reference adapter named {REFERENCE_ADAPTER!r}, which is the name of the "
+            f"{reason}: the reference is a frozen adapter named {REFERENCE_ADAPTER!r}, which is the name of the "
             "policy's adapter; give the policy's adapter another name."
         )
     config = peft_model.peft_config[policy_adapter]
     if getattr(config, "is_prompt_learning", False) or getattr(config, "is_adaption_prompt", False):
+        hint = (
+            ""
+            if reason.startswith("sync_ref_model")
+            else " Pass DPOConfig(peft_reference='base') or a ref_model."
+        )
         raise ValueError(
-            f"sync_ref_model=True with PEFT needs an adapter with weights in the model's layers (LoRA and the "
-            f"like); {type(config).__name__} is not supported."
+            f"{reason}: the reference is a frozen copy of the adapter, which needs an adapter with weights in "
+            f"the model's layers (LoRA and the like); {type(config).__name__} is not supported.{hint}"
         )
     flags = {name: param.requires_grad for name, param in peft_model.named_parameters()}
     created = REFERENCE_ADAPTER not in peft_model.peft_config

@@ -20,6 +20,9 @@ import re
 import struct
 import zipfile
 
+from .config import LOSS_FIELDS, TRAINER_LOSS_FIELDS
+from .losses import DEPRECATED_LOSS_NAMES
+
 logger = logging.getLogger(__name__)
 
 CHECKPOINT_NAME = re.compile(r"^checkpoint-(\d+)$")
@@ -164,8 +167,12 @@ def last_complete_checkpoint(folder: str) -> str | None:
 # ---------------------------------------------------------------- the DPO settings a checkpoint was trained with
 
 SETTINGS_FILE = "dpo_settings.json"
-# a change of these makes the resumed run another experiment: refused
-REFUSED_CHANGES = ("loss_type", "data")
+# a change of these makes the resumed run another experiment (another objective, other data): refused. Other
+# changes (β, truncation, the reference's settings, the layout) are warned about.
+REFUSED_CHANGES = ("data",) + tuple(name for name in LOSS_FIELDS + TRAINER_LOSS_FIELDS if name != "beta")
+# 2: `ipo`, `bco_pair` and `alpha_divergence` compute TRL's forms (before: the papers', now `*_paper`); `sigmoid`
+# ignores label_smoothing, as TRL's (before: conservative DPO when label_smoothing > 0, now `cdpo`)
+LOSS_NAMES_VERSION = 2
 
 
 def write_settings(folder: str, settings: dict) -> None:
@@ -197,13 +204,42 @@ def settings_changes(saved: dict, current: dict) -> tuple[list[str], list[str]]:
     return refused, warned
 
 
+def _current_names(names, label_smoothing=0.0):
+    """Loss names of settings saved before `LOSS_NAMES_VERSION` 2, with `ipo_trl` / `bco_pair_trl` as `ipo` /
+    `bco_pair`, and `sigmoid` as `cdpo` where `label_smoothing` > 0 (the conservative DPO it computed then)."""
+    if not isinstance(names, list):
+        return names
+    renamed = {**DEPRECATED_LOSS_NAMES, **({"sigmoid": "cdpo"} if label_smoothing else {})}
+    return [renamed.get(name, name) for name in names]
+
+
+def _renamed_loss(saved: dict) -> bool:
+    """Whether settings saved before `LOSS_NAMES_VERSION` 2 name a loss whose meaning has changed since."""
+    names = saved.get("loss_type") or []
+    names = [names] if isinstance(names, str) else names
+    alpha = (
+        saved.get("f_divergence_type") == "alpha_divergence" and saved.get("f_alpha_divergence_coef") != 0.5
+    )
+    return bool({"ipo", "bco_pair"} & set(names)) or alpha
+
+
 def check_resume_settings(checkpoint: str, current: dict) -> None:
     """Warn about DPO settings changed since `checkpoint` was saved; refuse a changed loss or data."""
     saved = read_settings(checkpoint)
     if saved is None:
         logger.warning("%s has no dpo_settings.json: the resumed settings go unchecked.", checkpoint)
         return
+    older_names = saved.get("loss_names", 1) < LOSS_NAMES_VERSION
+    renamed = older_names and _renamed_loss(saved)
+    if older_names:  # the previous release's names of TRL's forms
+        saved = {**saved, "loss_type": _current_names(saved.get("loss_type"), saved.get("label_smoothing"))}
     refused, warned = settings_changes(saved, current)
+    if renamed:
+        refused.append(
+            "loss_names: the checkpoint's loss_type / f_divergence_type meant the paper's form, which is now "
+            "named '*_paper' (ipo_paper, bco_pair_paper, alpha_divergence_paper)"
+        )
+    warned = [line for line in warned if not line.startswith("loss_names:")]
     if refused:
         raise ValueError(
             f"Cannot resume from {checkpoint}: it was trained with other settings ({'; '.join(refused + warned)}). "
@@ -243,16 +279,13 @@ def resolve_resume(
     return resume_from_checkpoint
 
 
-# DPOConfig fields that decide a run's result besides the model (with the layout and the data's fingerprint)
-RESULT_SETTINGS = ("beta", "loss_type", "label_smoothing", "rpo_alpha", "max_length", "max_prompt_length")
-RESULT_SETTINGS += ("truncation_mode", "precompute_ref_log_probs", "disable_dropout")
-RESULT_SETTINGS += ("sync_ref_model", "ref_model_mixup_alpha", "ref_model_sync_steps")
-
-
 def run_settings(args, layout: str, data_fingerprint: str | None) -> dict:
-    """What `write_settings` saves beside a checkpoint and `check_resume_settings` compares."""
+    """What `write_settings` saves beside a checkpoint and `check_resume_settings` compares: every DPOConfig
+    field that decides the result (`DPOConfig.result_settings`, from `config.RESULT_FIELDS`), the layout and
+    the data's fingerprint."""
     return {
-        **{name: getattr(args, name) for name in RESULT_SETTINGS},
+        **args.result_settings(),
         "layout": layout,
         "data": data_fingerprint,
+        "loss_names": LOSS_NAMES_VERSION,
     }

@@ -11,6 +11,10 @@ Flags: every `DPOConfig` field (`--beta`, `--max_length`, `--loss_type`, ...), t
 `--attn_implementation`, `--use_peft`, `--lora_r`, `--lora_alpha`, ..., `--load_in_4bit`). The YAML file
 of `--config` maps flag names to values; an `env:` mapping in it sets environment variables.
 
+`--resume_from_checkpoint` takes a checkpoint folder, or a word: `true` / `yes` / `1` resume from the newest
+complete checkpoint in `--output_dir`, `false` / `no` / `0` / `none` start afresh (any case; a folder named
+like one of the words is given as `./true`). TRL's script and transformers pass the value on as a path.
+
 A mixture of data sets, as TRL's `DatasetMixtureConfig` (`datasets`, `streaming`, `test_split_size`), is a
 `datasets:` list in the YAML file, each entry TRL's `DatasetConfig` (`path`, `name`, `data_dir`,
 `data_files`, `split` = "train", `columns`, `fraction`); `--datasets PATH ...` gives entries with a path
@@ -33,6 +37,9 @@ from transformers import HfArgumentParser
 from .config import DPOConfig
 
 DATA_BUILDERS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet", ".arrow": "arrow"}
+# `--resume_from_checkpoint` words (compared lower-cased): the newest checkpoint, or none
+RESUME_LATEST = ("true", "yes", "1")
+RESUME_NONE = ("false", "no", "0", "none", "")
 
 logger = logging.getLogger(__name__)
 
@@ -203,6 +210,23 @@ def parse_args(argv: list[str] | None = None) -> tuple[ScriptArguments, DPOConfi
             "--config file is required."
         )
     return script, training, model
+
+
+def resume_from(value: str | bool | None) -> str | bool | None:
+    """`--resume_from_checkpoint` as `Trainer.train` takes it: True for the newest checkpoint, None for none,
+    else the folder (a YAML `true` / `false` arrives as a bool).
+
+    >>> [resume_from(v) for v in ("true", "True", "1", "yes", "false", "None", "0", "runs/checkpoint-500")]
+    [True, True, True, True, None, None, None, 'runs/checkpoint-500']
+    """
+    if value is None or isinstance(value, bool):
+        return value or None
+    word = value.strip().lower()
+    if word in RESUME_LATEST:
+        return True
+    if word in RESUME_NONE:
+        return None
+    return value
 
 
 def _load_source(path: str, *, file_split: str, streaming: bool, **kwargs):
@@ -441,7 +465,7 @@ def run(script: ScriptArguments, training: DPOConfig, model: ModelArguments):
         trainer.model._ddp_params_and_buffers_to_ignore = [
             name for name, buffer in trainer.model.named_buffers() if buffer.dtype == torch.bool
         ]
-    trainer.train(resume_from_checkpoint=training.resume_from_checkpoint)
+    trainer.train(resume_from_checkpoint=resume_from(training.resume_from_checkpoint))
     trainer.save_model(training.output_dir)
     trainer.accelerator.print(f"Model saved to {training.output_dir}.")
     if training.push_to_hub:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass, field
 from typing import Any
@@ -11,7 +12,31 @@ from transformers import TrainingArguments
 
 from .data.layouts import LAYOUTS
 from .data.tokenize import TRUNCATION_MODES
-from .losses import check_loss_settings
+from .losses import DEPRECATED_F_DIVERGENCES, check_loss_settings
+
+logger = logging.getLogger(__name__)
+
+PEFT_REFERENCES = ("copy", "base")
+
+# DPOConfig's own fields by what they decide. Each field is in exactly one group (tests/test_checkpoints.py walks
+# them all), so a new field cannot be left out of the settings a resumed run is compared with.
+# The keyword arguments of `losses.preference_loss` (`loss_settings`):
+LOSS_FIELDS = ("beta", "loss_type", "label_smoothing", "loss_weights", "f_divergence_type")
+LOSS_FIELDS += ("f_alpha_divergence_coef", "discopop_tau")
+# What the trainer adds around that loss: WPO weights, LD-DPO token weights, the RPO and MoE terms.
+TRAINER_LOSS_FIELDS = ("use_weighting", "ld_alpha", "rpo_alpha", "router_aux_loss_coef")
+# How rows become tokens (`data_settings`, with the loss fields that decide how rankings train).
+DATA_FIELDS = ("max_length", "max_prompt_length", "truncation_mode")
+# What π_ref is and how the policy runs.
+REFERENCE_FIELDS = ("precompute_ref_log_probs", "disable_dropout", "peft_reference")
+REFERENCE_FIELDS += ("sync_ref_model", "ref_model_mixup_alpha", "ref_model_sync_steps")
+RESULT_FIELDS = LOSS_FIELDS + TRAINER_LOSS_FIELDS + DATA_FIELDS + REFERENCE_FIELDS
+# Fields that change how a run is computed, stored or checked, never its result (every layout, chunk size,
+# batch plan and precision of the LM head gives the same log-probs; tests/test_layouts.py and others).
+NEUTRAL_FIELDS = ("ref_logps_cache_dir", "check_logprobs", "dataset_num_proc", "pad_to_multiple_of")
+NEUTRAL_FIELDS += ("logprob_chunk_size", "layout", "padding_free", "flex_attention", "max_tokens_per_batch")
+NEUTRAL_FIELDS += ("on_nonfinite", "model_init_kwargs", "trust_remote_code", "pad_token")
+NEUTRAL_FIELDS += ("precompute_ref_batch_size", "activation_offloading")
 
 
 @dataclass
@@ -20,29 +45,42 @@ class DPOConfig(TrainingArguments):
 
     Every field of TRL 1.16's `DPOConfig` is accepted with TRL's meaning and default (`beta=0.1`,
     `learning_rate=1e-6` as in the paper, App. B; `max_length=1024`, `truncation_mode="keep_start"`,
-    `logging_steps=10`), so a TRL script runs with its import changed. Deliberate differences from TRL are
-    listed in the README; among the `TrainingArguments` defaults TRL changes, `bf16` and
-    `gradient_checkpointing` stay off here (float32 and no recomputation unless asked).
+    `logging_steps=10`, and among the `TrainingArguments` defaults TRL changes, `bf16` on unless `fp16` is set
+    and `gradient_checkpointing` on), so a TRL script runs with its import changed and gets the same run.
+    Where TRL's config refuses to be built (`bf16` left unset on a machine without bf16 and without
+    `use_cpu=True`), this one trains in float32 and logs why. Turn them off with `bf16=False` (float32:
+    about twice the activation and weight-copy memory of bf16 autocast on a GPU, exact log-probs) and
+    `gradient_checkpointing=False` (no recomputation: ~20-30% faster steps, the activations of every layer
+    kept). Deliberate differences from TRL are listed in the README.
 
     Parameters:
         beta: Strength of the KL penalty toward the reference model (the paper's β). Must be > 0. Smaller β
             lets the policy move further from the reference.
         loss_type: A loss name in `dpo_trainer.losses.LOSSES`, or a list of names combined with `loss_weights`
-            (stored as a list, as in TRL). Built-ins: `sigmoid` (paper Eq. 7), `ipo`, `hinge`, `robust`,
-            `exo_pair`, `nca_pair`, `bco_pair`, `sppo_hard`, `aot`, `aot_unpaired`, `apo_zero`, `apo_down`,
-            `discopop`, `sft`, `sigmoid_norm`, and TRL's variants of losses that TRL computes otherwise than
-            their papers: `ipo_trl`, `bco_pair_trl` (README, "Differences from TRL"). Rows with K > 2 ranked
-            responses always use the Plackett-Luce loss (paper App. A.3), which requires `["sigmoid"]`.
+            (stored as a list, as in TRL). TRL's names compute TRL 1.16's numbers: `sigmoid` (paper Eq. 7),
+            `ipo` (IPO Eq. 17 on per-token means), `hinge`, `robust`, `exo_pair`, `nca_pair`, `bco_pair` (BCO
+            without reward shift), `sppo_hard`, `aot`, `aot_unpaired`, `apo_zero`, `apo_down`, `discopop`,
+            `sft`, `sigmoid_norm`. Where a paper writes another form, it has a name of its own: `cdpo`
+            (conservative DPO, Mitchell 2023: DPO with label smoothing ε, which TRL's `sigmoid` ignores),
+            `ipo_paper` (IPO Eq. 17 on summed log-probs), `bco_pair_paper` (BCO with the running reward shift δ,
+            kept by the trainer; `dpo_trainer.losses` lists both forms with their equations). `ipo_trl` and
+            `bco_pair_trl` are deprecated names of `ipo` and `bco_pair` (a `FutureWarning`; stored as the new
+            name). Rows with K > 2 ranked responses always use the Plackett-Luce loss (paper App. A.3), which
+            requires `["sigmoid"]`.
         loss_weights: One weight per entry of `loss_type`; the pair's loss is the weighted sum (MPO uses
             `loss_type=["sigmoid", "bco_pair", "sft"]`, `loss_weights=[0.8, 0.2, 1.0]`). None: all 1.
-        label_smoothing: Assumed rate ε of flipped preference labels, in [0, 0.5). With `sigmoid` it gives
-            conservative DPO (TRL's sigmoid ignores it), with `robust` the unbiased robust loss; `exo_pair`
-            (which needs ε > 0; the EXO paper uses 1e-3), `aot` and `aot_unpaired` use it too. Setting it for
-            losses that all ignore it is an error.
+        label_smoothing: Assumed rate ε of flipped preference labels, in [0, 0.5). With `cdpo` it gives
+            conservative DPO (ε = 0 is allowed and equals `sigmoid`), with `robust` the unbiased robust loss;
+            `exo_pair` (which needs ε > 0; the EXO paper uses 1e-3), `aot` and `aot_unpaired` use it too.
+            `sigmoid` does not (as in TRL; earlier releases of this library made it conservative DPO).
+            Setting it for losses that all ignore it is an error (TRL trains on, ignoring it); with `sigmoid`
+            the error names `loss_type="cdpo"`.
         f_divergence_type: The f-divergence regulariser of f-DPO (Wang et al. 2023, arXiv 2309.16240):
-            `reverse_kl` (DPO), `forward_kl`, `js_divergence`, `alpha_divergence` (the paper's α of u^-α, as
-            TRL documents it) or `alpha_divergence_trl` (TRL 1.16's code, u^(α-1); equal at α = 0.5). Only
-            losses built on the chosen-rejected score difference accept a non-default value.
+            `reverse_kl` (DPO), `forward_kl`, `js_divergence`, `alpha_divergence` (TRL 1.16's code,
+            f'(u) = (u^(α-1) - 1)/(α - 1)) or `alpha_divergence_paper` (the paper's Table 1, f'(u) =
+            (1 - u^-α)/α, as TRL's docs describe it; TRL's form at α is the paper's at 1 - α, the same at
+            α = 0.5). `alpha_divergence_trl` is a deprecated name of `alpha_divergence` (a `FutureWarning`).
+            Only losses built on the chosen-rejected score difference accept a non-default value.
         f_alpha_divergence_coef: α of the alpha divergence (TRL's default 0.5).
         discopop_tau: Temperature τ > 0 of the `discopop` loss (DiscoPOP paper: 0.05).
         use_weighting: WPO (Zhou et al. 2024, arXiv 2406.11827): each pair's loss times the product over its
@@ -116,7 +154,10 @@ class DPOConfig(TrainingArguments):
         on_nonfinite: What a non-finite loss or gradient norm does to training (`dpo_trainer.guards`):
             `raise` (default) stops with an error naming the step, before the optimizer applies anything;
             `skip` drops that step's gradients (no optimizer update) and goes on, counting the skipped steps
-            in the logs (`nonfinite_skipped_steps`). Invalid reference log-probs always raise.
+            in the logs (`nonfinite_skipped_steps`). Invalid reference log-probs always raise. Steps the fp16 loss
+            scaler skips while it finds its scale are not divergence: they are counted (`scaler_skipped_steps`)
+            and training goes on; a scale that collapses (below `guards.MIN_LOSS_SCALE`, or
+            `guards.MAX_SCALER_SKIPS_IN_A_ROW` skips in a row) raises `NonFiniteError` whatever this says.
         model_init_kwargs: Keyword arguments for `AutoModelForCausalLM.from_pretrained` when `model` (or
             `ref_model`) is given as a name or path, e.g. `{"dtype": "bfloat16"}` (a JSON string on the command
             line). Without a `dtype` the model loads in float32, as in TRL (`"auto"`: the checkpoint's dtype).
@@ -129,6 +170,12 @@ class DPOConfig(TrainingArguments):
             batch size; it runs without gradients). The values do not depend on it.
         activation_offloading: Keep the activations saved for backward in CPU memory during each training step
             (`torch.autograd.graph.save_on_cpu`, pinned on CUDA), trading transfer time for GPU memory.
+        peft_reference: Our extra: π_ref when `model` is a `peft.PeftModel` that already carries an adapter (given
+            with `peft_config=None` and no `ref_model`, e.g. a LoRA SFT adapter). `copy` (default, as TRL): a
+            frozen copy of the adapter as given, named "reference", so π_ref is the SFT policy and the first
+            loss is ln 2; it is saved in a `reference/` subfolder of each checkpoint and restored on resume.
+            `base`: the base model with the adapter disabled (one adapter fewer to run). With `peft_config`
+            the adapter is new and the reference is the base model either way.
     """
 
     _VALID_DICT_FIELDS = TrainingArguments._VALID_DICT_FIELDS + ["model_init_kwargs"]
@@ -136,6 +183,17 @@ class DPOConfig(TrainingArguments):
     learning_rate: float = field(default=1e-6, metadata={"help": "AdamW learning rate (paper: 1e-6)."})
     logging_steps: float = field(
         default=10, metadata={"help": "Log every X update steps (TRL's default 10); a float < 1 is a ratio."}
+    )
+    gradient_checkpointing: bool = field(
+        default=True,
+        metadata={"help": "Recompute activations in the backward pass (TRL's default: on; ~20-30% slower)."},
+    )
+    bf16: bool | None = field(
+        default=None,
+        metadata={
+            "help": "bf16 mixed precision. None (TRL's default): on unless fp16 is set; float32 on a machine "
+            "without bf16 (no bf16 GPU and use_cpu=False), with a logged message."
+        },
     )
 
     beta: float = field(default=0.1, metadata={"help": "KL penalty strength β; must be > 0."})
@@ -156,7 +214,8 @@ class DPOConfig(TrainingArguments):
                 "forward_kl",
                 "js_divergence",
                 "alpha_divergence",
-                "alpha_divergence_trl",
+                "alpha_divergence_paper",
+                "alpha_divergence_trl",  # deprecated name of alpha_divergence, kept for one release
             ],
         },
     )
@@ -230,6 +289,14 @@ class DPOConfig(TrainingArguments):
     activation_offloading: bool = field(
         default=False, metadata={"help": "Keep saved activations in CPU memory during training steps."}
     )
+    peft_reference: str = field(
+        default="copy",
+        metadata={
+            "help": "Reference of a PeftModel given with its adapter: copy (a frozen copy of the adapter, as "
+            "TRL) or base (the base model, the adapter disabled).",
+            "choices": ["copy", "base"],
+        },
+    )
 
     def _check_loss_extras(self) -> None:
         """TRL's validation of the loss-family fields (TRL raises some of these in the trainer)."""
@@ -285,6 +352,7 @@ class DPOConfig(TrainingArguments):
             f_divergence_type=self.f_divergence_type,
             owner="DPOConfig.",
         )
+        self.f_divergence_type = DEPRECATED_F_DIVERGENCES.get(self.f_divergence_type, self.f_divergence_type)
         self._check_loss_extras()
         if self.rpo_alpha is not None and not self.rpo_alpha >= 0:
             raise ValueError(f"DPOConfig.rpo_alpha must be >= 0 or None, got {self.rpo_alpha}.")
@@ -345,10 +413,41 @@ class DPOConfig(TrainingArguments):
             raise ValueError(f"DPOConfig.dataset_num_proc must be >= 1 or None, got {self.dataset_num_proc}.")
         if self.on_nonfinite not in ("raise", "skip"):
             raise ValueError(f"DPOConfig.on_nonfinite must be 'raise' or 'skip', got {self.on_nonfinite!r}.")
+        if self.peft_reference not in PEFT_REFERENCES:
+            raise ValueError(
+                f"DPOConfig.peft_reference must be one of {', '.join(PEFT_REFERENCES)}; got {self.peft_reference!r}."
+            )
+        self._resolve_trl_defaults()
         super().__post_init__()
         if self.pad_to_multiple_of == "auto":
             # Neuron compiles once per input shape; padding bounds the number of compilations (as TRL does)
             self.pad_to_multiple_of = 128 if self.device.type == "neuron" else None
+
+    def _resolve_trl_defaults(self) -> None:
+        """TRL's defaults for mixed precision and activation checkpointing, resolved before `TrainingArguments`.
+
+        `bf16=None` means on unless `fp16` is set (TRL's rule). Where TRL's config would then refuse to be built
+        (no bf16 GPU, XPU or NPU, and `use_cpu=False`: transformers' "Your setup doesn't support bf16/gpu"), it
+        falls back to float32 and says so: on such a machine the run happens on the CPU anyway, and a user who
+        asked for nothing should get a run, not an error. An explicit `bf16=True` is checked by transformers.
+        `gradient_checkpointing=True` is carried to `activation_checkpointing` (transformers' new name) unless
+        that is set, so TRL's default does not raise transformers' deprecation warning of the old name.
+        """
+        if self.bf16 is None:
+            self.bf16 = not self.fp16 and _bf16_supported(self.use_cpu)
+            if not self.fp16 and not self.bf16:
+                logger.warning(
+                    "DPOConfig: this machine has no bf16 support (no bf16 GPU and use_cpu=False), so training runs "
+                    "in float32 instead of TRL's default bf16. Pass use_cpu=True for bf16 autocast on the CPU as "
+                    "TRL does, or bf16=False to choose float32 explicitly."
+                )
+        if self.activation_checkpointing is None:
+            self.activation_checkpointing = self.gradient_checkpointing
+
+    def result_settings(self) -> dict:
+        """Every DPO setting that decides a run's result besides the model and the data (`RESULT_FIELDS`):
+        saved beside each checkpoint and compared when a run resumes (`checkpoints.run_settings`)."""
+        return {name: getattr(self, name) for name in RESULT_FIELDS}
 
     def data_settings(self) -> dict:
         """Keyword arguments of `data.prepare_dataset` for this run: truncation, and the loss (for rankings)."""
@@ -363,15 +462,66 @@ class DPOConfig(TrainingArguments):
 
     def loss_settings(self) -> dict:
         """Keyword arguments of `losses.preference_loss` for this run."""
-        names = ("beta", "loss_type", "label_smoothing", "loss_weights", "f_divergence_type")
-        return {name: getattr(self, name) for name in names + ("f_alpha_divergence_coef", "discopop_tau")}
+        return {name: getattr(self, name) for name in LOSS_FIELDS}
+
+
+def _bf16_supported(use_cpu: bool) -> bool:
+    """Whether `TrainingArguments` accepts `bf16=True` here (its own test: CPU autocast, or a bf16 device)."""
+    from transformers.utils import is_torch_bf16_gpu_available, is_torch_xla_available
+
+    return use_cpu or is_torch_bf16_gpu_available() or is_torch_xla_available()
+
+
+def is_trl_config(args) -> bool:
+    """Whether `args` is TRL's `DPOConfig` or an instance of a subclass of it (e.g. a script's own config)."""
+    return any(
+        cls.__name__ == "DPOConfig" and cls.__module__.split(".")[0] == "trl" for cls in type(args).__mro__
+    )
+
+
+def from_trl_config(args) -> DPOConfig:
+    """A `DPOConfig` of this library holding the values of TRL's `DPOConfig` `args`, field by field.
+
+    Scripts built on TRL (`TrlParser`, alignment-handbook's recipes) hand the trainer TRL's config or a subclass
+    of it; every field TRL defines exists here with TRL's meaning, so the run is the same. Values are read as
+    TRL's `__post_init__` left them (`bf16` resolved, `loss_type` a list). Fields of a subclass that this
+    trainer does not read are named in a warning when they differ from their default.
+    """
+    import dataclasses
+
+    ours = {f.name for f in dataclasses.fields(DPOConfig) if f.init}
+    values, unused = {}, []
+    for f in dataclasses.fields(args):
+        if not f.init:
+            continue
+        value = getattr(args, f.name)
+        if f.name in ours:
+            values[f.name] = value
+            continue
+        default = f.default if f.default is not dataclasses.MISSING else dataclasses.MISSING
+        if f.default_factory is not dataclasses.MISSING:
+            default = f.default_factory()
+        if value != default:
+            unused.append(f"{f.name}={value!r}")
+    kind = type(args)
+    if unused:
+        logger.warning(
+            "%s.%s sets fields that dpo_trainer's DPOTrainer does not read: %s.",
+            kind.__module__,
+            kind.__qualname__,
+            ", ".join(unused),
+        )
+    logger.info(
+        "Converted %s.%s to dpo_trainer's DPOConfig, field by field.", kind.__module__, kind.__qualname__
+    )
+    return DPOConfig(**values)
 
 
 def trainer_args(args: DPOConfig | None, model, train_dataset) -> DPOConfig:
     """`args` checked, or TRL's default when None: a `DPOConfig` writing to "<model name>-DPO"."""
     if train_dataset is None:
         raise ValueError(
-            "train_dataset is required (as in TRL): pass the preference rows to train on, even when you "
+            "`train_dataset` is required (as in TRL): pass the preference rows to train on, even when you "
             "only mean to evaluate."
         )
     if args is None:
@@ -380,7 +530,13 @@ def trainer_args(args: DPOConfig | None, model, train_dataset) -> DPOConfig:
         )
         return DPOConfig(output_dir=f"{(name or 'model').rstrip('/').split('/')[-1]}-DPO")
     if not isinstance(args, DPOConfig):
-        raise TypeError(f"args must be a DPOConfig, got {type(args).__name__}.")
+        if not is_trl_config(args):
+            kind = type(args)
+            raise TypeError(
+                f"args must be a dpo_trainer.config.DPOConfig (or TRL's trl.trainer.dpo_config.DPOConfig, which is "
+                f"converted), got {kind.__module__}.{kind.__qualname__}."
+            )
+        args = from_trl_config(args)
     if args.activation_offloading and not hasattr(torch.autograd.graph, "save_on_cpu"):
         raise ValueError("DPOConfig.activation_offloading=True needs torch.autograd.graph.save_on_cpu.")
     return args

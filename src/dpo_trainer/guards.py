@@ -5,6 +5,14 @@ the flags once per optimizer step together with the gradient norm (`DPOConfig.on
 stops with `NonFiniteError` naming the step before the optimizer applies anything; `skip` drops that
 step's gradients (no optimizer update at all) and goes on. Checkpoints are refused from non-finite weights.
 
+fp16 loss scaling (torch's `GradScaler`, DeepSpeed's fp16 engine) overflows on purpose: the scaler starts high
+(2**16), skips each step whose scaled gradients hold an inf/NaN and lowers its scale (halves it), so the first
+steps, and one after each raise of the scale, report an infinite gradient norm. Such a step is not divergence:
+the guard counts it (`scaler_skipped_steps` in the logs) and training goes on, whatever `on_nonfinite` says.
+Divergence is still caught: a loss non-finite before scaling is flagged per micro-step as without a scaler, and
+a scale that keeps falling stops training with `NonFiniteError` once it is below `MIN_LOSS_SCALE` or the
+scaler has skipped `MAX_SCALER_SKIPS_IN_A_ROW` steps in a row (the backward then overflows at any scale).
+
 Reference log-probs are sums of log-probabilities, so they are finite and <= 0 (up to float rounding,
 `REFERENCE_SLACK`), whether they come from a live model, a precomputed column or the on-disk cache.
 """
@@ -12,15 +20,25 @@ Reference log-probs are sums of log-probabilities, so they are finite and <= 0 (
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 
 import torch
 from torch import nn
+
+from ._compat import deepspeed_fp16_overflow, grad_scaler_found_inf
 
 logger = logging.getLogger(__name__)
 
 ON_NONFINITE = ("raise", "skip")
 # log p <= 0 exactly; a float32 sum over a long response may round a hair above it
 REFERENCE_SLACK = 1e-3
+# A loss scale has collapsed below float16's smallest positive value: every gradient under 1 then flushes to
+# zero, so no scale is left to try. From torch's start of 2**16 that takes 42 skipped steps in a row; a healthy
+# run stops skipping once the scale fits, far above that.
+MIN_LOSS_SCALE = 2.0**-24
+# ...or the scale stays put and every step is skipped: DeepSpeed's may start at 2**32 (33 overflows in a row
+# bring it to 1, where by default DeepSpeed stops the run itself) or be pinned at its `min_loss_scale`.
+MAX_SCALER_SKIPS_IN_A_ROW = 64
 
 
 class NonFiniteError(FloatingPointError):
@@ -69,15 +87,26 @@ class StepGuard:
     """The trainer's divergence guard: device flags per micro-step, one decision per optimizer step.
 
     `flag(mode, losses, reference)` ORs a micro-step's problems into flags [loss non-finite, reference
-    invalid] without a host sync. `check(model, grad_norm, step, accelerator)` reads the training flags and
-    the gradient norm once (summed over processes, so every process decides alike) and raises, or drops the
-    step's gradients when `on_nonfinite="skip"` (the optimizer skips parameters without a gradient).
+    invalid] without a host sync. `check(model, grad_norm, step, accelerator)` reads the training flags,
+    the gradient norm and the fp16 loss scaler's verdict once (summed over processes, so every process decides
+    alike) and raises, or drops the step's gradients when `on_nonfinite="skip"` (the optimizer skips
+    parameters without a gradient). A step the loss scaler skips is counted, not judged (module docstring).
     """
 
     def __init__(self, on_nonfinite: str, device):
         self.on_nonfinite, self.device = on_nonfinite, device
         self.flags: dict[str, torch.Tensor] = {}
         self.skipped_steps = 0
+        self.scaler_skipped_steps = 0
+        self.scaler_skips_in_a_row = 0
+
+    def log_fields(self) -> dict[str, int]:
+        """What the guard adds to the training logs: the steps it and the loss scaler skipped, if any."""
+        fields = {
+            "nonfinite_skipped_steps": self.skipped_steps,
+            "scaler_skipped_steps": self.scaler_skipped_steps,
+        }
+        return {name: count for name, count in fields.items() if count}
 
     def check_engine(self, deepspeed: bool) -> None:
         """Refuse `skip` under DeepSpeed, whose engine applies the gradients itself."""
@@ -104,16 +133,23 @@ class StepGuard:
         norm = torch.as_tensor(0.0 if grad_norm is None else grad_norm, dtype=torch.float32).reshape(1)
         device = flags.device if flags is not None else self.device
         flags = torch.zeros(2, dtype=torch.bool, device=device) if flags is None else flags
-        values = torch.cat([flags.float(), (~torch.isfinite(norm.to(device))).float()])
+        scaler_skips, scale = loss_scaler_verdict(accelerator, device)
+        values = torch.cat(
+            [flags.float(), (~torch.isfinite(norm.to(device))).float(), scaler_skips.reshape(1)]
+        )
         if accelerator.num_processes > 1:
             values = accelerator.reduce(values, reduction="sum")
-        loss_bad, reference_bad, norm_bad = (value > 0 for value in values.tolist())
+        loss_bad, reference_bad, norm_bad, scaler_skipped = (value > 0 for value in values.tolist())
         if reference_bad:
             raise NonFiniteError(
                 f"Step {step}: reference log-probs that are not finite or above 0 (a log-probability is <= 0); "
                 "the reference model or the precomputed values are broken."
             )
+        if scaler_skipped and not loss_bad:  # the scaler applies nothing and lowers its scale
+            self.count_scaler_skip(step, scale())
+            return
         if not (loss_bad or norm_bad):
+            self.scaler_skips_in_a_row = 0
             return
         what = " and ".join(
             name for name, bad in (("loss", loss_bad), (f"gradient norm ({float(norm)})", norm_bad)) if bad
@@ -128,6 +164,41 @@ class StepGuard:
             parameter.grad = None
         self.skipped_steps += 1
         logger.warning("Step %d: non-finite %s; step skipped (no optimizer update).", step, what)
+
+    def count_scaler_skip(self, step: int, scale: float) -> None:
+        """Count a step the fp16 loss scaler skips; raise once its scale has collapsed (`MIN_LOSS_SCALE`,
+        `MAX_SCALER_SKIPS_IN_A_ROW`)."""
+        self.scaler_skipped_steps += 1
+        self.scaler_skips_in_a_row += 1
+        in_a_row = self.scaler_skips_in_a_row
+        if scale < MIN_LOSS_SCALE or in_a_row >= MAX_SCALER_SKIPS_IN_A_ROW:
+            raise NonFiniteError(
+                f"Training diverged at step {step}: the fp16 loss scaler skipped {in_a_row} steps in a row and its "
+                f"scale fell to {scale:g}; the loss is finite but its gradients are not at any scale. No update was "
+                f"applied after step {step - in_a_row}. Lower the learning rate, or train in bf16 or float32."
+            )
+        logger.info(
+            "Step %d: the fp16 loss scaler skips the step (inf/NaN in the scaled gradients); scale %g.",
+            step,
+            scale,
+        )
+
+
+def loss_scaler_verdict(accelerator, device) -> tuple[torch.Tensor, Callable[[], float]]:
+    """Whether the fp16 loss scaler skips this optimizer step (a 0-dim float tensor on `device`, 1.0 if so; no
+    host sync), and a function giving its scale.
+
+    torch's `GradScaler` (accelerate's `Accelerator.scaler`) has unscaled the gradients when the trainer took
+    their norm and decides at the coming `optimizer.step()`; DeepSpeed's engine has already stepped.
+    """
+    scaler = getattr(accelerator, "scaler", None)
+    if scaler is not None and scaler.is_enabled():
+        found = grad_scaler_found_inf(scaler)
+        if found is not None:
+            return (found > 0).float().to(device), scaler.get_scale
+    deepspeed = deepspeed_fp16_overflow(accelerator)
+    skipped, scale = deepspeed if deepspeed is not None else (False, 1.0)
+    return torch.full((), float(skipped), device=device), lambda: scale
 
 
 def check_finite_before_save(model: nn.Module, output_dir: str, step: int) -> None:

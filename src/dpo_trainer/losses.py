@@ -18,21 +18,54 @@ Pairwise variants live in the registry ``LOSSES`` and are selected by name (or a
 names) in :func:`preference_loss`; add your own with :func:`register_loss`. A loss is called as
 ``fn(h, *, beta, ...)`` and receives, by keyword, those of :data:`LOSS_INPUTS` that its signature names.
 
-Where TRL 1.16 computes a loss differently from the paper that defines it, the name follows the paper
-and TRL's computation has its own name: ``ipo`` / ``ipo_trl``, ``bco_pair`` / ``bco_pair_trl``,
-``alpha_divergence`` / ``alpha_divergence_trl`` (see each docstring and the README).
+A name TRL 1.16 defines computes TRL's numbers. Where the paper that defines a method writes another
+form, the paper's form has a name of its own: ``cdpo`` beside ``sigmoid``, otherwise ``<name>_paper``:
+
+======================== ======================================== ========================================
+TRL's name               TRL 1.16's form (under TRL's name)       the paper's form, under its own name
+======================== ======================================== ========================================
+``sigmoid`` (loss_type)  ``-logsigmoid(beta h)``: DPO Eq. 7       ``cdpo``: ``-(1 - eps) logsigmoid(beta h)
+                         (Rafailov et al. 2023); TRL ignores      - eps logsigmoid(-beta h)``, conservative
+                         ``label_smoothing`` here                 DPO (Mitchell 2023, "A note on DPO with
+                                                                  noisy preferences"); eps = 0 is sigmoid
+``ipo`` (loss_type)      ``(s_w/n_w - s_l/n_l - 1/(2 beta))^2``:  ``(s_w - s_l - 1/(2 beta))^2`` on summed
+                         IPO Eq. 17 on per-token means, n         log-probs: IPO Eq. 17 (Azar et al. 2023,
+                         clamped to >= 1                          arXiv 2310.12036), tau = beta
+``bco_pair`` (loss_type) ``-logsigmoid(r_w) - logsigmoid(-r_l)``  ``-logsigmoid(r_w - delta)
+                         with ``r = beta lr``: no reward shift    - logsigmoid(-(r_l - delta))``, delta the
+                                                                  running mean reward: BCO (Jung et al.
+                                                                  2024, arXiv 2404.04656, Sec. 3)
+``alpha_divergence``     ``f'(u) = (u^(alpha-1) - 1)/(alpha-1)``  ``f'(u) = (1 - u^-alpha)/alpha``: f-DPO
+(f_divergence_type)      (TRL's code; its docs say u^-alpha)      (Wang et al. 2023, arXiv 2309.16240,
+                                                                  Table 1)
+======================== ======================================== ========================================
+
+``sigmoid`` takes no ``label_smoothing``: with eps > 0 and no other selected loss that uses it,
+:func:`check_loss_settings` raises and names ``cdpo`` (TRL 1.16 would train ignoring eps; this library's
+``sigmoid`` computed cDPO before). ``aot`` and ``aot_unpaired`` use the cDPO-smoothed logistic loss, as TRL
+does.
+
+The two alpha forms are one family: TRL's at ``alpha`` is the paper's at ``1 - alpha`` (equal at the default
+0.5). ``ipo_trl``, ``bco_pair_trl`` and ``alpha_divergence_trl``, the previous release's names of TRL's forms,
+are deprecated aliases (:data:`DEPRECATED_LOSS_NAMES`, :data:`DEPRECATED_F_DIVERGENCES`): they warn
+(``FutureWarning``) and are read as TRL's names.
 """
 
 from __future__ import annotations
 
 import inspect
 import math
+import os
+import sys
+import warnings
 from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
 
 __all__ = [
+    "DEPRECATED_F_DIVERGENCES",
+    "DEPRECATED_LOSS_NAMES",
     "F_DIVERGENCES",
     "F_DIVERGENCE_LOSSES",
     "LOSSES",
@@ -43,6 +76,7 @@ __all__ = [
     "ld_token_weights",
     "loss_names",
     "loss_uses",
+    "needs_reward_shift",
     "plackett_luce_loss",
     "wpo_weights",
     "preference_loss",
@@ -70,10 +104,14 @@ LOSS_INPUTS = (
     "chosen_lengths",  # n_w, response token counts (None when the caller has none)
     "rejected_lengths",  # n_l
     "discopop_tau",  # float
-    "reward_shift",  # float or 0-dim tensor, BCO's delta
+    "reward_shift",  # float or 0-dim tensor, BCO's delta (a loss that names it has the trainer keep delta)
 )
 #: f-divergence regularisers (f-DPO): see :func:`f_divergence_scores`.
-F_DIVERGENCES = ("reverse_kl", "forward_kl", "js_divergence", "alpha_divergence", "alpha_divergence_trl")
+F_DIVERGENCES = ("reverse_kl", "forward_kl", "js_divergence", "alpha_divergence", "alpha_divergence_paper")
+#: Deprecated loss names (kept for one release): old name -> the name that computes the same numbers.
+DEPRECATED_LOSS_NAMES = {"ipo_trl": "ipo", "bco_pair_trl": "bco_pair"}
+#: Deprecated f-divergence names (kept for one release): old name -> the name that computes the same numbers.
+DEPRECATED_F_DIVERGENCES = {"alpha_divergence_trl": "alpha_divergence"}
 
 
 def register_loss(
@@ -85,7 +123,8 @@ def register_loss(
     inputs of :data:`LOSS_INPUTS` that its signature names (e.g. ``beta``, ``label_smoothing``,
     ``chosen_lengths``); it returns per-example losses of shape ``(batch,)``. ``f_divergence=True``
     declares that the loss depends on the scores only, so that it may be used with a non-default
-    ``f_divergence_type``. Raises ``ValueError`` if ``name`` is taken, unless ``overwrite=True``.
+    ``f_divergence_type``. A loss whose signature names ``reward_shift`` is given BCO's running delta by the
+    trainer (:func:`needs_reward_shift`). Raises ``ValueError`` if ``name`` is taken, unless ``overwrite=True``.
 
     >>> @register_loss("doc_squared")
     ... def doc_squared(h, *, beta, label_smoothing):
@@ -114,8 +153,9 @@ def loss_names() -> tuple[str, ...]:
     """Sorted names of the registered pairwise losses.
 
     >>> loss_names()  # doctest: +NORMALIZE_WHITESPACE
-    ('aot', 'aot_unpaired', 'apo_down', 'apo_zero', 'bco_pair', 'bco_pair_trl', 'discopop', 'exo_pair',
-     'hinge', 'ipo', 'ipo_trl', 'nca_pair', 'robust', 'sft', 'sigmoid', 'sigmoid_norm', 'sppo_hard')
+    ('aot', 'aot_unpaired', 'apo_down', 'apo_zero', 'bco_pair', 'bco_pair_paper', 'cdpo', 'discopop',
+     'exo_pair', 'hinge', 'ipo', 'ipo_paper', 'nca_pair', 'robust', 'sft', 'sigmoid', 'sigmoid_norm',
+     'sppo_hard')
     """
     return tuple(sorted(LOSSES))
 
@@ -126,29 +166,65 @@ def loss_uses(name: str, input_name: str) -> bool:
     return input_name in parameters or any(p.kind is p.VAR_KEYWORD for p in parameters.values())
 
 
+def needs_reward_shift(loss_type: str | Sequence[str]) -> bool:
+    """Whether a selected loss names ``reward_shift`` in its signature, so its caller must keep BCO's delta.
+
+    Of the built-ins only ``bco_pair_paper`` does (TRL's ``bco_pair`` has no shift). Deprecated names are
+    read as their new names, without a warning (validation warns).
+
+    >>> needs_reward_shift(["sigmoid", "bco_pair"]), needs_reward_shift(["sigmoid", "bco_pair_paper"])
+    (False, True)
+    """
+    names = [_current_name(name, DEPRECATED_LOSS_NAMES, LOSSES) for name in _as_list(loss_type)]
+    return any(
+        name in LOSSES and "reward_shift" in inspect.signature(LOSSES[name]).parameters for name in names
+    )
+
+
+def _current_name(name: str, deprecated: dict[str, str], registered) -> str:
+    """``name``, or its replacement when it is a deprecated alias (and nothing registered took it)."""
+    return deprecated[name] if name in deprecated and name not in registered else name
+
+
+def _warn_deprecated(kind: str, old: str, new: str) -> None:
+    warnings.warn(
+        f"{kind}={old!r} is deprecated and will be removed in the next release: use {kind}={new!r}, which "
+        f"now computes the same numbers (TRL 1.16's form); the paper's form is {new + '_paper'!r}.",
+        FutureWarning,
+        stacklevel=_caller_stacklevel(),
+    )
+
+
+def _caller_stacklevel() -> int:
+    """The ``stacklevel`` of the first frame outside this package and its dataclass's generated ``__init__``
+    (file ``<string>``), so that a warning names the user's line. Counted from the function calling ``warn``."""
+    package = os.path.dirname(os.path.abspath(__file__)) + os.sep
+    frame, level = sys._getframe(1), 1  # level 1: the function calling `warnings.warn`
+    while frame is not None and (
+        frame.f_code.co_filename.startswith(package) or frame.f_code.co_filename == "<string>"
+    ):
+        frame, level = frame.f_back, level + 1
+    return level
+
+
 # ---------------------------------------------------------------- losses on h (any f-divergence)
 
 
-@register_loss("sigmoid", f_divergence=True)
-def sigmoid_loss(h: torch.Tensor, *, beta: float, label_smoothing: float = 0.0) -> torch.Tensor:
-    """DPO loss; with ``label_smoothing = eps > 0``, conservative DPO (TRL 1.16's sigmoid ignores eps).
+def _logistic(h: torch.Tensor, beta: float, eps: float) -> torch.Tensor:
+    """The logistic loss of ``beta h`` against labels smoothed to ``(1 - eps, eps)``.
 
-    Args:
-        h: difference of scores, shape ``(batch,)``.
-
-    Returns:
-        per-example losses, shape ``(batch,)``.
+    ``-(1 - eps) logsigmoid(beta h) - eps logsigmoid(-beta h)``: cDPO's form (``cdpo``), and the comparison of
+    ``aot`` / ``aot_unpaired`` (as TRL 1.16 writes them). At eps = 0 it is ``-logsigmoid(beta h)``.
     """
-    eps = label_smoothing
-    # Rafailov et al. 2023 (arXiv 2305.18290) Eq. 7; eps > 0: cDPO (Mitchell 2023, "A note on DPO with noisy preferences").
     return -(1 - eps) * F.logsigmoid(beta * h) - eps * F.logsigmoid(-beta * h)
 
 
-@register_loss("ipo", f_divergence=True)
-def ipo_loss(h: torch.Tensor, *, beta: float) -> torch.Tensor:
-    """IPO loss: regress ``h`` onto ``1 / (2 beta)``, with ``h`` from *summed* log-probs as in the paper.
+@register_loss("sigmoid", f_divergence=True)
+def sigmoid_loss(h: torch.Tensor, *, beta: float) -> torch.Tensor:
+    """DPO loss, TRL 1.16's ``sigmoid``: ``-logsigmoid(beta h)``.
 
-    TRL 1.16 divides each score by its response's token count first: that is ``ipo_trl``.
+    It takes no label smoothing (TRL's ``sigmoid`` ignores ``label_smoothing``; :func:`check_loss_settings`
+    refuses eps > 0 when no other selected loss uses it). Conservative DPO is ``cdpo``.
 
     Args:
         h: difference of scores, shape ``(batch,)``.
@@ -156,11 +232,32 @@ def ipo_loss(h: torch.Tensor, *, beta: float) -> torch.Tensor:
     Returns:
         per-example losses, shape ``(batch,)``.
     """
-    return (h - 1 / (2 * beta)) ** 2  # Azar et al. 2023 (arXiv 2310.12036) Eq. 17, tau = beta.
+    return -F.logsigmoid(beta * h)  # Rafailov et al. 2023 (arXiv 2305.18290) Eq. 7.
 
 
-@register_loss("ipo_trl", f_divergence=True)
-def ipo_trl_loss(
+@register_loss("cdpo", f_divergence=True)
+def cdpo_loss(h: torch.Tensor, *, beta: float, label_smoothing: float = 0.0) -> torch.Tensor:
+    """Conservative DPO (cDPO): DPO's logistic loss against labels smoothed to ``(1 - eps, eps)``.
+
+    ``-(1 - eps) logsigmoid(beta h) - eps logsigmoid(-beta h)``, with ``eps = label_smoothing`` the assumed
+    rate of flipped preference labels, in ``[0, 0.5)``. Unlike DPO's, its minimum sits at a finite margin,
+    ``beta h = log((1 - eps) / eps)``. ``eps = 0`` is allowed and computes ``sigmoid``'s numbers, so that a
+    sweep over eps may include 0. Earlier releases of this library computed it as ``sigmoid`` with
+    ``label_smoothing``.
+
+    Args:
+        h: difference of scores, shape ``(batch,)``.
+        label_smoothing: eps.
+
+    Returns:
+        per-example losses, shape ``(batch,)``.
+    """
+    # Mitchell 2023, "A note on DPO with noisy preferences & relationship to IPO": DPO Eq. 7 with smoothed labels.
+    return _logistic(h, beta, label_smoothing)
+
+
+@register_loss("ipo", f_divergence=True)
+def ipo_loss(
     h: torch.Tensor,
     *,
     beta: float,
@@ -169,10 +266,11 @@ def ipo_trl_loss(
     chosen_lengths: torch.Tensor,
     rejected_lengths: torch.Tensor,
 ) -> torch.Tensor:
-    """TRL 1.16's ``ipo``: the IPO square on per-token mean scores, ``(s_w/n_w - s_l/n_l - 1/(2 beta))^2``.
+    """IPO as TRL 1.16 computes it, on per-token mean scores: ``(s_w/n_w - s_l/n_l - 1/(2 beta))^2``.
 
-    The IPO paper's Eq. 17 uses sequence log-probs (our ``ipo``); TRL normalises by the completion
-    token counts (clamped to >= 1), stating that the IPO authors confirmed this form for their results.
+    The IPO paper's Eq. 17 uses sequence log-probs (``ipo_paper``); TRL normalises each score by its
+    response's token count (clamped to >= 1), stating that the IPO authors confirmed this form for their
+    results. Needs ``chosen_lengths`` and ``rejected_lengths``.
 
     Args:
         h: unused (the normalised difference is formed here), shape ``(batch,)``.
@@ -183,7 +281,23 @@ def ipo_trl_loss(
         per-example losses, shape ``(batch,)``.
     """
     delta = _per_token(chosen_scores, chosen_lengths) - _per_token(rejected_scores, rejected_lengths)
-    return (delta - 1 / (2 * beta)) ** 2  # Azar et al. 2023 (arXiv 2310.12036) Eq. 17 on per-token means
+    # Azar et al. 2023 (arXiv 2310.12036) Eq. 17, tau = beta, on per-token means (TRL 1.16).
+    return (delta - 1 / (2 * beta)) ** 2
+
+
+@register_loss("ipo_paper", f_divergence=True)
+def ipo_paper_loss(h: torch.Tensor, *, beta: float) -> torch.Tensor:
+    """IPO as its paper writes it: regress ``h = s_w - s_l``, from *summed* log-probs, onto ``1 / (2 beta)``.
+
+    ``(h - 1/(2 beta))^2``; TRL's ``ipo`` divides each score by its token count first.
+
+    Args:
+        h: difference of scores, shape ``(batch,)``.
+
+    Returns:
+        per-example losses, shape ``(batch,)``.
+    """
+    return (h - 1 / (2 * beta)) ** 2  # Azar et al. 2023 (arXiv 2310.12036) Eq. 17, tau = beta.
 
 
 @register_loss("hinge", f_divergence=True)
@@ -333,6 +447,27 @@ def nca_pair_loss(
 
 @register_loss("bco_pair")
 def bco_pair_loss(
+    h: torch.Tensor, *, beta: float, chosen_logratios: torch.Tensor, rejected_logratios: torch.Tensor
+) -> torch.Tensor:
+    """BCO as TRL 1.16 computes it: chosen classified as 1, rejected as 0, with no reward shift.
+
+    ``-logsigmoid(r_w) - logsigmoid(-r_l)`` with ``r = beta * lr``: the BCO loss with delta fixed at 0.
+    The paper's running reward shift is ``bco_pair_paper``.
+
+    Args:
+        h: unused, shape ``(batch,)``.
+        chosen_logratios, rejected_logratios: lr_w, lr_l, shape ``(batch,)``.
+
+    Returns:
+        per-example losses, shape ``(batch,)``.
+    """
+    r_w, r_l = beta * chosen_logratios, beta * rejected_logratios
+    # Jung et al. 2024 (arXiv 2404.04656), Sec. 3: the BCO loss, reward shift delta = 0.
+    return -F.logsigmoid(r_w) - F.logsigmoid(-r_l)
+
+
+@register_loss("bco_pair_paper")
+def bco_pair_paper_loss(
     h: torch.Tensor,
     *,
     beta: float,
@@ -340,12 +475,13 @@ def bco_pair_loss(
     rejected_logratios: torch.Tensor,
     reward_shift: float | torch.Tensor = 0.0,
 ) -> torch.Tensor:
-    """Binary Classifier Optimization: chosen classified as 1, rejected as 0, around a reward shift delta.
+    """BCO as its paper writes it: chosen classified as 1, rejected as 0, around a reward shift delta.
 
-    ``-logsigmoid(r_w - delta) - logsigmoid(-(r_l - delta))`` with ``r = beta * lr``. In the paper
-    delta is a running mean of the rewards; it is state, so the caller keeps it and passes it as
-    ``reward_shift`` (the trainer uses :class:`RunningMean` of each training batch's mean reward, over
-    chosen and rejected, across processes). TRL 1.16's ``bco_pair`` has no shift: ``bco_pair_trl``.
+    ``-logsigmoid(r_w - delta) - logsigmoid(-(r_l - delta))`` with ``r = beta * lr``. In the paper delta is
+    a running mean of the rewards; it is state, so the caller keeps it and passes it as ``reward_shift``
+    (the trainer keeps a :class:`RunningMean` of each training batch's mean reward, over chosen and rejected
+    and across processes, because this loss names ``reward_shift``: :func:`needs_reward_shift`). At
+    ``delta = 0`` this is TRL's ``bco_pair``.
 
     Args:
         h: unused, shape ``(batch,)``.
@@ -357,26 +493,8 @@ def bco_pair_loss(
     """
     delta = reward_shift.detach() if isinstance(reward_shift, torch.Tensor) else reward_shift
     r_w, r_l = beta * chosen_logratios, beta * rejected_logratios
-    # Jung et al. 2024 (arXiv 2404.04656), the BCO loss with reward shift delta.
+    # Jung et al. 2024 (arXiv 2404.04656), Sec. 3: the BCO loss with reward shift delta.
     return -F.logsigmoid(r_w - delta) - F.logsigmoid(-(r_l - delta))
-
-
-@register_loss("bco_pair_trl")
-def bco_pair_trl_loss(
-    h: torch.Tensor, *, beta: float, chosen_logratios: torch.Tensor, rejected_logratios: torch.Tensor
-) -> torch.Tensor:
-    """TRL 1.16's ``bco_pair``: the BCO loss with the reward shift fixed at 0.
-
-    Args:
-        h: unused, shape ``(batch,)``.
-        chosen_logratios, rejected_logratios: lr_w, lr_l, shape ``(batch,)``.
-
-    Returns:
-        per-example losses, shape ``(batch,)``.
-    """
-    return bco_pair_loss(
-        h, beta=beta, chosen_logratios=chosen_logratios, rejected_logratios=rejected_logratios
-    )
 
 
 @register_loss("sppo_hard")
@@ -463,7 +581,7 @@ def aot_loss(
     margins, _ = torch.sort(policy_chosen_logps - policy_rejected_logps)
     ref_margins, _ = torch.sort(ref_chosen_logps - ref_rejected_logps)
     # Melnyk et al. 2024 (arXiv 2406.05882), AOT paired: sorted (quantile) matching, logistic loss.
-    return sigmoid_loss(margins - ref_margins, beta=beta, label_smoothing=label_smoothing)
+    return _logistic(margins - ref_margins, beta, label_smoothing)
 
 
 @register_loss("aot_unpaired")
@@ -490,7 +608,7 @@ def aot_unpaired_loss(
     chosen_sorted, _ = torch.sort(chosen_logratios)
     rejected_sorted, _ = torch.sort(rejected_logratios)
     # Melnyk et al. 2024 (arXiv 2406.05882), AOT unpaired: sorted (quantile) matching, logistic loss.
-    return sigmoid_loss(chosen_sorted - rejected_sorted, beta=beta, label_smoothing=label_smoothing)
+    return _logistic(chosen_sorted - rejected_sorted, beta, label_smoothing)
 
 
 def _per_token(scores: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
@@ -517,17 +635,18 @@ def f_divergence_scores(
     f-DPO (Wang et al. 2023, arXiv 2309.16240, Table 1 and Thm. 1) replaces ``log u`` in DPO's
     ``beta (log u_w - log u_l)`` by ``f'(u)`` of the divergence regulariser. Each ``f'`` here is shifted by
     a constant so that ``f'(1) = 0`` (as in TRL; a constant cancels in ``h`` but not in the per-token
-    means of ``sigmoid_norm`` / ``ipo_trl``):
+    means of ``sigmoid_norm`` / ``ipo``):
 
     * ``reverse_kl``: ``log u`` (DPO);
     * ``forward_kl``: ``1 - 1/u``;
     * ``js_divergence``: ``log(2u / (1 + u)) = log 2 + logsigmoid(log u)``;
-    * ``alpha_divergence``: ``(1 - u^-alpha) / alpha`` (the paper's alpha in (0, 1); alpha -> 0 gives
-      reverse KL, alpha = 1 forward KL);
-    * ``alpha_divergence_trl``: TRL 1.16's code, ``(u^(alpha-1) - 1) / (alpha - 1)``, which is the
-      paper's form at ``1 - alpha`` (equal at TRL's default 0.5; TRL's docs describe the paper's ``u^-alpha``).
+    * ``alpha_divergence``: TRL 1.16's code, ``(u^(alpha-1) - 1) / (alpha - 1)`` (reverse KL at alpha = 1),
+      which is the paper's form at ``1 - alpha`` (equal at TRL's default 0.5; TRL's docs say ``u^-alpha``);
+    * ``alpha_divergence_paper``: the paper's ``(1 - u^-alpha) / alpha`` (Table 1, alpha in (0, 1); alpha -> 0
+      gives reverse KL, alpha = 1 forward KL).
 
-    Exponents are capped at 80 (11 in float16) before ``exp``, as TRL does.
+    Exponents are capped at 80 (11 in float16) before ``exp``, as TRL does. The deprecated
+    ``alpha_divergence_trl`` warns and is read as ``alpha_divergence``.
 
     Args:
         logratios: ``log u = log pi - log pi_ref``, any shape.
@@ -536,22 +655,39 @@ def f_divergence_scores(
 
     Returns:
         scores, the shape of ``logratios``.
+
+    >>> f_divergence_scores(torch.tensor([math.log(4.0)]), "alpha_divergence", 0.5)  # (4^-0.5 - 1)/(-0.5)
+    tensor([1.])
+    >>> f_divergence_scores(torch.tensor([math.log(4.0)]), "alpha_divergence_paper", 0.5)  # (1 - 4^-0.5)/0.5
+    tensor([1.])
     """
+    f_divergence_type = _checked_f_divergence(f_divergence_type)
     if f_divergence_type == "reverse_kl":
         return logratios
     if f_divergence_type == "forward_kl":
         return -torch.expm1(-logratios)
     if f_divergence_type == "js_divergence":
         return math.log(2) + F.logsigmoid(logratios)
-    if f_divergence_type in ("alpha_divergence", "alpha_divergence_trl"):
-        if not math.isfinite(alpha):
-            raise ValueError(f"f_alpha_divergence_coef must be finite, got {alpha}")
-        # exponent coefficient a: paper u^-alpha; TRL u^(alpha - 1)
-        a = -alpha if f_divergence_type == "alpha_divergence" else alpha - 1.0
-        if abs(a) < 1e-6:  # the limit a -> 0 is log u
-            return logratios
-        return _expm1_capped(a * logratios) / a
-    raise ValueError(f"unknown f_divergence_type {f_divergence_type!r}; valid: {', '.join(F_DIVERGENCES)}")
+    # alpha_divergence and alpha_divergence_paper: (u^a - 1)/a with the exponent a of u
+    if not math.isfinite(alpha):
+        raise ValueError(f"f_alpha_divergence_coef must be finite, got {alpha}")
+    # TRL 1.16's code: a = alpha - 1; f-DPO (Wang et al. 2023, arXiv 2309.16240) Table 1: a = -alpha
+    a = alpha - 1.0 if f_divergence_type == "alpha_divergence" else -alpha
+    if abs(a) < 1e-6:  # the limit a -> 0 is log u (TRL falls back to reverse KL at alpha = 1 likewise)
+        return logratios
+    return _expm1_capped(a * logratios) / a
+
+
+def _checked_f_divergence(f_divergence_type: str, owner: str = "") -> str:
+    """The f-divergence name, a deprecated one replaced (with a ``FutureWarning``); unknown names raise."""
+    current = _current_name(f_divergence_type, DEPRECATED_F_DIVERGENCES, F_DIVERGENCES)
+    if current != f_divergence_type:
+        _warn_deprecated(f"{owner}f_divergence_type", f_divergence_type, current)
+    if current not in F_DIVERGENCES:
+        raise ValueError(
+            f"unknown {owner}f_divergence_type {f_divergence_type!r}; valid: {', '.join(F_DIVERGENCES)}"
+        )
+    return current
 
 
 # ---------------------------------------------------------------- the entry point
@@ -581,9 +717,16 @@ def check_loss_settings(
     """Validate a loss selection (names, weights, label smoothing, f-divergence); returns the list of names.
 
     Shared by :func:`preference_loss` and `DPOConfig` (``owner="DPOConfig."`` prefixes the field names in
-    the messages), so that a bad setting fails when the config is built.
+    the messages), so that a bad setting fails when the config is built. Deprecated names
+    (:data:`DEPRECATED_LOSS_NAMES`, :data:`DEPRECATED_F_DIVERGENCES`) warn with a ``FutureWarning``; the
+    returned list holds the current names.
     """
-    names = _as_list(loss_type)
+    names = []
+    for name in _as_list(loss_type):
+        current = _current_name(name, DEPRECATED_LOSS_NAMES, LOSSES)
+        if current != name:
+            _warn_deprecated(f"{owner}loss_type", name, current)
+        names.append(current)
     unknown = [name for name in names if name not in LOSSES]
     if unknown:
         raise ValueError(f"unknown {owner}loss_type {unknown[0]!r}; valid names: {', '.join(loss_names())}")
@@ -599,16 +742,20 @@ def check_loss_settings(
         raise ValueError(f"{owner}label_smoothing must be in [0, 0.5), got {label_smoothing}")
     if label_smoothing != 0 and not any(loss_uses(name, "label_smoothing") for name in names):
         users = [name for name in loss_names() if loss_uses(name, "label_smoothing")]
-        raise ValueError(
+        message = (
             f"{owner}label_smoothing={label_smoothing} is not used by loss_type {names}; the losses that use "
             f"it: {', '.join(users)}"
         )
+        if "sigmoid" in names:  # a deliberate difference: TRL trains on, ignoring eps
+            message += (
+                ". TRL 1.16's sigmoid ignores label_smoothing too (it would train as if it were 0); conservative "
+                "DPO (cDPO, Mitchell 2023), which sigmoid with label_smoothing computed in earlier releases of "
+                f"dpo_trainer, is {owner}loss_type='cdpo'"
+            )
+        raise ValueError(message)
     if "exo_pair" in names and label_smoothing == 0:
         raise ValueError(f"loss_type 'exo_pair' needs {owner}label_smoothing > 0; the EXO paper uses 1e-3")
-    if f_divergence_type not in F_DIVERGENCES:
-        raise ValueError(
-            f"unknown {owner}f_divergence_type {f_divergence_type!r}; valid: {', '.join(F_DIVERGENCES)}"
-        )
+    f_divergence_type = _checked_f_divergence(f_divergence_type, owner)
     if f_divergence_type != "reverse_kl":
         unsupported = [name for name in names if name not in F_DIVERGENCE_LOSSES]
         if unsupported:
@@ -647,14 +794,16 @@ def preference_loss(
         beta: KL-penalty strength, > 0.
         loss_type: a name in :func:`loss_names`, or a list of names whose losses are summed with
             ``loss_weights`` (MPO, Wang et al. 2024, arXiv 2411.10442: e.g. sigmoid, bco_pair, sft).
-        label_smoothing: assumed label-flip rate eps in ``[0, 0.5)``; used by sigmoid (cDPO), robust,
-            exo_pair, aot and aot_unpaired. An error if no selected loss uses it.
+        label_smoothing: assumed label-flip rate eps in ``[0, 0.5)``; used by cdpo (conservative DPO),
+            robust, exo_pair, aot and aot_unpaired, not by sigmoid (as in TRL). An error if no selected loss
+            uses it.
         loss_weights: one weight per loss type (None: all 1).
         chosen_lengths, rejected_lengths: response token counts, shape ``(batch,)``; needed by the
-            per-token losses (sigmoid_norm, ipo_trl, sft).
+            per-token losses (sigmoid_norm, ipo, sft).
         f_divergence_type, f_alpha_divergence_coef: the f-DPO regulariser (:func:`f_divergence_scores`).
         discopop_tau: DiscoPOP's temperature.
-        reward_shift: BCO's delta for ``bco_pair`` (state kept by the caller, e.g. :class:`RunningMean`).
+        reward_shift: BCO's delta for ``bco_pair_paper`` (state kept by the caller, e.g. :class:`RunningMean`;
+            :func:`needs_reward_shift` says whether a selection reads it).
 
     Returns:
         ``(losses, chosen_rewards, rejected_rewards)``, each shape ``(batch,)``. The rewards
@@ -677,6 +826,9 @@ def preference_loss(
         label_smoothing=label_smoothing,
         f_divergence_type=f_divergence_type,
     )
+    f_divergence_type = _current_name(
+        f_divergence_type, DEPRECATED_F_DIVERGENCES, F_DIVERGENCES
+    )  # warned above
     logps = {
         "policy_chosen_logps": policy_chosen_logps,
         "policy_rejected_logps": policy_rejected_logps,
@@ -796,7 +948,7 @@ def wpo_weights(aligned_logps: torch.Tensor) -> torch.Tensor:
 
 
 class RunningMean:
-    """Running mean of scalars, the caller-held state behind BCO's reward shift delta (``bco_pair``).
+    """Running mean of scalars, the caller-held state behind BCO's reward shift delta (``bco_pair_paper``).
 
     ``update(x)`` adds one value (e.g. a training batch's mean reward over chosen and rejected responses,
     already averaged over processes) and returns the new mean, which includes it. The state is not part

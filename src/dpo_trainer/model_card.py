@@ -11,6 +11,7 @@ import os
 from collections.abc import Callable
 
 from . import __version__
+from .callbacks import REFERENCE_ADAPTER
 from .models import is_peft_model, unwrap, unwrap_to_peft
 
 logger = logging.getLogger(__name__)
@@ -46,7 +47,37 @@ def save_keeping_user_readme(
     write_card(output_dir)
 
 
-def write_model_card(output_dir: str, *, model, args, tags: list[str], global_step: int) -> str | None:
+def describe_reference(model, ref_model, args) -> str:
+    """What π_ref is for a trainer built from `model` (the policy, after LoRA is applied) and the `ref_model`
+    argument as the user gave it, in the words of the model card."""
+    peft = is_peft_model(unwrap_to_peft(model))
+    if ref_model is not None:
+        config = None if isinstance(ref_model, str) else getattr(unwrap(ref_model), "config", None)
+        name = ref_model if isinstance(ref_model, str) else getattr(config, "_name_or_path", "")
+        reference = f"the model given as `ref_model` (`{name}`)" if name else "the model given as `ref_model`"
+    elif peft and REFERENCE_ADAPTER in unwrap_to_peft(model).peft_config:
+        reference = "a frozen copy of the given adapter (adapter `reference`)"
+    elif peft:
+        reference = "the base model (adapter disabled)"
+    else:
+        reference = "a frozen copy of the policy as given"
+    if peft and ref_model is None and args.sync_ref_model:
+        reference = (
+            f"a frozen `reference` adapter, TR-DPO-synced (alpha {args.ref_model_mixup_alpha}, every "
+            f"{args.ref_model_sync_steps} steps)"
+        )
+    elif args.sync_ref_model:
+        reference += (
+            f", TR-DPO-synced (alpha {args.ref_model_mixup_alpha}, every {args.ref_model_sync_steps} steps)"
+        )
+    if args.precompute_ref_log_probs:
+        reference = f"log-probs precomputed before training from {reference}"
+    return reference
+
+
+def write_model_card(
+    output_dir: str, *, model, args, tags: list[str], global_step: int, reference: str | None = None
+) -> str | None:
     """Write README.md describing the run, unless a README.md not written by this library is there."""
     path = os.path.join(output_dir, "README.md")
     existing = _read_text(path)
@@ -56,17 +87,8 @@ def write_model_card(output_dir: str, *, model, args, tags: list[str], global_st
     base = unwrap(model)
     name = getattr(base.config, "_name_or_path", "") or base.config.model_type
     tags = list(dict.fromkeys(list(tags) + list(getattr(base, "model_tags", None) or [])))
-    if args.precompute_ref_log_probs:
-        reference = "precomputed log-probs"
-    elif is_peft_model(unwrap_to_peft(model)) and args.sync_ref_model:
-        reference = (
-            f"a frozen `reference` adapter, TR-DPO-synced (alpha {args.ref_model_mixup_alpha}, every "
-            f"{args.ref_model_sync_steps} steps)"
-        )
-    elif is_peft_model(unwrap_to_peft(model)):
-        reference = "the base model (adapter disabled)"
-    else:
-        reference = "a frozen copy"
+    if reference is None:
+        reference = describe_reference(model, None, args)
     names = [args.loss_type] if isinstance(args.loss_type, str) else args.loss_type
     weights = args.loss_weights or [None] * len(names)
     loss_label = " + ".join(f"`{n}`" if w is None else f"{w} x `{n}`" for n, w in zip(names, weights))

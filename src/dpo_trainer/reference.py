@@ -116,8 +116,9 @@ def model_fingerprint(model: nn.Module, tokenizer=None) -> str:
     The config counts (the same weights with another `rope_theta` or activation compute other log-probs),
     except fields that only name the model (`_UNHASHED_CONFIG_KEYS`). The tokenizer's vocabulary and
     special tokens count when `tokenizer` is given. Adapter weights (names containing `lora_`) are left
-    out: the reference is the base model. Values are sampled (4096 evenly spaced values per tensor, plus
-    their sum), which changes whenever training touches the tensor.
+    out, except those of the frozen reference adapter (`REFERENCE_ADAPTER`, a copy of an adapter given with
+    the model): the reference is the base model, plus that adapter when there is one. Values are sampled
+    (4096 evenly spaced values per tensor, plus their sum), which changes whenever training touches the tensor.
     """
     digest = hashlib.sha256()
     config = getattr(unwrap(model), "config", None)
@@ -128,8 +129,10 @@ def model_fingerprint(model: nn.Module, tokenizer=None) -> str:
         vocab = sorted(tokenizer.get_vocab().items())
         special = sorted(map(str, getattr(tokenizer, "all_special_tokens", [])))
         digest.update(json.dumps([type(tokenizer).__name__, vocab, special]).encode())
+    from .callbacks import REFERENCE_ADAPTER
+
     for name, tensor in _whole_state(model):
-        if "lora_" in name:
+        if "lora_" in name and REFERENCE_ADAPTER not in name.split("."):
             continue
         if (
             tensor.is_meta
@@ -429,28 +432,38 @@ def add_reference_column(trainer, dataset):
         return dataset
     if isinstance(dataset, IterableDataset):
         raise ValueError(
-            "DPOConfig.precompute_ref_log_probs=True needs map-style datasets; evaluate() was given a "
-            "streamed datasets.IterableDataset."
+            "`precompute_ref_log_probs=True` is not supported with IterableDataset: evaluate() was given a "
+            "streamed datasets.IterableDataset, and the reference log-probs are computed over a map-style "
+            "dataset. Pass a map-style Dataset or set precompute_ref_log_probs=False."
         )
     if "ref_logps" in dataset.column_names:
         return dataset
     if trainer.ref_model is None and not is_peft_model(unwrap_to_peft(trainer.model)):
         if not trainer.policy_is_reference or trainer.state.global_step > 0:
             raise ValueError(
-                "evaluate() was given a new dataset, but its reference log-probs cannot be computed: with "
-                "precompute_ref_log_probs=True the reference model is released once its values are computed "
-                "(and a fully fine-tuned policy is its own reference only before the first step). Pass this "
-                "dataset as eval_dataset when building the trainer, or set precompute_ref_log_probs=False."
+                "Cannot compute reference log-probs for a dataset passed to `evaluate()` after training has "
+                "started: with precompute_ref_log_probs=True and no ref_model (full fine-tuning) the reference "
+                "is released once its values are computed, and the policy is its own reference only before "
+                "the first step. Pass this dataset as eval_dataset when building the trainer, pass a "
+                "ref_model, or set precompute_ref_log_probs=False."
             )
     with reference_scorer(trainer) as score:
         values = compute_reference_column(trainer, dataset, "evaluate", score)
     return dataset.add_column("ref_logps", values.tolist())
 
 
-def build_reference(model: nn.Module, ref_model, args, quantization_config=None) -> nn.Module | None:
+def build_reference(
+    model: nn.Module, ref_model, args, quantization_config=None, adapter_given: bool = False
+) -> nn.Module | None:
     """The frozen reference for `model`: `ref_model` loaded (a name or path) and frozen, else the cheapest
-    exact one: None for a PEFT policy (its adapter disabled) or when the values are precomputed from the
-    policy, else a frozen copy of the policy's weights as they are now (not a reload from disk)."""
+    exact one: None for a PEFT policy or when the values are precomputed from the policy, else a frozen copy
+    of the policy's weights as they are now (not a reload from disk).
+
+    A PEFT policy is its own reference: with the adapter disabled when the adapter is new (`peft_config`), or
+    when `adapter_given` (a `PeftModel` passed in with its adapter) through a frozen copy of that adapter,
+    added here as the adapter `REFERENCE_ADAPTER` (TRL's "ref" adapter), unless `args.peft_reference` is
+    "base". Only then is π_ref the policy as given, e.g. the SFT adapter that DPO starts from.
+    """
     from .engines import frozen_copy
     from .models import load_model
 
@@ -458,6 +471,15 @@ def build_reference(model: nn.Module, ref_model, args, quantization_config=None)
         ref_model = load_model(ref_model, args, quantization_config)
     if ref_model is not None and ref_model is model:
         raise ValueError("ref_model must not be the policy itself; pass ref_model=None to get a frozen copy.")
+    if ref_model is None and adapter_given and args.peft_reference == "copy":
+        from .callbacks import add_reference_adapter
+
+        policy_adapter = add_reference_adapter(model, "a PeftModel given with its adapter")
+        logger.info(
+            "The reference is a frozen copy of the given adapter %r (DPOConfig.peft_reference='copy'); "
+            "peft_reference='base' uses the base model instead.",
+            policy_adapter,
+        )
     if ref_model is None and not is_peft_model(model) and not args.precompute_ref_log_probs:
         ref_model = frozen_copy(model)
     if ref_model is not None:

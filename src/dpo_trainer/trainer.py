@@ -31,7 +31,14 @@ from .data.prepare import TOKENIZED_COLUMNS, check_positions, check_streaming, p
 from .engines import prepare_reference
 from .guards import NonFiniteError, StepGuard, check_finite_before_save
 from .logprobs import check_models_logps, sequence_logps
-from .losses import RunningMean, ld_token_weights, plackett_luce_loss, preference_loss, wpo_weights
+from .losses import (
+    RunningMean,
+    ld_token_weights,
+    needs_reward_shift,
+    plackett_luce_loss,
+    preference_loss,
+    wpo_weights,
+)
 from .metrics import DPOMetrics, PairRowsMetrics, padded_rows
 from .reference import add_reference_column, build_reference, precompute_reference, rows_fingerprint
 from .reference import reference_logps as _reference_logps  # noqa: I001
@@ -97,10 +104,13 @@ class DPOTrainer(TrainerOverrides, Trainer):
         check_upstream()
         args = trainer_args(args, model, train_dataset)
         check_streaming(args, train_dataset, eval_dataset)
+        # a PeftModel given with its adapter (e.g. LoRA SFT): π_ref is a frozen copy of that adapter, as in TRL
+        adapter_given = peft_config is None and isinstance(model, nn.Module) and models.is_peft_model(model)
         model, processing_class, self.pad_token_id = models.prepare_policy(
             model, args, processing_class, quantization_config, peft_config
         )
-        self.ref_model = build_reference(model, ref_model, args, quantization_config)
+        self.ref_model = build_reference(model, ref_model, args, quantization_config, adapter_given)
+        self.reference_description = model_card.describe_reference(model, ref_model, args)
         if args.disable_dropout:
             models.disable_dropout(model)
         # Full fine-tuning that precomputes from the policy itself: π_ref exists only before the first step.
@@ -139,6 +149,11 @@ class DPOTrainer(TrainerOverrides, Trainer):
         self.model_accepts_loss_kwargs = True
         self.metrics = DPOMetrics(self.accelerator, args.device, self.layout, self.aux_loss_enabled)
         self.guard = StepGuard(args.on_nonfinite, args.device)
+        if args.fp16 and args.device.type == "cpu" and not self.accelerator.native_amp:
+            logger.warning(
+                "DPOConfig.fp16=True on the CPU: accelerate runs no float16 autocast there, so training computes "
+                "in float32. Use bf16=True (CPU autocast) or bf16=False to say so."
+            )
         self._eval_prefix, self._data_fingerprint, self._bco_reward_shift = "eval", None, RunningMean()
         if hasattr(self.model, "add_model_tags"):  # the hub model card's tags, as TRL's ("trl", "dpo")
             self.model.add_model_tags(self._tag_names)
@@ -207,8 +222,9 @@ class DPOTrainer(TrainerOverrides, Trainer):
 
         Pairs (K = 2) use `args.loss_type` (weighted by `args.loss_weights`); rankings (K > 2) the
         Plackett-Luce loss (paper App. A.3). `response_lengths` (B, K), the scored tokens per response, feed
-        the per-token losses (`sigmoid_norm`, `ipo_trl`, `sft`). `bco_pair`'s reward shift δ is the running
-        mean of the training batches' mean rewards (over processes), kept here and not checkpointed.
+        the per-token losses (`sigmoid_norm`, `ipo`, `sft`). A loss that reads BCO's reward shift δ
+        (`bco_pair_paper`: `losses.needs_reward_shift`) gets the running mean of the training batches' mean
+        rewards (over processes), kept here and not checkpointed; TRL's `bco_pair` has no δ.
         """
         args = self.args
         if policy_logps.shape[1] != 2:
@@ -219,7 +235,7 @@ class DPOTrainer(TrainerOverrides, Trainer):
             losses = plackett_luce_loss(policy_logps, reference_logps, beta=args.beta)
             return losses, (args.beta * (policy_logps - reference_logps)).detach()
         reward_shift = 0.0
-        if "bco_pair" in ([args.loss_type] if isinstance(args.loss_type, str) else args.loss_type):
+        if needs_reward_shift(args.loss_type):
             if self.model.training:  # δ includes this batch, as in the BCO reference code; eval only reads it
                 batch_mean = (args.beta * (policy_logps - reference_logps)).detach().mean().reshape(1)
                 self._bco_reward_shift.update(self.accelerator.gather(batch_mean).mean().item())
@@ -321,6 +337,7 @@ class DPOTrainer(TrainerOverrides, Trainer):
             args=self.args,
             tags=self._tag_names,
             global_step=self.state.global_step,
+            reference=self.reference_description,
         )
 
     def evaluate(
@@ -378,10 +395,10 @@ class DPOTrainer(TrainerOverrides, Trainer):
         return output
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
-        # Adds the training metrics accumulated since the last log (one all-reduce; every process logs).
-        # Evaluation metrics are added by `evaluation_loop`.
-        if self.model.training and "loss" in logs:
+        # Adds the training metrics accumulated since the last log (one all-reduce; every process logs), to the
+        # end-of-training summary too, as TRL does: a run shorter than logging_steps logs them (and `aux_loss`)
+        # there. Evaluation metrics are added by `evaluation_loop`.
+        if self.model.training:
             logs.update(self.metrics.means("train", all_reduce=True))
-            if self.guard.skipped_steps:
-                logs["nonfinite_skipped_steps"] = self.guard.skipped_steps
+            logs.update(self.guard.log_fields())
         super().log(logs, start_time)

@@ -26,6 +26,8 @@ def main(out: str, per_device_batch: int) -> None:
     rows = Dataset.from_list(preference_rows(32, seed=0)).to_iterable_dataset()
     args = DPOConfig(
         output_dir=os.path.join(out, "run"),
+        bf16=False,
+        gradient_checkpointing=False,
         per_device_train_batch_size=per_device_batch,
         max_steps=2,
         optim="sgd",

@@ -178,6 +178,8 @@ def run(mode: str, opts) -> None:
         )
     args = DPOConfig(
         output_dir=os.path.join(opts.work, mode, "out"),
+        bf16=False,  # float32 and no recomputation: the runs are compared to one process at tight tolerances
+        gradient_checkpointing=False,
         ref_logps_cache_dir=os.path.join(opts.work, mode, "cache"),
         precompute_ref_log_probs=mode == "precompute",
         per_device_train_batch_size=opts.per_device_batch,
@@ -214,6 +216,12 @@ def run(mode: str, opts) -> None:
                     parameter.zero_()
     elif model is None:
         model = tiny_causal_lm(tokenizer, hidden_size=32, num_layers=2, num_heads=4, seed=3)
+    if mode == "adapter":  # a PeftModel with a trained (non-zero) adapter, given without peft_config
+        from peft import LoraConfig, get_peft_model
+
+        torch.manual_seed(5)  # the same adapter on every process
+        lora = LoraConfig(r=4, target_modules=["q_proj", "v_proj"], lora_dropout=0.0, init_lora_weights=False)
+        model = get_peft_model(model, lora)
     partitioned_at_construction = any(hasattr(p, "ds_id") for p in model.parameters())
     with torch.no_grad():  # per rank: what each process holds before the trainer exists
         checksums = gather_object([sum(p.double().abs().sum().item() for p in model.parameters())])
@@ -279,7 +287,9 @@ def main():
     parser.add_argument("--work", required=True)
     parser.add_argument("--per-device-batch", type=int, required=True)
     parser.add_argument(
-        "--modes", default="live", help="comma-separated: live, precompute, lora, zero_init, ram_efficient"
+        "--modes",
+        default="live",
+        help="comma-separated: live, precompute, lora, adapter, zero_init, ram_efficient",
     )
     parser.add_argument("--engine", default="ddp", choices=("ddp", "fsdp2", "zero2", "zero3"))
     parser.add_argument("--lr", type=float, default=0.2)

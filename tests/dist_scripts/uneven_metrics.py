@@ -54,6 +54,8 @@ def main():
     def trainer(cache_dir, **extra):
         args = DPOConfig(
             output_dir=os.path.join(opts.work, "out"),
+            bf16=False,
+            gradient_checkpointing=False,
             ref_logps_cache_dir=cache_dir,
             precompute_ref_log_probs=True,
             per_device_train_batch_size=2,

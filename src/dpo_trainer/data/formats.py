@@ -4,9 +4,10 @@ Formats (see :func:`detect_format`):
 
 - ``standard``: ``prompt``, ``chosen``, ``rejected``. Strings, or lists of ``{"role", "content"}``
   messages (conversational), which are rendered with the tokenizer's chat template.
-- ``implicit``: ``chosen`` and ``rejected`` only. Strings are Anthropic-HH transcripts, split at the
-  last ``"\\n\\nAssistant:"`` as the paper's reference implementation does; message lists share every
-  message but the final assistant turn, which is the response.
+- ``implicit``: ``chosen`` and ``rejected`` only. Strings holding Anthropic's ``"\\n\\nAssistant:"``
+  marker are HH transcripts, split at its last occurrence as the paper's reference implementation does;
+  other strings, and message lists, are split as TRL 1.16's ``extract_prompt`` splits them: the prompt is
+  what both share (:func:`split_common_prefix`).
 - ``ranked``: ``prompt`` and ``responses`` (two or more, best first), strings or message lists.
 
 Conversational rows may hold tool calls, as TRL 1.16 accepts them: assistant messages with ``tool_calls``
@@ -166,10 +167,50 @@ def to_example(row: Mapping, index: int, fmt: str, tokenizer=None) -> Example:
     return _build(("prompt", prompt), named, index, row, tokenizer)
 
 
+_NO_MARKER = f", used where there is no {HH_ASSISTANT_MARKER!r} marker to split at"
+
+
+def split_common_prefix(chosen, rejected, *, row: int) -> tuple:
+    """Split a row without a prompt as TRL 1.16's ``extract_prompt`` does: (prompt, chosen rest, rejected rest).
+
+    ``chosen`` and ``rejected`` are both strings (compared character by character) or both message lists
+    (compared message by message). The prompt is their longest common prefix, less a space that ends it (the
+    responses then open with it). Where one is a prefix of the other, TRL keeps their last shared item back
+    as the start of both responses. Where the prefix is empty (they differ from the start, or share only a
+    leading space) there is no prompt: ``ValueError`` naming the row, where TRL would train on an empty
+    prompt (or, when ``chosen`` ends with a space, cut a "prompt" that is no prefix of ``rejected``).
+
+    >>> split_common_prefix("The sky is blue.", "The sky is green.", row=0)
+    ('The sky is', ' blue.', ' green.')
+    >>> split_common_prefix("Go on", "Go on and on", row=0)
+    ('Go o', 'n', 'n and on')
+    """
+    for field, value in (("chosen", chosen), ("rejected", rejected)):
+        if len(value) == 0:
+            raise ValueError(f"{_where(row, field)}: empty, so there is no response to take from it")
+    shortest = min(len(chosen), len(rejected))
+    differ = next((i for i in range(shortest) if chosen[i] != rejected[i]), None)
+    if differ is None:  # one is a prefix of the other: TRL's loop ends on the last shared item
+        cut = shortest - 1
+    elif differ > 0 and isinstance(chosen, str) and chosen[differ - 1] == " ":
+        cut = differ - 1  # TRL: "remove space before the prompt" (it opens the responses)
+    else:
+        cut = differ
+    if cut == 0:
+        text = isinstance(chosen, str)
+        shared = "nothing" if differ == 0 else f"only {chosen[:1]!r}" if text else "only their first message"
+        raise ValueError(
+            f"row {row}: chosen and rejected share {shared} at their start, so no prompt can be taken from them "
+            f"(TRL's rule for rows without a 'prompt' column{_NO_MARKER if text else ''}); give the prompt in a "
+            "'prompt' column"
+        )
+    return chosen[:cut], chosen[cut:], rejected[cut:]
+
+
 def _implicit(row: Mapping, index: int, tokenizer) -> Example:
     chosen, rejected = _field(row, index, "chosen"), _field(row, index, "rejected")
     kind = _same_kind([("chosen", chosen), ("rejected", rejected)], index)
-    if kind == "text":
+    if kind == "text" and (HH_ASSISTANT_MARKER in chosen or HH_ASSISTANT_MARKER in rejected):
         chosen_prompt, chosen_response = split_hh_transcript(chosen, row=index, field="chosen")
         rejected_prompt, rejected_response = split_hh_transcript(rejected, row=index, field="rejected")
         if chosen_prompt != rejected_prompt:
@@ -178,18 +219,22 @@ def _implicit(row: Mapping, index: int, tokenizer) -> Example:
                 f"(the text up to the last {HH_ASSISTANT_MARKER!r} must be identical)"
             )
         return Example(chosen_prompt, (chosen_response, rejected_response))
-    for field, messages in (("chosen", chosen), ("rejected", rejected)):
-        _require_assistant_last(messages, index, field)
-        if len(messages) < 2:
+    prompt, chosen_rest, rejected_rest = split_common_prefix(
+        list(chosen) if kind == "messages" else chosen,
+        list(rejected) if kind == "messages" else rejected,
+        row=index,
+    )
+    if kind == "text":
+        return Example(prompt, (chosen_rest, rejected_rest))
+    for field, rest in (("chosen", chosen_rest), ("rejected", rejected_rest)):
+        if rest[0]["role"] != "assistant":
             raise ValueError(
-                f"{_where(index, field)}: no messages before the final assistant turn to use as the prompt"
+                f"{_where(index, field)}: the messages chosen and rejected share (the prompt, messages 0 to "
+                f"{len(prompt) - 1}) must be followed by an assistant turn, got role {rest[0]['role']!r} at "
+                f"message {len(prompt)}"
             )
-    if list(chosen[:-1]) != list(rejected[:-1]):
-        raise ValueError(
-            f"row {index}: prompts differ between chosen and rejected (all messages but the last must match)"
-        )
     return _render(
-        ("chosen", chosen[:-1]), [("chosen", chosen[-1:]), ("rejected", rejected[-1:])], index, row, tokenizer
+        ("chosen", prompt), [("chosen", chosen_rest), ("rejected", rejected_rest)], index, row, tokenizer
     )
 
 

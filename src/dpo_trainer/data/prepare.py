@@ -9,18 +9,22 @@ field, never left to fail inside Arrow or torch.
 from __future__ import annotations
 
 import logging
+import math
+import numbers
 from collections.abc import Mapping, Sequence
 
 import pyarrow
 from datasets import Dataset, IterableDataset
 
-from .formats import check_row_text, detect_format, to_example
+from .formats import FORMAT_COLUMNS, MIN_RESPONSES, check_row_text, detect_format, to_example
 from .tokenize import check_truncation_settings, tokenize_example, truncate_ids
 
 logger = logging.getLogger(__name__)
 
 # The columns a tokenized row carries (and precomputed reference log-probs, when there are).
 TOKENIZED_COLUMNS = ("prompt_ids", "response_ids", "ref_logps")
+# Rows tokenized by TRL 1.16 (its `DPOTrainer.train_dataset` keeps the text columns beside them).
+TRL_TOKENIZED_COLUMNS = ("prompt_ids", "chosen_ids", "rejected_ids")
 
 
 def _named(dataset_name: str, function, *args, **kwargs):
@@ -31,30 +35,134 @@ def _named(dataset_name: str, function, *args, **kwargs):
         raise type(error)(f"{dataset_name}: {error}") from error
 
 
-def _is_tokenized(columns) -> bool:
-    return {"prompt_ids", "response_ids"} <= set(columns)
+def _row_kind(columns, name: str) -> str:
+    """Which columns the rows are read from: "ours" (`prompt_ids`, `response_ids`), "trl" (`prompt_ids`,
+    `chosen_ids`, `rejected_ids`) or "text" (a format of `formats.FORMAT_COLUMNS`).
+
+    Text beside our tokenized columns is refused: nothing says which of the two to train on. Text beside TRL's
+    tokenized columns is what TRL's own `DPOTrainer.train_dataset` holds; TRL tokenizes such rows again from
+    their text, and so is it done here ("text"; `_row_tokenizer` names the columns left out in a warning).
+    """
+    columns = set(columns)
+    ours, trl = set(TOKENIZED_COLUMNS[:2]) <= columns, set(TRL_TOKENIZED_COLUMNS) <= columns
+    text = sorted({column for cols in FORMAT_COLUMNS.values() if set(cols) <= columns for column in cols})
+    if ours and trl:
+        raise ValueError(
+            f"{name} has both our tokenized columns (prompt_ids, response_ids) and TRL's (prompt_ids, "
+            "chosen_ids, rejected_ids), so it is ambiguous which responses to train on; drop one set, e.g. "
+            "dataset.remove_columns(['chosen_ids', 'rejected_ids'])."
+        )
+    if ours and text:
+        raise ValueError(
+            f"{name} has both text columns ({', '.join(text)}) and tokenized columns (prompt_ids, response_ids), "
+            "so it is ambiguous which to train on. Drop one set: dataset.remove_columns(['prompt_ids', "
+            f"'response_ids']) to tokenize the text, or dataset.remove_columns({text}) to train on the ids as given."
+        )
+    if text:
+        return "text"
+    return "ours" if ours else "trl" if trl else "text"
 
 
-def _is_trl_tokenized(columns) -> bool:
-    return {"prompt_ids", "chosen_ids", "rejected_ids"} <= set(columns)
+def _token_ids(value, index: int, field: str) -> list[int]:
+    """`value` as a list of token ids (integers >= 0), or an error naming the row and the field."""
+    if value is None:
+        raise ValueError(f"row {index}, field {field!r}: value is None")
+    if isinstance(value, (str, bytes)) or not isinstance(value, Sequence):
+        raise TypeError(
+            f"row {index}, field {field!r}: expected a list of token ids, got {type(value).__name__}"
+        )
+    if all(type(token) is int for token in value) and (not value or min(value) >= 0):
+        return list(value)  # the common case, checked fast
+    for position, token in enumerate(value):
+        if isinstance(token, bool) or not isinstance(token, numbers.Integral) or token < 0:
+            raise ValueError(
+                f"row {index}, field {field!r}: expected token ids (integers >= 0), got {token!r} at position "
+                f"{position}"
+            )
+    return [int(token) for token in value]
 
 
-def _from_trl_columns(settings: dict):
-    """Rows tokenized by TRL (`prompt_ids`, `chosen_ids`, `rejected_ids`) -> ours, truncated by our rules.
+def _given_responses(row, index: int, kind: str) -> list[tuple[str, list[int]]]:
+    """(field, ids) of each response of a tokenized row, best first."""
+    if kind == "trl":
+        return [(field, _token_ids(row.get(field), index, field)) for field in TRL_TOKENIZED_COLUMNS[1:]]
+    responses = row.get("response_ids")
+    if responses is None or isinstance(responses, (str, bytes)) or not isinstance(responses, Sequence):
+        raise TypeError(
+            f"row {index}, field 'response_ids': expected a list of K token id lists (best first), got "
+            f"{type(responses).__name__}"
+        )
+    if len(responses) < MIN_RESPONSES:
+        raise ValueError(
+            f"row {index}, field 'response_ids': needs at least {MIN_RESPONSES} responses, got {len(responses)}"
+        )
+    return [
+        (f"response_ids[{k}]", _token_ids(ids, index, f"response_ids[{k}]"))
+        for k, ids in enumerate(responses)
+    ]
 
-    TRL's `ref_chosen_logps` / `ref_rejected_logps` are not carried over: they belong to TRL's truncation and
-    model, and are recomputed when `precompute_ref_log_probs` is set.
+
+def _reference_values(value, index: int, num_responses: int) -> list[float]:
+    if value is None:
+        raise ValueError(
+            f"row {index}, field 'ref_logps': value is None (the column holds reference log-probs)"
+        )
+    if isinstance(value, (str, bytes)) or not isinstance(value, Sequence):
+        raise TypeError(
+            f"row {index}, field 'ref_logps': expected a list of numbers, got {type(value).__name__}"
+        )
+    if len(value) != num_responses:
+        raise ValueError(
+            f"row {index}, field 'ref_logps': {len(value)} reference log-probs for {num_responses} responses; "
+            "give one per response, in the order of response_ids"
+        )
+    if not all(isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v) for v in value):
+        raise ValueError(f"row {index}, field 'ref_logps': expected finite numbers, got {list(value)}")
+    return [float(v) for v in value]
+
+
+def _from_ids(kind: str, num_responses: int, with_reference: bool, settings: dict):
+    """(row, index) -> tokenized row, for rows given as token ids (`kind` "ours" or "trl").
+
+    They are checked and truncated as text rows are (`truncate_ids`): a prompt and K >= 2 responses of at least
+    one token each, K as in row 0, and, in our rows, one `ref_logps` value per response. Reference log-probs
+    belong to the ids they were computed on: a row that truncation would cut is refused, unless it is dropped
+    (a response cut away entirely). TRL's `ref_chosen_logps` / `ref_rejected_logps` are not carried over (they
+    belong to TRL's truncation and model) and are recomputed when `precompute_ref_log_probs` is set.
     """
 
     def convert(row, index):
-        for column in ("prompt_ids", "chosen_ids", "rejected_ids"):
-            ids = row[column]
-            if not isinstance(ids, (list, tuple)) or not all(isinstance(i, int) for i in ids):
-                raise ValueError(f"row {index}, field {column!r}: expected a list of token ids")
-        prompt, responses = truncate_ids(
-            list(row["prompt_ids"]), [list(row["chosen_ids"]), list(row["rejected_ids"])], **settings
-        )
-        return {"prompt_ids": prompt, "response_ids": responses}
+        prompt = _token_ids(row.get("prompt_ids"), index, "prompt_ids")
+        named = _given_responses(row, index, kind)
+        if len(named) != num_responses:
+            raise ValueError(
+                f"row {index}: {len(named)} responses where row 0 has {num_responses}; every row of a dataset "
+                "must rank the same number of responses."
+            )
+        if not prompt:
+            raise ValueError(
+                f"row {index}, field 'prompt_ids': empty; the first response token would have no context (text "
+                "rows get the tokenizer's BOS id there)"
+            )
+        for field, ids in named:
+            if not ids:
+                raise ValueError(f"row {index}, field {field!r}: empty; a response needs at least one token")
+        responses = [ids for _, ids in named]
+        cut_prompt, cut_responses = truncate_ids(prompt, responses, **settings)
+        out = {"prompt_ids": cut_prompt, "response_ids": cut_responses}
+        if kind == "ours" and (with_reference or row.get("ref_logps") is not None):
+            if not with_reference:
+                raise ValueError(f"row {index}, field 'ref_logps': given where row 0 has none")
+            out["ref_logps"] = _reference_values(row.get("ref_logps"), index, num_responses)
+            kept = min(map(len, cut_responses)) > 0
+            if kept and (cut_prompt, cut_responses) != (prompt, responses):
+                raise ValueError(
+                    f"row {index}: truncation (max_length={settings['max_length']}, max_prompt_length="
+                    f"{settings['max_prompt_length']}, truncation_mode={settings['truncation_mode']!r}) cuts this "
+                    "row's ids, but its 'ref_logps' were computed on the uncut ids; remove the ref_logps column "
+                    "(precompute_ref_log_probs=True computes them on the cut ids) or raise max_length."
+                )
+        return out
 
     return convert
 
@@ -64,28 +172,72 @@ def _check_text_only(columns, name: str) -> None:
     found = [column for column in ("image", "images") if column in set(columns)]
     if found:
         raise ValueError(
-            f"{name} has an {found[0]!r} column: it looks like vision-language data, but dpo_trainer trains "
-            "text-only causal language models. Remove the column to train on the text alone."
+            f"The dataset appears to be vision-related ({name} has an {found[0]!r} column), but the provided "
+            "model does not seem to be a vision-language model: dpo_trainer trains text-only causal language "
+            "models. Remove the column to train on the text alone."
         )
 
 
 def check_ranking(
-    num_responses: int, loss_type: str | Sequence[str], label_smoothing: float, name: str
+    num_responses: int,
+    loss_type: str | Sequence[str],
+    label_smoothing: float,
+    name: str,
+    *,
+    loss_weights: Sequence[float] | None = None,
+    f_divergence_type: str = "reverse_kl",
+    use_weighting: bool = False,
 ) -> None:
-    """Rankings (K > 2 responses) train with Plackett-Luce, which is defined for the sigmoid loss only."""
+    """Rankings (K > 2 responses) train with the Plackett-Luce loss, which takes β only: refuse the pairwise
+    settings it would ignore (a loss other than `sigmoid`, label smoothing, loss weights, an f-divergence, WPO).
+    """
+    if num_responses <= 2:
+        return
     losses = [loss_type] if isinstance(loss_type, str) else list(loss_type)
-    if num_responses > 2 and (losses != ["sigmoid"] or label_smoothing):
+    ignored = {
+        "loss_type": losses != ["sigmoid"],
+        "label_smoothing": bool(label_smoothing),
+        "loss_weights": loss_weights is not None and [float(w) for w in loss_weights] != [1.0],
+        "f_divergence_type": f_divergence_type != "reverse_kl",
+        "use_weighting": bool(use_weighting),
+    }
+    values = {
+        "loss_type": loss_type,
+        "label_smoothing": label_smoothing,
+        "loss_weights": loss_weights,
+        "f_divergence_type": f_divergence_type,
+        "use_weighting": use_weighting,
+    }
+    found = [f"{setting}={values[setting]!r}" for setting, bad in ignored.items() if bad]
+    if found:
         raise ValueError(
-            f"{name} ranks {num_responses} responses per row, which trains with the Plackett-Luce loss; it "
-            f"needs loss_type='sigmoid' and label_smoothing=0 (got {loss_type!r}, {label_smoothing})."
+            f"{name} ranks {num_responses} responses per row, which trains with the Plackett-Luce loss (paper App. "
+            f"A.3); it takes beta only, and would ignore {', '.join(found)}. Use loss_type='sigmoid', "
+            "label_smoothing=0, loss_weights=None, f_divergence_type='reverse_kl' and use_weighting=False, or give "
+            "pairs."
         )
+
+
+# Columns of tokenized rows that text rows may carry too (TRL's prepared datasets keep their text): ignored.
+_IGNORED_BESIDE_TEXT = {*TOKENIZED_COLUMNS, *TRL_TOKENIZED_COLUMNS, "ref_chosen_logps", "ref_rejected_logps"}
 
 
 def _row_tokenizer(columns, first_row, tokenizer, settings: dict, name: str):
     """(row, index) -> tokenized row, for a dataset with `columns`; the number of responses per row."""
-    if _is_trl_tokenized(columns):
-        convert = _from_trl_columns(settings)
-        return (lambda row, index: _named(name, convert, row, index)), 2
+    kind = _row_kind(columns, name)
+    if kind != "text":
+        num_responses = len(_named(name, _given_responses, first_row, 0, kind))
+        with_reference = kind == "ours" and "ref_logps" in set(columns)
+        convert = _from_ids(kind, num_responses, with_reference, settings)
+        return (lambda row, index: _named(name, convert, row, index)), num_responses
+    ignored = sorted(set(columns) & _IGNORED_BESIDE_TEXT)
+    if ignored:
+        logger.warning(
+            "%s: the rows are tokenized from their text, and the columns %s are ignored (as TRL ignores its "
+            "tokenized columns beside text); to train on token ids as given, remove the text columns.",
+            name,
+            ", ".join(ignored),
+        )
     _check_text_only(columns, name)
     fmt = _named(name, detect_format, columns)
     num_responses = len(_named(name, to_example, first_row, 0, fmt, tokenizer).responses)
@@ -102,7 +254,7 @@ def _row_tokenizer(columns, first_row, tokenizer, settings: dict, name: str):
     return tokenize, num_responses
 
 
-def _as_dataset(dataset, tokenizer, name: str) -> Dataset:
+def _as_dataset(dataset, tokenizer, settings: dict, name: str) -> Dataset:
     """A list of dicts as a `datasets.Dataset`, each row's text checked first (Arrow would fail without it)."""
     if not dataset:
         raise ValueError(f"{name} is empty.")
@@ -111,13 +263,18 @@ def _as_dataset(dataset, tokenizer, name: str) -> Dataset:
     _check_text_only(dataset[0].keys(), name)
     for index, row in enumerate(dataset):
         _named(name, check_row_text, row, index)
+    if _row_kind(dataset[0].keys(), name) != "text":
+        # token ids are checked before Arrow turns a column holding one float into floats in every row
+        convert, _ = _row_tokenizer(dataset[0].keys(), dataset[0], tokenizer, settings, name)
+        for index, row in enumerate(dataset):
+            convert(row, index)
     try:
         return Dataset.from_list(list(dataset))
     except (pyarrow.ArrowInvalid, pyarrow.ArrowTypeError) as error:
         # Arrow rejects mixed types before any row is checked: find the row and field ourselves.
-        fmt = detect_format(dataset[0].keys())
+        convert, _ = _row_tokenizer(dataset[0].keys(), dataset[0], tokenizer, settings, name)
         for index, row in enumerate(dataset):
-            _named(name, to_example, row, index, fmt, tokenizer)
+            convert(row, index)
         raise TypeError(f"{name}: the rows do not share one column type ({error}).") from error
 
 
@@ -130,14 +287,19 @@ def prepare_dataset(
     truncation_mode: str = "keep_start",
     loss_type: str | Sequence[str] = "sigmoid",
     label_smoothing: float = 0.0,
+    loss_weights: Sequence[float] | None = None,
+    f_divergence_type: str = "reverse_kl",
+    use_weighting: bool = False,
     num_proc: int | None = None,
     name: str = "dataset",
 ):
     """Rows in any supported format -> `prompt_ids`, `response_ids` (one tokenized row per example).
 
-    `max_length`, `max_prompt_length` and `truncation_mode` truncate as `DPOConfig` documents; `loss_type` and
-    `label_smoothing` decide whether rankings (K > 2 responses) are allowed (`check_ranking`). A dataset
-    already tokenized (with both columns) is returned as it is; a streamed `datasets.IterableDataset` is
+    `max_length`, `max_prompt_length` and `truncation_mode` truncate as `DPOConfig` documents; the loss settings
+    (`loss_type`, `label_smoothing`, `loss_weights`, `f_divergence_type`, `use_weighting`) decide whether
+    rankings (K > 2 responses) are allowed (`check_ranking`). Rows already tokenized (ours, or TRL's) are
+    checked, truncated and dropped as text rows are, and keep their `ref_logps` (one per response) where nothing
+    is cut; text beside tokenized columns follows `_row_kind`. A streamed `datasets.IterableDataset` is
     tokenized lazily, as it is read. Rows whose responses are truncated away entirely are dropped with a
     warning (all of them: a value error). None gives None.
 
@@ -156,10 +318,17 @@ def prepare_dataset(
         "max_prompt_length": max_prompt_length,
         "truncation_mode": truncation_mode,
     }
+    loss = {
+        "loss_type": loss_type,
+        "label_smoothing": label_smoothing,
+        "loss_weights": loss_weights,
+        "f_divergence_type": f_divergence_type,
+        "use_weighting": use_weighting,
+    }
     if isinstance(dataset, IterableDataset):
-        return _prepare_streamed(dataset, tokenizer, settings, (loss_type, label_smoothing), name)
+        return _prepare_streamed(dataset, tokenizer, settings, loss, name)
     if isinstance(dataset, list):
-        dataset = _as_dataset(dataset, tokenizer, name)
+        dataset = _as_dataset(dataset, tokenizer, settings, name)
     if not isinstance(dataset, Dataset):
         raise TypeError(
             f"{name} must be a datasets.Dataset, a datasets.IterableDataset or a list of dicts, got "
@@ -167,9 +336,8 @@ def prepare_dataset(
         )
     if len(dataset) == 0:
         raise ValueError(f"{name} is empty.")
-    if _is_tokenized(dataset.column_names):
-        return dataset
-    tokenize, _ = _row_tokenizer(dataset.column_names, dataset[0], tokenizer, settings, name)
+    tokenize, num_responses = _row_tokenizer(dataset.column_names, dataset[0], tokenizer, settings, name)
+    check_ranking(num_responses, name=name, **loss)
     dataset = dataset.map(
         tokenize,
         with_indices=True,
@@ -177,7 +345,6 @@ def prepare_dataset(
         num_proc=num_proc,
         desc=f"Tokenizing {name}",
     )
-    check_ranking(len(dataset[0]["response_ids"]), loss_type, label_smoothing, name)
     emptied = [i for i, responses in enumerate(dataset["response_ids"]) if min(map(len, responses)) == 0]
     if emptied:
         if len(emptied) == len(dataset):
@@ -209,17 +376,15 @@ def prepare_each(datasets, tokenizer, name: str, **settings):
 
 
 def _prepare_streamed(
-    dataset: IterableDataset, tokenizer, settings: dict, loss, name: str
+    dataset: IterableDataset, tokenizer, settings: dict, loss: dict, name: str
 ) -> IterableDataset:
     """Tokenize a streamed dataset lazily; checks that need the whole set are made per row as it is read."""
     first = next(iter(dataset), None)
     if first is None:
         raise ValueError(f"{name} is empty.")
     columns = list(first.keys())
-    if _is_tokenized(columns):
-        return dataset
     tokenize, num_responses = _row_tokenizer(columns, first, tokenizer, settings, name)
-    check_ranking(num_responses, *loss, name)
+    check_ranking(num_responses, name=name, **loss)
     warned = []
 
     def keep(row) -> bool:
@@ -299,7 +464,7 @@ def check_streaming(args, train_dataset, eval_dataset) -> None:
             args.accelerator_config.dispatch_batches = False
     if streamed and args.precompute_ref_log_probs:
         raise ValueError(
-            f"DPOConfig.precompute_ref_log_probs=True needs map-style datasets, but {', '.join(streamed)} "
-            "is streamed (datasets.IterableDataset); set precompute_ref_log_probs=False or load the data "
-            "without streaming."
+            f"`precompute_ref_log_probs=True` is not supported with IterableDataset: {', '.join(streamed)} "
+            "is streamed (datasets.IterableDataset), and the reference log-probs are computed over a map-style "
+            "dataset before training. Set precompute_ref_log_probs=False or load the data without streaming."
         )
