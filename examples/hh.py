@@ -101,6 +101,10 @@ class OfflineDefaults:
     sft_learning_rate: float = 3e-3
     full: bool = True
     eval_prompts: int = 100
+    # a tiny model on the CPU: float32 and no recomputation (DPOConfig's defaults are TRL's: bf16 autocast and
+    # activation checkpointing, which a run with --model gets)
+    bf16: bool = False
+    gradient_checkpointing: bool = False
 
 
 @dataclass

@@ -86,6 +86,10 @@ class OfflineDefaults:
     eval_prompts: int = 200
     betas: str = "0.05,0.1,0.5,1,5"
     bon_n: str = "1,2,4,8,16"
+    # a tiny model on the CPU: float32 and no recomputation (DPOConfig's defaults are TRL's: bf16 autocast and
+    # activation checkpointing, which a run with --model gets)
+    bf16: bool = False
+    gradient_checkpointing: bool = False
 
 
 @dataclass

@@ -331,6 +331,9 @@ OTHER_VALUES = {
     "ref_model_mixup_alpha": 0.5,
     "ref_model_sync_steps": 8,
 }
+# settings a value of OTHER_VALUES needs, in the saved run and the changed one alike (sigmoid takes no
+# label_smoothing)
+NEEDS = {"label_smoothing": {"loss_type": "cdpo"}}
 
 
 def test_every_dpo_field_is_either_a_result_setting_or_named_neutral():
@@ -353,8 +356,9 @@ def test_a_changed_result_setting_is_refused_or_warned_on_resume(tmp_path, name,
     from dpo_trainer.checkpoints import check_resume_settings, run_settings, write_settings
     from dpo_trainer.config import LOSS_FIELDS, TRAINER_LOSS_FIELDS
 
-    saved = run_settings(dpo_config(tmp_path), "padded", "data-key")
-    changed = run_settings(dpo_config(tmp_path, **{name: OTHER_VALUES[name]}), "padded", "data-key")
+    needs = NEEDS.get(name, {})
+    saved = run_settings(dpo_config(tmp_path, **needs), "padded", "data-key")
+    changed = run_settings(dpo_config(tmp_path, **needs, **{name: OTHER_VALUES[name]}), "padded", "data-key")
     assert changed[name] != saved[name]
     write_settings(str(tmp_path / "checkpoint-2"), saved)
     objective = name in LOSS_FIELDS + TRAINER_LOSS_FIELDS and name != "beta"
@@ -380,3 +384,22 @@ def test_a_checkpoint_whose_loss_name_meant_the_papers_form_is_refused(tmp_path)
     # the previous release's name of TRL's form is the same loss
     write_settings(str(tmp_path / "trl-name"), {**older, "loss_type": ["ipo_trl"]})
     check_resume_settings(str(tmp_path / "trl-name"), current)
+
+
+def test_a_checkpoint_whose_sigmoid_was_conservative_dpo_is_refused_naming_cdpo(tmp_path):
+    """Before `loss_names` 2, sigmoid with label_smoothing > 0 computed conservative DPO (now `cdpo`): refused, as
+    the other renamed forms are. A sigmoid saved without label smoothing, or by this release, is TRL's sigmoid."""
+    from dpo_trainer.checkpoints import check_resume_settings, run_settings, write_settings
+
+    cdpo = run_settings(dpo_config(tmp_path, loss_type="cdpo", label_smoothing=0.1), "padded", "data-key")
+    older = {key: value for key, value in cdpo.items() if key != "loss_names"}
+    write_settings(str(tmp_path / "old"), {**older, "loss_type": ["sigmoid"]})
+    with pytest.raises(
+        ValueError, match=r"loss_type: \['sigmoid'\] -> \['cdpo'\].*sigmoid with label_smoothing: cdpo"
+    ):
+        check_resume_settings(str(tmp_path / "old"), cdpo)
+    plain = run_settings(dpo_config(tmp_path), "padded", "data-key")
+    write_settings(
+        str(tmp_path / "old-plain"), {key: value for key, value in plain.items() if key != "loss_names"}
+    )
+    check_resume_settings(str(tmp_path / "old-plain"), plain)

@@ -1,6 +1,7 @@
 """Tests for dpo_trainer.losses: hand-derived values, naive float64 references, invariants, registry."""
 
 import copy
+import inspect
 import math
 import warnings
 
@@ -17,6 +18,7 @@ from dpo_trainer.losses import (
     check_loss_settings,
     f_divergence_scores,
     loss_names,
+    loss_uses,
     needs_reward_shift,
     plackett_luce_loss,
     preference_loss,
@@ -30,6 +32,7 @@ BUILTINS = (
     "apo_zero",
     "bco_pair",
     "bco_pair_paper",
+    "cdpo",
     "discopop",
     "exo_pair",
     "hinge",
@@ -71,11 +74,60 @@ def test_sigmoid_hand_value():
     torch.testing.assert_close(losses, t(math.log(4 / 3)))
 
 
-def test_cdpo_hand_value():
-    """eps = 1/4, beta h = ln 3: sigmoid(ln 3) = 3/4, sigmoid(-ln 3) = 1/4.
-    loss = -(3/4) ln(3/4) - (1/4) ln(1/4) = (3/4) ln(4/3) + (1/4) ln 4."""
-    losses, _, _ = preference_loss(*pair_with_h(math.log(3)), beta=1.0, label_smoothing=0.25)
+def test_cdpo_hand_values():
+    """Conservative DPO (Mitchell 2023): -(1 - eps) ln sigmoid(beta h) - eps ln sigmoid(-beta h).
+    eps = 1/4, beta h = ln 3: sigmoid(ln 3) = 3/4, sigmoid(-ln 3) = 1/4, so the loss is
+    -(3/4) ln(3/4) - (1/4) ln(1/4) = (3/4) ln(4/3) + (1/4) ln 4, the entropy of (3/4, 1/4); and ln 3 = ln((1 - eps)
+    / eps) is the minimum: the gradient -(1 - eps) sigmoid(-x) + eps sigmoid(x) = -(3/4)(1/4) + (1/4)(3/4) = 0.
+    beta h = 0 gives ln 2 whatever eps; beta h = -ln 3 swaps the two logs: (3/4) ln 4 + (1/4) ln(4/3)."""
+    pc, pr, rc, rr = pair_with_h(math.log(3))
+    pc.requires_grad_(True)
+    losses, _, _ = preference_loss(pc, pr, rc, rr, beta=1.0, loss_type="cdpo", label_smoothing=0.25)
     torch.testing.assert_close(losses, t(0.75 * math.log(4 / 3) + 0.25 * math.log(4)))
+    (grad,) = torch.autograd.grad(losses.sum(), pc)
+    torch.testing.assert_close(grad, t(0.0))
+    at_zero, _, _ = preference_loss(*pair_with_h(0.0), beta=0.7, loss_type="cdpo", label_smoothing=0.1)
+    torch.testing.assert_close(at_zero, t(math.log(2)))
+    wrong_way, _, _ = preference_loss(
+        *pair_with_h(-2 * math.log(3)), beta=0.5, loss_type="cdpo", label_smoothing=0.25
+    )
+    torch.testing.assert_close(wrong_way, t(0.75 * math.log(4) + 0.25 * math.log(4 / 3)))
+
+
+def test_sigmoid_takes_no_label_smoothing_and_the_error_names_cdpo():
+    """TRL 1.16's sigmoid ignores label_smoothing; ours refuses it (rather than train silently without it) and
+    names cdpo, conservative DPO, which is what sigmoid with label_smoothing computed in earlier releases."""
+    for loss_type in ("sigmoid", ["sigmoid"], ["sigmoid", "hinge"]):
+        with pytest.raises(ValueError) as excinfo:
+            preference_loss(*pair_with_h(1.0), loss_type=loss_type, label_smoothing=0.1)
+        message = str(excinfo.value)
+        assert "label_smoothing=0.1 is not used by loss_type" in message
+        assert "the losses that use it: aot, aot_unpaired, cdpo, exo_pair, robust." in message
+        assert "TRL 1.16's sigmoid ignores label_smoothing too" in message
+        assert "conservative DPO" in message and "loss_type='cdpo'" in message
+    assert not loss_uses("sigmoid", "label_smoothing")
+    assert loss_uses("cdpo", "label_smoothing")
+    assert "label_smoothing" not in inspect.signature(LOSSES["sigmoid"]).parameters
+    # eps = 0 with sigmoid is the default and fine; so is a list in which another loss uses eps (as in TRL,
+    # sigmoid's part is then plain DPO: eps goes to the losses that take it)
+    pc, pr, rc, rr = pair_with_h(math.log(3))
+    mixed, _, _ = preference_loss(
+        pc, pr, rc, rr, beta=1.0, loss_type=["sigmoid", "robust"], label_smoothing=0.25
+    )
+    torch.testing.assert_close(mixed, t(math.log(4 / 3) + math.log(4 / 3**1.5)))
+
+
+def test_cdpo_at_zero_eps_is_sigmoid():
+    """eps = 0 is allowed with cdpo (no flips assumed): values and gradients are sigmoid's, bit for bit."""
+    pc, pr, rc, rr, beta = random_pair_logps("batch7_large", torch.float64)
+    pc.requires_grad_(True)
+    cdpo, _, _ = preference_loss(pc, pr, rc, rr, beta=beta, loss_type="cdpo", label_smoothing=0.0)
+    sigmoid, _, _ = preference_loss(pc, pr, rc, rr, beta=beta, loss_type="sigmoid")
+    torch.testing.assert_close(cdpo, sigmoid, rtol=0, atol=0)
+    (grad_cdpo,) = torch.autograd.grad(cdpo.sum(), pc)
+    (grad_sigmoid,) = torch.autograd.grad(sigmoid.sum(), pc)
+    torch.testing.assert_close(grad_cdpo, grad_sigmoid, rtol=0, atol=0)
+    assert check_loss_settings("cdpo") == ["cdpo"]
 
 
 def test_ipo_paper_hand_values():
@@ -125,12 +177,12 @@ def test_robust_and_cdpo_with_zero_eps_equal_plain_dpo():
     pc, pr, rc, rr = (-100 * torch.rand(9, generator=gen, dtype=torch.float64) for _ in range(4))
     beta = 0.3
     plain = -torch.log(1 / (1 + torch.exp(-beta * ((pc - rc) - (pr - rr)))))
-    cdpo, _, _ = preference_loss(pc, pr, rc, rr, beta=beta, loss_type="sigmoid", label_smoothing=0.0)
+    cdpo, _, _ = preference_loss(pc, pr, rc, rr, beta=beta, loss_type="cdpo", label_smoothing=0.0)
     robust, _, _ = preference_loss(pc, pr, rc, rr, beta=beta, loss_type="robust", label_smoothing=0.0)
     torch.testing.assert_close(cdpo, plain)
     torch.testing.assert_close(robust, plain)
     # and eps > 0 does change cDPO (the same call is not vacuously equal)
-    smoothed, _, _ = preference_loss(pc, pr, rc, rr, beta=beta, loss_type="sigmoid", label_smoothing=0.1)
+    smoothed, _, _ = preference_loss(pc, pr, rc, rr, beta=beta, loss_type="cdpo", label_smoothing=0.1)
     assert (smoothed - plain).abs().max() > 1e-3
 
 
@@ -153,6 +205,8 @@ def naive_pairwise(loss_type, pc, pr, rc, rr, beta, eps):
     log_sig = torch.log(1 / (1 + torch.exp(-x)))
     log_sig_neg = torch.log(1 / (1 + torch.exp(x)))
     if loss_type == "sigmoid":
+        return -log_sig
+    if loss_type == "cdpo":
         return -(1 - eps) * log_sig - eps * log_sig_neg
     if loss_type == "robust":
         return (-(1 - eps) * log_sig + eps * log_sig_neg) / (1 - 2 * eps)
@@ -192,7 +246,14 @@ def random_pair_logps(shape_name, dtype, seed=0):
 @pytest.mark.parametrize("shape_name", list(SHAPES))
 @pytest.mark.parametrize(
     ("loss_type", "eps"),
-    [("sigmoid", 0.0), ("sigmoid", 0.2), ("robust", 0.2), ("ipo_paper", 0.0), ("hinge", 0.0)],
+    [
+        ("sigmoid", 0.0),
+        ("cdpo", 0.0),
+        ("cdpo", 0.2),
+        ("robust", 0.2),
+        ("ipo_paper", 0.0),
+        ("hinge", 0.0),
+    ],
 )
 def test_pairwise_values_and_gradients_match_naive(loss_type, eps, shape_name, dtype):
     pc, pr, rc, rr, beta = random_pair_logps(shape_name, dtype)
@@ -359,7 +420,10 @@ def test_label_smoothing_out_of_range_raises(label_smoothing):
 
 @pytest.mark.parametrize("loss_type", ["ipo", "hinge", "nca_pair", "sigmoid_norm", ["ipo", "hinge"]])
 def test_label_smoothing_rejected_by_losses_that_ignore_it(loss_type):
-    with pytest.raises(ValueError, match=r"label_smoothing=0.1 is not used by loss_type.*robust, sigmoid"):
+    with pytest.raises(
+        ValueError,
+        match=r"label_smoothing=0.1 is not used by loss_type.*: aot, aot_unpaired, cdpo, exo_pair, robust$",
+    ):
         preference_loss(*pair_with_h(1.0), loss_type=loss_type, label_smoothing=0.1)
 
 
@@ -432,6 +496,8 @@ def naive_family(
     x = beta * (sw - sl)
     nw, nl = nw.clamp_min(1).double(), nl.clamp_min(1).double()
     if loss_type == "sigmoid":
+        return -naive_log_sigmoid(x)
+    if loss_type == "cdpo":  # conservative DPO (Mitchell 2023)
         return -(1 - eps) * naive_log_sigmoid(x) - eps * naive_log_sigmoid(-x)
     if loss_type == "ipo_paper":  # IPO Eq. 17 on summed log-probs
         return (sw - sl - 1 / (2 * beta)) ** 2
@@ -576,7 +642,7 @@ F_DIVERGENCE_CASES = [
     ("loss_type", "eps"),
     [
         ("sigmoid", 0.0),
-        ("sigmoid", 0.1),
+        ("cdpo", 0.1),
         ("hinge", 0.0),
         ("ipo_paper", 0.0),
         ("robust", 0.1),
@@ -891,6 +957,7 @@ def test_config_accepts_a_name_or_a_list(tmp_path):
         ),
         (dict(loss_type="exo_pair"), r"needs DPOConfig.label_smoothing > 0"),
         (dict(loss_type="hinge", label_smoothing=0.1), r"DPOConfig.label_smoothing=0.1 is not used by"),
+        (dict(label_smoothing=0.1), r"TRL 1.16's sigmoid ignores .*DPOConfig.loss_type='cdpo'"),
         (dict(loss_type="bco_pair", f_divergence_type="js_divergence"), "applies to the losses built on"),
         (dict(f_divergence_type="kl"), "unknown DPOConfig.f_divergence_type"),
         (dict(discopop_tau=0.0), "discopop_tau must be > 0"),

@@ -421,7 +421,12 @@ def test_bad_eval_rows_fail_at_construction_too(tmp_path, make_model, tokenizer)
 
 @pytest.mark.parametrize(
     "overrides",
-    [dict(loss_type="ipo"), dict(loss_type="hinge"), dict(loss_type="robust"), dict(label_smoothing=0.1)],
+    [
+        dict(loss_type="ipo"),
+        dict(loss_type="hinge"),
+        dict(loss_type="robust"),
+        dict(loss_type="cdpo", label_smoothing=0.1),  # (sigmoid with label_smoothing: DPOConfig refuses it)
+    ],
 )
 def test_ranked_rows_need_the_plain_sigmoid_loss(tmp_path, make_model, tokenizer, overrides):
     rows = preference_rows(8, seed=3, k=3)
@@ -435,6 +440,26 @@ def test_ranked_rows_need_the_plain_sigmoid_loss(tmp_path, make_model, tokenizer
             args=config(tmp_path, **overrides),
             train_dataset=preference_rows(8, seed=0),
             eval_dataset=rows,
+            processing_class=tokenizer,
+        )
+
+
+@pytest.mark.parametrize(
+    "overrides", [dict(loss_weights=[0.5]), dict(f_divergence_type="js_divergence"), dict(use_weighting=True)]
+)
+@pytest.mark.xfail(
+    strict=True,
+    reason="DPOConfig.data_settings() does not yet pass loss_weights, f_divergence_type and use_weighting to "
+    "prepare_dataset (config.py); remove this mark when it does",
+)
+def test_ranked_rows_refuse_pairwise_settings_when_the_trainer_is_built(
+    tmp_path, make_model, tokenizer, overrides
+):
+    with pytest.raises(ValueError, match=r"ranks 3 responses.*Plackett-Luce.*would ignore"):
+        DPOTrainer(
+            make_model(),
+            args=config(tmp_path, **overrides),
+            train_dataset=preference_rows(8, seed=3, k=3),
             processing_class=tokenizer,
         )
 

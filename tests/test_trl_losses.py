@@ -14,6 +14,10 @@ Every name TRL defines computes TRL's numbers: `ipo` (per-token means), `bco_pai
 their own; `alpha_divergence_paper` at 1 - α equals TRL's `alpha_divergence` at α, which is checked here too.
 The deprecated names `ipo_trl`, `bco_pair_trl` and `alpha_divergence_trl` give TRL's numbers with a
 `FutureWarning`.
+
+`label_smoothing`: TRL's `aot` and `aot_unpaired` use it (cDPO-smoothed, compared here with eps > 0) and TRL's
+`sigmoid` ignores it. Ours refuses `sigmoid` with eps > 0 and names `cdpo`, conservative DPO, which TRL does not
+define; it is checked against TRL through a linear identity with TRL's `sigmoid` and `robust`.
 """
 
 import copy
@@ -80,6 +84,7 @@ CASES = [
     case("sppo_hard", ["sppo_hard"]),
     case("aot", ["aot"], label_smoothing=0.1),
     case("aot_unpaired", ["aot_unpaired"]),
+    case("aot_unpaired_eps", ["aot_unpaired"], label_smoothing=0.1),
     case("apo_zero", ["apo_zero"]),
     case("apo_down", ["apo_down"]),
     case("discopop", ["discopop"]),
@@ -311,6 +316,34 @@ def test_trls_names_are_not_the_papers_forms(trainers):
         apply_ours(ours, {**DEFAULTS, **paper_named})
         paper_form = ours.evaluate()["eval_loss"]
         assert abs(trl_form - paper_form) > 1e-3 * abs(trl_form), (trl_named, trl_form, paper_form)
+
+
+def test_trls_sigmoid_ignores_label_smoothing_and_cdpo_is_conservative_dpo(trainers):
+    """TRL 1.16's sigmoid with label_smoothing = 0.1 computes plain DPO: our sigmoid (which refuses the setting and
+    names cdpo). Our cdpo has no TRL counterpart, but per example cDPO = 2 (1 - eps) DPO - (1 - 2 eps) rDPO
+    (from rDPO = (-(1 - eps) ln s(x) + eps ln s(-x)) / (1 - 2 eps)), an identity linear in the per-example
+    losses, so it holds for the means TRL logs: our cdpo against TRL's sigmoid and robust."""
+    eps = 0.1
+    theirs, ours = trainers["standard"]
+    trl_eval = {}
+    for name, settings in {
+        "sigmoid_eps": dict(loss_type=["sigmoid"], label_smoothing=eps),
+        "sigmoid": dict(loss_type=["sigmoid"]),
+        "robust": dict(loss_type=["robust"], label_smoothing=eps),
+    }.items():
+        apply_trl(theirs, {**DEFAULTS, **settings})
+        trl_eval[name] = theirs.evaluate()["eval_loss"]
+    assert trl_eval["sigmoid_eps"] == pytest.approx(trl_eval["sigmoid"], rel=1e-6)  # TRL ignores eps
+    with pytest.raises(ValueError, match=r"TRL 1.16's sigmoid ignores label_smoothing.*loss_type='cdpo'"):
+        apply_ours(ours, {**DEFAULTS, "loss_type": ["sigmoid"], "label_smoothing": eps})
+    ours_sigmoid = evaluate_ours(ours, {**DEFAULTS, "loss_type": ["sigmoid"]})["eval_loss"]
+    assert ours_sigmoid == pytest.approx(trl_eval["sigmoid_eps"], rel=1e-4, abs=1e-5)
+    cdpo = evaluate_ours(ours, {**DEFAULTS, "loss_type": ["cdpo"], "label_smoothing": eps})["eval_loss"]
+    expected = 2 * (1 - eps) * trl_eval["sigmoid"] - (1 - 2 * eps) * trl_eval["robust"]
+    assert cdpo == pytest.approx(expected, rel=1e-4, abs=1e-5)
+    assert abs(cdpo - trl_eval["sigmoid"]) > 1e-3  # eps changes the loss on these rows
+    cdpo_zero = evaluate_ours(ours, {**DEFAULTS, "loss_type": ["cdpo"]})["eval_loss"]
+    assert cdpo_zero == pytest.approx(trl_eval["sigmoid"], rel=1e-4, abs=1e-5)  # eps = 0: DPO
 
 
 def test_cases_are_not_all_one_number(trainers):

@@ -11,8 +11,9 @@ What is compared, and why only that:
   coincide when every eval batch has the same size, so the eval batch size divides the row count.
 * Loss types. `sigmoid` (label_smoothing 0), `hinge` and `robust` have the same formula in both
   libraries (every name TRL defines, `ipo` included, computes TRL's form; the whole family is compared in
-  tests/test_trl_losses.py). Excluded: `sigmoid` with label_smoothing > 0, because TRL's sigmoid ignores
-  label_smoothing while ours is conservative DPO.
+  tests/test_trl_losses.py). Not compared: `sigmoid` with label_smoothing > 0, which TRL trains ignoring
+  label_smoothing and ours refuses, naming `cdpo` (conservative DPO, which TRL does not define; both are
+  checked in tests/test_trl_losses.py).
 """
 
 import copy

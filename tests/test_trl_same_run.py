@@ -215,7 +215,7 @@ def test_the_defaults_are_trls_after_construction(tmp_path):
 
 
 def test_without_bf16_and_use_cpu_the_default_falls_back_to_float32_and_says_so(
-    tmp_path, monkeypatch, caplog
+    tmp_path, monkeypatch, caplog, tokenizer, make_model
 ):
     # a machine without a bf16 device (injected, so that the test means the same on a GPU machine)
     monkeypatch.setattr("transformers.utils.is_torch_bf16_gpu_available", lambda: False)
@@ -224,10 +224,23 @@ def test_without_bf16_and_use_cpu_the_default_falls_back_to_float32_and_says_so(
     monkeypatch.setattr("transformers.training_args.is_torch_xla_available", lambda: False)
     with pytest.raises(ValueError, match="doesn't support bf16"):
         trl.DPOConfig(output_dir=str(tmp_path))  # TRL refuses to be built
-    with caplog.at_level(logging.WARNING, logger="dpo_trainer.config"):
-        ours = dpo_trainer.DPOConfig(output_dir=str(tmp_path))
+    ours = dpo_trainer.DPOConfig(output_dir=str(tmp_path), report_to="none")
     assert ours.bf16 is False and ours.mixed_precision == "no"
+    with caplog.at_level(logging.WARNING, logger="dpo_trainer.trainer"):  # said by the trainer that uses it
+        trainer = dpo_trainer.DPOTrainer(
+            make_model(), args=ours, train_dataset=ROWS, processing_class=tokenizer
+        )
     assert "no bf16 support" in caplog.text and "float32" in caplog.text
+    assert trainer.accelerator.mixed_precision == "no"
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="dpo_trainer.trainer"):  # float32 asked for: nothing to say
+        dpo_trainer.DPOTrainer(
+            make_model(),
+            args=dpo_trainer.DPOConfig(output_dir=str(tmp_path), bf16=False, report_to="none"),
+            train_dataset=ROWS,
+            processing_class=tokenizer,
+        )
+    assert "no bf16 support" not in caplog.text
     with pytest.raises(ValueError, match="doesn't support bf16"):  # asked for explicitly: transformers' error
         dpo_trainer.DPOConfig(output_dir=str(tmp_path), bf16=True)
 

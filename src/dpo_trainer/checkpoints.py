@@ -204,13 +204,11 @@ def settings_changes(saved: dict, current: dict) -> tuple[list[str], list[str]]:
     return refused, warned
 
 
-def _current_names(names, label_smoothing=0.0):
-    """Loss names of settings saved before `LOSS_NAMES_VERSION` 2, with `ipo_trl` / `bco_pair_trl` as `ipo` /
-    `bco_pair`, and `sigmoid` as `cdpo` where `label_smoothing` > 0 (the conservative DPO it computed then)."""
+def _current_names(names):
+    """Loss names of settings saved before `LOSS_NAMES_VERSION` 2, with `ipo_trl` / `bco_pair_trl` as `ipo` / `bco_pair`."""
     if not isinstance(names, list):
         return names
-    renamed = {**DEPRECATED_LOSS_NAMES, **({"sigmoid": "cdpo"} if label_smoothing else {})}
-    return [renamed.get(name, name) for name in names]
+    return [DEPRECATED_LOSS_NAMES.get(name, name) for name in names]
 
 
 def _renamed_loss(saved: dict) -> bool:
@@ -220,7 +218,8 @@ def _renamed_loss(saved: dict) -> bool:
     alpha = (
         saved.get("f_divergence_type") == "alpha_divergence" and saved.get("f_alpha_divergence_coef") != 0.5
     )
-    return bool({"ipo", "bco_pair"} & set(names)) or alpha
+    cdpo = "sigmoid" in names and bool(saved.get("label_smoothing"))
+    return bool({"ipo", "bco_pair"} & set(names)) or alpha or cdpo
 
 
 def check_resume_settings(checkpoint: str, current: dict) -> None:
@@ -232,12 +231,13 @@ def check_resume_settings(checkpoint: str, current: dict) -> None:
     older_names = saved.get("loss_names", 1) < LOSS_NAMES_VERSION
     renamed = older_names and _renamed_loss(saved)
     if older_names:  # the previous release's names of TRL's forms
-        saved = {**saved, "loss_type": _current_names(saved.get("loss_type"), saved.get("label_smoothing"))}
+        saved = {**saved, "loss_type": _current_names(saved.get("loss_type"))}
     refused, warned = settings_changes(saved, current)
     if renamed:
         refused.append(
             "loss_names: the checkpoint's loss_type / f_divergence_type meant the paper's form, which is now "
-            "named '*_paper' (ipo_paper, bco_pair_paper, alpha_divergence_paper)"
+            "named otherwise (ipo_paper, bco_pair_paper, alpha_divergence_paper; sigmoid with label_smoothing: "
+            "cdpo)"
         )
     warned = [line for line in warned if not line.startswith("loss_names:")]
     if refused:

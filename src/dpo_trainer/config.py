@@ -435,12 +435,8 @@ class DPOConfig(TrainingArguments):
         """
         if self.bf16 is None:
             self.bf16 = not self.fp16 and _bf16_supported(self.use_cpu)
-            if not self.fp16 and not self.bf16:
-                logger.warning(
-                    "DPOConfig: this machine has no bf16 support (no bf16 GPU and use_cpu=False), so training runs "
-                    "in float32 instead of TRL's default bf16. Pass use_cpu=True for bf16 autocast on the CPU as "
-                    "TRL does, or bf16=False to choose float32 explicitly."
-                )
+            # said by the trainer that trains with it (`BF16_FALLBACK`), not by every parse or copy of a config
+            self._bf16_fell_back = not self.fp16 and not self.bf16
         if self.activation_checkpointing is None:
             self.activation_checkpointing = self.gradient_checkpointing
 
@@ -463,6 +459,13 @@ class DPOConfig(TrainingArguments):
     def loss_settings(self) -> dict:
         """Keyword arguments of `losses.preference_loss` for this run."""
         return {name: getattr(self, name) for name in LOSS_FIELDS}
+
+
+BF16_FALLBACK = (
+    "DPOConfig: this machine has no bf16 support (no bf16 GPU and use_cpu=False), so training runs in float32 "
+    "instead of TRL's default bf16. Pass use_cpu=True for bf16 autocast on the CPU as TRL does, or bf16=False "
+    "to choose float32 explicitly."
+)
 
 
 def _bf16_supported(use_cpu: bool) -> bool:

@@ -24,7 +24,7 @@ from ._compat import TrainerOverrides, check_upstream, evaluating_before_trainin
 from .attention import choose_attention, resolve_layout
 from .callbacks import SyncRefModelCallback, load_reference_adapter
 from .checkpoints import resolve_resume, run_settings, write_settings
-from .config import DPOConfig, trainer_args
+from .config import BF16_FALLBACK, DPOConfig, trainer_args
 from .data.batching import token_budget_loader
 from .data.layouts import default_collator
 from .data.prepare import TOKENIZED_COLUMNS, check_positions, check_streaming, prepare_dataset, prepare_each
@@ -149,6 +149,8 @@ class DPOTrainer(TrainerOverrides, Trainer):
         self.model_accepts_loss_kwargs = True
         self.metrics = DPOMetrics(self.accelerator, args.device, self.layout, self.aux_loss_enabled)
         self.guard = StepGuard(args.on_nonfinite, args.device)
+        if getattr(args, "_bf16_fell_back", False):
+            logger.warning(BF16_FALLBACK)
         if args.fp16 and args.device.type == "cpu" and not self.accelerator.native_amp:
             logger.warning(
                 "DPOConfig.fp16=True on the CPU: accelerate runs no float16 autocast there, so training computes "

@@ -7,6 +7,7 @@ from .formats import (
     Example,
     check_row_text,
     detect_format,
+    split_common_prefix,
     split_hh_transcript,
     to_example,
 )
@@ -22,6 +23,7 @@ __all__ = [
     "check_row_text",
     "detect_format",
     "prepare_dataset",
+    "split_common_prefix",
     "split_hh_transcript",
     "to_example",
     "tokenize_example",
