@@ -560,6 +560,8 @@ def test_evaluation_metrics_equal_trl_on_a_chatml_template(tmp_path, tokenizers_
             output_dir=str(tmp_path / "ours"),
             report_to="none",
             use_cpu=True,
+            bf16=False,  # as TRL's arm
+            gradient_checkpointing=False,
             max_length=4096,
             max_prompt_length=2048,
             save_strategy="no",
@@ -593,6 +595,8 @@ def test_trainer_takes_tool_calls_tools_and_chat_template_kwargs(tmp_path, token
             output_dir=str(tmp_path / "ours"),
             report_to="none",
             use_cpu=True,
+            bf16=False,  # as TRL's arm
+            gradient_checkpointing=False,
             max_length=4096,
             max_prompt_length=2048,
             save_strategy="no",

@@ -447,11 +447,6 @@ def test_ranked_rows_need_the_plain_sigmoid_loss(tmp_path, make_model, tokenizer
 @pytest.mark.parametrize(
     "overrides", [dict(loss_weights=[0.5]), dict(f_divergence_type="js_divergence"), dict(use_weighting=True)]
 )
-@pytest.mark.xfail(
-    strict=True,
-    reason="DPOConfig.data_settings() does not yet pass loss_weights, f_divergence_type and use_weighting to "
-    "prepare_dataset (config.py); remove this mark when it does",
-)
 def test_ranked_rows_refuse_pairwise_settings_when_the_trainer_is_built(
     tmp_path, make_model, tokenizer, overrides
 ):

@@ -27,6 +27,8 @@ LOSS_FIELDS += ("f_alpha_divergence_coef", "discopop_tau")
 TRAINER_LOSS_FIELDS = ("use_weighting", "ld_alpha", "rpo_alpha", "router_aux_loss_coef")
 # How rows become tokens (`data_settings`, with the loss fields that decide how rankings train).
 DATA_FIELDS = ("max_length", "max_prompt_length", "truncation_mode")
+# The settings a ranking of K > 2 responses (Plackett-Luce) cannot apply: `data.check_ranking` refuses them.
+RANKING_FIELDS = ("loss_type", "label_smoothing", "loss_weights", "f_divergence_type", "use_weighting")
 # What π_ref is and how the policy runs.
 REFERENCE_FIELDS = ("precompute_ref_log_probs", "disable_dropout", "peft_reference")
 REFERENCE_FIELDS += ("sync_ref_model", "ref_model_mixup_alpha", "ref_model_sync_steps")
@@ -66,7 +68,8 @@ class DPOConfig(TrainingArguments):
             kept by the trainer; `dpo_trainer.losses` lists both forms with their equations). `ipo_trl` and
             `bco_pair_trl` are deprecated names of `ipo` and `bco_pair` (a `FutureWarning`; stored as the new
             name). Rows with K > 2 ranked responses always use the Plackett-Luce loss (paper App. A.3), which
-            requires `["sigmoid"]`.
+            requires `["sigmoid"]` and refuses what it cannot apply (`label_smoothing`, `loss_weights`, another
+            `f_divergence_type`, `use_weighting`) when the datasets are prepared.
         loss_weights: One weight per entry of `loss_type`; the pair's loss is the weighted sum (MPO uses
             `loss_type=["sigmoid", "bco_pair", "sft"]`, `loss_weights=[0.8, 0.2, 1.0]`). None: all 1.
         label_smoothing: Assumed rate ε of flipped preference labels, in [0, 0.5). With `cdpo` it gives
@@ -447,14 +450,8 @@ class DPOConfig(TrainingArguments):
 
     def data_settings(self) -> dict:
         """Keyword arguments of `data.prepare_dataset` for this run: truncation, and the loss (for rankings)."""
-        return {
-            "max_length": self.max_length,
-            "max_prompt_length": self.max_prompt_length,
-            "truncation_mode": self.truncation_mode,
-            "loss_type": self.loss_type,
-            "label_smoothing": self.label_smoothing,
-            "num_proc": self.dataset_num_proc,
-        }
+        names = DATA_FIELDS + RANKING_FIELDS
+        return {**{name: getattr(self, name) for name in names}, "num_proc": self.dataset_num_proc}
 
     def loss_settings(self) -> dict:
         """Keyword arguments of `losses.preference_loss` for this run."""
