@@ -158,13 +158,36 @@ def test_train_resumes_from_the_newest_complete_checkpoint(finished_run, run_dir
         assert resumed[step] == pytest.approx(straight[step], rel=1e-5), step
 
 
-def test_train_without_any_complete_checkpoint_says_so(run_dir, tokenizer, make_model):
+def test_train_without_any_complete_checkpoint_names_those_skipped_and_how_to_start_afresh(
+    run_dir, tokenizer, make_model
+):
+    # a restart loop whose first kill landed in the first checkpoint's write: every resume fails the same way
+    damage(run_dir, "no trainer_state.json")
+    (run_dir / "checkpoint-8").mkdir()
     for folder in ("checkpoint-2", "checkpoint-4"):
         shutil.rmtree(run_dir / folder)
-    damage(run_dir, "empty folder")
     args = dpo_config(run_dir.parent, **SETTINGS)
     trainer = DPOTrainer(make_model(seed=5), args=args, train_dataset=ROWS, processing_class=tokenizer)
-    with pytest.raises(ValueError, match="no complete checkpoint"):
+    with pytest.raises(ValueError) as error:
+        trainer.train(resume_from_checkpoint=True)
+    message = str(error.value)
+    assert "holds no complete checkpoint-N folder" in message
+    assert "[checkpoint-8: empty folder; checkpoint-6: no trainer_state.json" in message
+    assert "delete them and pass resume_from_checkpoint=None (or False" in message
+    # the way on that the message gives: the run starts afresh
+    trainer = DPOTrainer(make_model(seed=5), args=args, train_dataset=ROWS, processing_class=tokenizer)
+    assert trainer.train(resume_from_checkpoint=False).global_step == 4
+    assert last_complete_checkpoint(str(run_dir)) == str(run_dir / "checkpoint-4")
+
+
+def test_train_resuming_a_folder_without_checkpoints_fails_as_in_transformers(
+    tmp_path, tokenizer, make_model
+):
+    args = dpo_config(tmp_path, **SETTINGS)
+    trainer = DPOTrainer(make_model(seed=5), args=args, train_dataset=ROWS, processing_class=tokenizer)
+    with pytest.raises(
+        ValueError, match=r"No valid checkpoint found in output directory .*resume_from_checkpoint=None"
+    ):
         trainer.train(resume_from_checkpoint=True)
 
 

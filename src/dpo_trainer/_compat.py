@@ -165,6 +165,7 @@ _UPSTREAM = (
     ("transformers.Trainer", "_save"),
     ("transformers.Trainer", "_prepare_inputs"),
     ("transformers.Trainer", "_load_from_checkpoint"),
+    ("transformers.Trainer", "_init_training_state"),  # checkpoints.StopsAtTheEnd
     ("accelerate.Accelerator", "prepare_model"),
 )
 

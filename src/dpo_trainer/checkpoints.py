@@ -9,6 +9,10 @@ weights are there (safetensors whose header parses and whose size matches it, ev
 index, a readable `torch.save` archive, or a DeepSpeed / FSDP state folder), and every `torch.save` file that
 is present (optimizer, scheduler, RNG state, scaler) is a readable archive. The checks read headers and zip
 directories only, never whole tensors.
+
+Resuming (`resolve_resume`, `StopsAtTheEnd`) also refuses a checkpoint written by the other kind of run (full
+fine-tuning or a PEFT adapter) before Trainer loads it, and trains nothing when the run already reached its last
+step (Trainer would take one more step on every such resume).
 """
 
 from __future__ import annotations
@@ -154,14 +158,42 @@ def list_checkpoints(folder: str) -> list[str]:
     return [os.path.join(folder, name) for _, name in sorted(found, reverse=True)]
 
 
-def last_complete_checkpoint(folder: str) -> str | None:
-    """The newest complete `checkpoint-N` in `folder` (None if none), logging each newer one skipped and why."""
+def newest_complete_checkpoint(folder: str) -> tuple[str | None, list[tuple[str, str]]]:
+    """(the newest complete `checkpoint-N` in `folder` or None, [(each newer folder skipped, why)])."""
+    skipped = []
     for path in list_checkpoints(folder):
         problem = checkpoint_problem(path)
         if problem is None:
-            return path
+            return path, skipped
+        skipped.append((path, problem))
+    return None, skipped
+
+
+def last_complete_checkpoint(folder: str) -> str | None:
+    """The newest complete `checkpoint-N` in `folder` (None if none), logging each newer one skipped and why."""
+    found, skipped = newest_complete_checkpoint(folder)
+    for path, problem in skipped:
         logger.warning("Skipping checkpoint %s: %s.", path, problem)
-    return None
+    return found
+
+
+def no_checkpoint_message(output_dir: str, skipped: list[tuple[str, str]]) -> str:
+    """Why `resume_from_checkpoint=True` finds nothing in `output_dir`, and what to do instead."""
+    if not skipped:  # transformers' words for the same case
+        return (
+            f"No valid checkpoint found in output directory ({output_dir}): resume_from_checkpoint=True resumes "
+            "the newest checkpoint-N folder there, and there is none. Pass resume_from_checkpoint=None (or False) "
+            "to start the run, or the path of a checkpoint folder to resume from."
+        )
+    names = "; ".join(f"{os.path.basename(path)}: {problem}" for path, problem in skipped)
+    them, they = ("it", "it is") if len(skipped) == 1 else ("them", "they are")
+    return (
+        f"resume_from_checkpoint=True, but {output_dir} holds no complete checkpoint-N folder, so no step of the "
+        f"run can be resumed. Skipped as half-written (a run killed while saving a checkpoint leaves it so): "
+        f"[{names}]. Start the run afresh: delete {them} and pass resume_from_checkpoint=None (or False; "
+        f"`--resume_from_checkpoint no` on the command line). Left there, {they} written over by the new "
+        "run as it saves the same steps."
+    )
 
 
 # ---------------------------------------------------------------- the DPO settings a checkpoint was trained with
@@ -249,34 +281,141 @@ def check_resume_settings(checkpoint: str, current: dict) -> None:
         logger.warning("Resuming from %s with changed settings: %s.", checkpoint, "; ".join(warned))
 
 
+# ---------------------------------------------------------------- which kind of run wrote a checkpoint
+
+ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
+FULL_WEIGHTS = ("model.safetensors", "pytorch_model.bin") + WEIGHT_INDEXES
+
+
+def checkpoint_kind(path: str) -> tuple[str, str] | None:
+    """("adapter", file) for a checkpoint holding PEFT adapter weights only, ("full", file) for one holding the
+    whole model's weights, None when its files cannot tell (DeepSpeed / FSDP state folders only, or both kinds)."""
+    names = set(os.listdir(path))
+    adapter = [name for name in ADAPTER_WEIGHTS if name in names]
+    full = [name for name in FULL_WEIGHTS if name in names]
+    if adapter and not full:
+        return "adapter", adapter[0]
+    if full and not adapter:
+        return "full", full[0]
+    return None
+
+
+def check_run_kind(checkpoint: str, adapter: bool) -> None:
+    """Refuse to resume a full fine-tuning checkpoint with a PEFT adapter run, or the other way round.
+
+    Trainer would load what it can of the weights, then fail deep inside `torch.optim` (the saved optimizer
+    state holds other parameter groups: "loaded state dict contains a parameter group that doesn't match the
+    size of optimizer's group").
+    """
+    found = checkpoint_kind(checkpoint)
+    if found is None or (found[0] == "adapter") == adapter:
+        return
+    file = found[1]
+    if adapter:
+        raise ValueError(
+            f"Cannot resume from {checkpoint}: it was written by a full fine-tuning run (it holds {file}, the "
+            "whole model's weights, and an optimizer state for all of them), and this run trains a PEFT adapter "
+            "(peft_config, or a PeftModel given as the model). To continue that run, resume it as it was "
+            "trained, without peft_config. To train an adapter on top of its weights, give the checkpoint folder "
+            "as the model of a new run, in another output_dir."
+        )
+    raise ValueError(
+        f"Cannot resume from {checkpoint}: it was written by a PEFT adapter run (it holds {file}, the adapter's "
+        "weights only, and an optimizer state for them), and this run is full fine-tuning (no peft_config, and "
+        "the model is not a PeftModel). To continue that run, resume it as it was trained, with the same "
+        "peft_config. To fine-tune the whole model from it, merge the adapter into its base model (peft's "
+        "merge_and_unload) and give that model to a new run, in another output_dir."
+    )
+
+
+# ---------------------------------------------------------------- resuming
+
+
 def resolve_resume(
-    resume_from_checkpoint, output_dir: str, accelerator, current_settings
+    resume_from_checkpoint,
+    output_dir: str,
+    accelerator,
+    current_settings=None,
+    *,
+    adapter: bool | None = None,
 ) -> str | bool | None:
     """The checkpoint `Trainer.train` should resume from, checked.
 
     `True` takes the newest *complete* checkpoint of `output_dir` (rank 0 chooses, every process follows),
-    where Trainer would take the newest folder even when a kill left it half-written. A path must hold a
-    complete checkpoint trained with the same loss and data (`current_settings()` gives this run's).
+    where Trainer would take the newest folder even when a kill left it half-written; with none, the error
+    names the folders skipped and says how to start afresh. A path must hold a complete checkpoint, written by
+    the same kind of run (full fine-tuning or a PEFT adapter: `adapter` says which this run is; None does not
+    check) and, when `current_settings` is given (a callable returning this run's settings), trained with the
+    same loss and data.
     """
     if resume_from_checkpoint is True:
-        found = [last_complete_checkpoint(output_dir) if accelerator.is_main_process else None]
+        found = [newest_complete_checkpoint(output_dir) if accelerator.is_main_process else None]
         if accelerator.num_processes > 1:
             from accelerate.utils import broadcast_object_list
 
             broadcast_object_list(found)
-        if found[0] is None:
-            raise ValueError(
-                f"resume_from_checkpoint=True, but {output_dir} holds no complete checkpoint-N "
-                "folder (see the warnings above for those skipped)."
-            )
-        resume_from_checkpoint = found[0]
+        path, skipped = found[0]
+        for skipped_path, problem in skipped if accelerator.is_main_process else ():
+            logger.warning("Skipping checkpoint %s: %s.", skipped_path, problem)
+        if path is None:
+            raise ValueError(no_checkpoint_message(output_dir, skipped))
+        resume_from_checkpoint = path
         logger.info("Resuming from %s", resume_from_checkpoint)
     if isinstance(resume_from_checkpoint, str):
         problem = checkpoint_problem(resume_from_checkpoint)
         if problem:
             raise ValueError(f"Cannot resume from {resume_from_checkpoint}: {problem}.")
-        check_resume_settings(resume_from_checkpoint, current_settings())
+        if adapter is not None:
+            check_run_kind(resume_from_checkpoint, adapter)
+        if current_settings is not None:
+            check_resume_settings(resume_from_checkpoint, current_settings())
     return resume_from_checkpoint
+
+
+class StopsAtTheEnd:
+    """A `transformers.Trainer` mixin: resuming a run that already reached its last step trains nothing.
+
+    Trainer decides to stop only after a step (`DefaultFlowCallback.on_step_end`: global_step >= max_steps).
+    Resumed at global step g with E optimizer steps per epoch, it restarts the epoch loop at epoch g // E with
+    g % E steps skipped: when max_steps (or the epochs' steps) is a multiple of E that loop is empty, otherwise
+    it runs one more step (and saves one more checkpoint) on every resume of a finished run. Here the run
+    resumed at or past its last step goes through Trainer as one whose epochs are all done: the checkpoint's
+    weights, optimizer and state are loaded, no step is taken, nothing is saved, and a warning says so.
+
+    transformers 5.24-5.25: `Trainer._inner_training_loop` calls `_init_training_state(max_steps,
+    num_update_steps_per_epoch, num_train_epochs, resume_from_checkpoint, trial)`, which loads the checkpoint's
+    `TrainerState` and returns (epochs_trained, steps_trained_in_current_epoch); the loop runs the epochs
+    `range(epochs_trained, num_train_epochs)`.
+    """
+
+    def _init_training_state(
+        self, max_steps, num_update_steps_per_epoch, num_train_epochs, resume_from_checkpoint, trial
+    ):
+        epochs_trained, steps_trained = super()._init_training_state(
+            max_steps, num_update_steps_per_epoch, num_train_epochs, resume_from_checkpoint, trial
+        )
+        if resume_from_checkpoint is None or self.state.global_step < max_steps:
+            return epochs_trained, steps_trained
+        step, args = self.state.global_step, self.args
+        planned = (
+            f"max_steps={args.max_steps}"
+            if args.max_steps > 0
+            else f"num_train_epochs={args.num_train_epochs}"
+        )
+        where = (
+            f"already reached its last step, {step} of {max_steps}"
+            if step == max_steps
+            else f"is at step {step}, past its last step {max_steps}"
+        )
+        logger.warning(
+            "Resuming from %s: the run %s (%s), so there is nothing to train. The model holds the checkpoint's "
+            "weights; no step is taken and no checkpoint is written. To train further, raise max_steps or "
+            "num_train_epochs.",
+            resume_from_checkpoint,
+            where,
+            planned,
+        )
+        return num_train_epochs, 0
 
 
 def run_settings(args, layout: str, data_fingerprint: str | None) -> dict:

@@ -3,7 +3,7 @@
 The paper (Sec. 6) fine-tunes the base model on the chosen responses before DPO, so that the reference
 model is close to the distribution the preferences were collected on. This module reuses the preference
 data pipeline (same formats, tokenization and truncation) and trains on response 0 of every row with a
-plain `transformers.Trainer`; the loss covers response tokens only.
+`transformers.Trainer` (resuming as `DPOTrainer` does); the loss covers response tokens only.
 """
 
 from __future__ import annotations
@@ -14,8 +14,9 @@ from dataclasses import dataclass
 import torch
 from transformers import Trainer, TrainingArguments
 
+from .checkpoints import StopsAtTheEnd, resolve_resume
 from .data.prepare import prepare_dataset
-from .models import pad_token_id
+from .models import is_peft_model, pad_token_id, unwrap_to_peft
 
 IGNORE_INDEX = -100  # label value the causal-LM loss skips
 
@@ -68,6 +69,19 @@ def keeping_columns(args: TrainingArguments) -> TrainingArguments:
     return args
 
 
+class PreferredFTTrainer(StopsAtTheEnd, Trainer):
+    """`transformers.Trainer` that resumes as `DPOTrainer` does: `resume_from_checkpoint=True` takes the newest
+    complete checkpoint, a checkpoint of the other kind of run (full fine-tuning or a PEFT adapter) is refused,
+    and a run already at its last step trains nothing (`checkpoints.resolve_resume`, `checkpoints.StopsAtTheEnd`)."""
+
+    def train(self, resume_from_checkpoint: str | bool | None = None, trial=None, ignore_keys_for_eval=None):
+        adapter = is_peft_model(unwrap_to_peft(self.model))
+        checkpoint = resolve_resume(
+            resume_from_checkpoint, self.args.output_dir, self.accelerator, adapter=adapter
+        )
+        return super().train(checkpoint, trial, ignore_keys_for_eval)
+
+
 def sft_trainer(
     model,
     tokenizer,
@@ -79,14 +93,15 @@ def sft_trainer(
     max_prompt_length: int | None = 256,
     callbacks=None,
 ) -> Trainer:
-    """A `transformers.Trainer` that fine-tunes `model` on the preferred response of each preference row.
+    """A `transformers.Trainer` (`PreferredFTTrainer`) that fine-tunes `model` on the preferred response of each
+    preference row.
 
     Rows may be in any format `DPOTrainer` accepts (`data.prepare_dataset`); a long prompt keeps its end.
     `args` is not changed: Trainer gets a copy with `remove_unused_columns=False`.
     """
     train, evaluation = prepare_rows(train_dataset, eval_dataset, tokenizer, max_length, max_prompt_length)
     args = keeping_columns(args)
-    return Trainer(
+    return PreferredFTTrainer(
         model=model,
         args=args,
         train_dataset=train,

@@ -23,7 +23,7 @@ from . import model_card, models
 from ._compat import TrainerOverrides, check_upstream, evaluating_before_training, policy_prepared
 from .attention import choose_attention, resolve_layout
 from .callbacks import SyncRefModelCallback, load_reference_adapter
-from .checkpoints import resolve_resume, run_settings, write_settings
+from .checkpoints import StopsAtTheEnd, resolve_resume, run_settings, write_settings
 from .config import BF16_FALLBACK, DPOConfig, trainer_args
 from .data.batching import token_budget_loader
 from .data.layouts import default_collator
@@ -46,7 +46,7 @@ from .reference import reference_logps as _reference_logps  # noqa: I001
 logger = logging.getLogger(__name__)
 
 
-class DPOTrainer(TrainerOverrides, Trainer):
+class DPOTrainer(StopsAtTheEnd, TrainerOverrides, Trainer):
     """Trains `model` on preference data with DPO against a frozen reference.
 
     The arguments are TRL 1.16's `DPOTrainer`'s, in the same order.
@@ -176,9 +176,13 @@ class DPOTrainer(TrainerOverrides, Trainer):
         return prepare_dataset(dataset, tokenizer, **args.data_settings(), name=name)
 
     def train(self, resume_from_checkpoint: str | bool | None = None, trial=None, ignore_keys_for_eval=None):
+        # Resuming: the newest complete checkpoint for True, written by the same kind of run (full or adapter)
+        # with the same loss and data (`checkpoints.resolve_resume`); a run already at its last step trains
+        # nothing (`checkpoints.StopsAtTheEnd`).
         self.guard.check_engine(self.is_deepspeed_enabled)
+        adapter = models.is_peft_model(models.unwrap_to_peft(self.model))
         checkpoint = resolve_resume(
-            resume_from_checkpoint, self.args.output_dir, self.accelerator, self.dpo_settings
+            resume_from_checkpoint, self.args.output_dir, self.accelerator, self.dpo_settings, adapter=adapter
         )
         return super().train(checkpoint, trial, ignore_keys_for_eval)
 
