@@ -23,13 +23,16 @@ truncating trainer fails the run instead of looking fast.
 from __future__ import annotations
 
 import collections
+import dataclasses
 import json
 import os
 import random
 import resource
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 ARMS = ("ours", "trl")
@@ -232,44 +235,57 @@ def check_no_truncation(dataset, expected: list[list[int]]) -> dict:
     return {"checked": True, "rows": len(expected)}
 
 
-def run(arm: str, spec: dict) -> dict:
-    wall0 = time.perf_counter()
-    load_before = os.getloadavg()
-    if spec.get("threads"):
-        os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = str(spec["threads"])
+def cpu_seconds() -> float:
+    """User + system CPU seconds of this process so far."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def import_torch(threads: int | None):
+    """`torch`, limited to `threads` CPU threads when set (the variables must be set before the import)."""
+    if threads:
+        os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = str(threads)
     import torch
 
-    if spec.get("threads"):
-        torch.set_num_threads(spec["threads"])
-    from transformers import PreTrainedTokenizerFast, TrainerCallback, TrainingArguments
+    if threads:
+        torch.set_num_threads(threads)
+    return torch
 
+
+@dataclasses.dataclass
+class ArmLibrary:
+    """The trainer library of one arm, imported in this process only."""
+
+    info: dict  # name, version, file
+    config_class: type  # its DPOConfig
+    trainer_class: type  # its DPOTrainer
+    train_dataset: Callable[[list[dict]], Any]  # the rows as its trainer takes them
+
+
+def import_library(arm: str) -> ArmLibrary:
+    """`dpo_trainer` from this checkout's `src/` for `ours`, `trl` for `trl`; never both in one process."""
     if arm == "ours":
         sys.path.insert(0, str(ROOT / "src"))  # benchmark this checkout, not some installed copy
         import dpo_trainer
         from dpo_trainer import DPOConfig, DPOTrainer
 
-        library = {"name": "dpo_trainer", "version": dpo_trainer.__version__, "file": dpo_trainer.__file__}
-    else:
-        import trl
-        from datasets import Dataset
-        from trl import DPOConfig, DPOTrainer
+        info = {"name": "dpo_trainer", "version": dpo_trainer.__version__, "file": dpo_trainer.__file__}
+        return ArmLibrary(info, DPOConfig, DPOTrainer, train_dataset=lambda rows: rows)
+    import trl
+    from datasets import Dataset
+    from trl import DPOConfig, DPOTrainer
 
-        library = {"name": "trl", "version": trl.__version__, "file": trl.__file__}
+    info = {"name": "trl", "version": trl.__version__, "file": trl.__file__}
+    return ArmLibrary(info, DPOConfig, DPOTrainer, train_dataset=Dataset.from_list)
 
-    cuda = torch.cuda.is_available()
-    if cuda:
-        torch.cuda.reset_peak_memory_stats()
-    sync = torch.cuda.synchronize if cuda else (lambda: None)
-    work = Path(spec["work_dir"])
-    model_dir = str(work / "model")
-    rows = [json.loads(line) for line in open(work / "rows.jsonl", encoding="utf-8")]
-    expected = json.load(open(work / "row_tokens.json", encoding="utf-8"))
-    tok = PreTrainedTokenizerFast.from_pretrained(model_dir)
-    warm, timed = spec["warmup_steps"], spec["timed_steps"]
-    steps = warm + timed
 
+def trainer_options(arm: str, spec: dict, cuda: bool) -> dict:
+    """The `DPOConfig` keyword arguments both arms share (the README's "same work"), before `--*-args`."""
+    from transformers import TrainingArguments
+
+    steps = spec["warmup_steps"] + spec["timed_steps"]
     options = dict(
-        output_dir=str(work / f"out-{arm}"),
+        output_dir=str(Path(spec["work_dir"]) / f"out-{arm}"),
         per_device_train_batch_size=spec["pairs_per_step"],
         gradient_accumulation_steps=1,
         max_steps=steps,
@@ -295,138 +311,143 @@ def run(arm: str, spec: dict) -> dict:
         options["train_sampling_strategy"] = "sequential"  # both arms see the same rows in the same steps
     if arm == "ours":
         options["max_prompt_length"] = None  # nothing is truncated; the default 256 must be < max_length
+    return options
+
+
+def user_options(arm: str, spec: dict, options: dict, config_class: type) -> tuple[dict, list[str]]:
+    """The arm's `--{arm}-args`, parsed and checked against its `DPOConfig`, and the `options` they replace."""
     user = {key: parse_value(value) for key, value in spec[f"{arm}_args"].items()}
-    unknown = sorted(set(user) - set(DPOConfig.__dataclass_fields__))
+    unknown = sorted(set(user) - set(config_class.__dataclass_fields__))
     if unknown:
         raise SystemExit(f"{arm} DPOConfig has no field(s) {', '.join(unknown)}")
-    overridden = sorted(set(user) & set(options))
-    options.update(user)
-    args = DPOConfig(**options)
+    return user, sorted(set(user) & set(options))
 
-    peft_config = None
-    if spec["lora"]:
-        from peft import LoraConfig
 
-        peft_config = LoraConfig(r=16, lora_alpha=32, target_modules="all-linear", task_type="CAUSAL_LM")
+def lora_config(spec: dict):
+    """The anchor's LoRA (r=16, alpha 32, all linear layers) for the LoRA presets, else None."""
+    if not spec["lora"]:
+        return None
+    from peft import LoraConfig
 
-    quantization = {}
-    if spec.get("qlora"):
-        from transformers import BitsAndBytesConfig
+    return LoraConfig(r=16, lora_alpha=32, target_modules="all-linear", task_type="CAUSAL_LM")
 
-        quantization["quantization_config"] = BitsAndBytesConfig(
-            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=getattr(torch, spec["dtype"])
-        )
 
-    meter = WorkMeter()
-    profile = None
-    if spec.get("profile"):  # where the step's time goes (benchmarks/_profile.py); slows the step a little
-        sys.path.insert(0, str(Path(__file__).resolve().parent))
-        from _profile import StepProfile, install, wrap_optimizer
+def quantization_kwargs(spec: dict, torch) -> dict:
+    """`quantization_config` (4-bit NF4, compute in the spec's dtype) for the QLoRA preset, else nothing."""
+    if not spec.get("qlora"):
+        return {}
+    from transformers import BitsAndBytesConfig
 
-        profile = StepProfile(torch)
-    trace = None
-    if spec.get("trace"):  # a torch.profiler trace of the last timed step (chrome://tracing, Perfetto)
-        activities = [torch.profiler.ProfilerActivity.CPU]
-        if torch.cuda.is_available():
-            activities.append(torch.profiler.ProfilerActivity.CUDA)
-        trace = torch.profiler.profile(activities=activities, record_shapes=False)
-
-    def cpu_seconds():
-        usage = resource.getrusage(resource.RUSAGE_SELF)
-        return usage.ru_utime + usage.ru_stime
-
-    class Clock(TrainerCallback):
-        t0 = t1 = None
-        at0 = at1 = None
-        cpu0 = cpu1 = None
-
-        def on_train_begin(self, args, state, control, optimizer=None, **kw):
-            if profile is not None and optimizer is not None:
-                wrap_optimizer(profile, optimizer)
-
-        def on_step_begin(self, args, state, control, **kw):
-            if trace is not None and state.global_step == steps - 1:  # the last timed step, traced
-                trace.__enter__()
-            if state.global_step == warm:
-                sync()
-                Clock.t0, Clock.at0, Clock.cpu0 = time.perf_counter(), dict(meter.consumed), cpu_seconds()
-                if profile is not None:
-                    profile.active = True
-
-        def on_step_end(self, args, state, control, **kw):
-            if state.global_step == steps:
-                sync()
-                Clock.t1, Clock.at1, Clock.cpu1 = time.perf_counter(), dict(meter.consumed), cpu_seconds()
-                if profile is not None:
-                    profile.active = False
-                if trace is not None:
-                    trace.__exit__(None, None, None)
-                    trace.export_chrome_trace(spec["trace"].replace("{arm}", arm))
-
-    train_dataset = rows if arm == "ours" else Dataset.from_list(rows)
-    init0 = time.perf_counter()
-    trainer = DPOTrainer(
-        model=model_dir,
-        args=args,
-        train_dataset=train_dataset,
-        processing_class=tok,
-        peft_config=peft_config,
-        callbacks=[Clock()],
-        **quantization,
+    config = BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=getattr(torch, spec["dtype"])
     )
-    init_s = time.perf_counter() - init0
-    if "train_sampling_strategy" not in TrainingArguments.__dataclass_fields__:
-        from torch.utils.data import SequentialSampler
+    return {"quantization_config": config}
 
-        trainer._get_train_sampler = lambda dataset=None, *a, **k: SequentialSampler(
-            dataset if dataset is not None else trainer.train_dataset
-        )
-    truncation = check_no_truncation(trainer.train_dataset, expected)
+
+def step_profile(spec: dict, torch):
+    """A `_profile.StepProfile` when the spec asks where the step's time goes (slows the step a little)."""
+    if not spec.get("profile"):
+        return None
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from _profile import StepProfile
+
+    return StepProfile(torch)
+
+
+def step_trace(spec: dict, torch):
+    """A `torch.profiler` for the last timed step when the spec names a trace file (chrome://tracing, Perfetto)."""
+    if not spec.get("trace"):
+        return None
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if torch.cuda.is_available():
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    return torch.profiler.profile(activities=activities, record_shapes=False)
+
+
+class StepClock:
+    """The anchor's clock, as `TrainerCallback` hooks (see `clock_callback`): wall time, CPU time and the work
+    meter's counts at the start of step `warm` and at the end of step `steps`. Also switches the step profile
+    on for the timed steps and traces the last one."""
+
+    def __init__(
+        self, warm: int, steps: int, meter: WorkMeter, sync, profile=None, trace=None, trace_path=None
+    ):
+        self.warm, self.steps, self.meter, self.sync = warm, steps, meter, sync
+        self.profile, self.trace, self.trace_path = profile, trace, trace_path
+        self.t0 = self.t1 = None
+        self.at0 = self.at1 = None
+        self.cpu0 = self.cpu1 = None
+
+    def on_train_begin(self, args, state, control, optimizer=None, **kw):
+        if self.profile is not None and optimizer is not None:
+            from _profile import wrap_optimizer
+
+            wrap_optimizer(self.profile, optimizer)
+
+    def on_step_begin(self, args, state, control, **kw):
+        if self.trace is not None and state.global_step == self.steps - 1:  # the last timed step, traced
+            self.trace.__enter__()
+        if state.global_step == self.warm:
+            self.sync()
+            self.t0, self.at0, self.cpu0 = time.perf_counter(), dict(self.meter.consumed), cpu_seconds()
+            if self.profile is not None:
+                self.profile.active = True
+
+    def on_step_end(self, args, state, control, **kw):
+        if state.global_step == self.steps:
+            self.sync()
+            self.t1, self.at1, self.cpu1 = time.perf_counter(), dict(self.meter.consumed), cpu_seconds()
+            if self.profile is not None:
+                self.profile.active = False
+            if self.trace is not None:
+                self.trace.__exit__(None, None, None)
+                self.trace.export_chrome_trace(self.trace_path)
+
+    def timed(self) -> tuple[float, dict]:
+        """(seconds, work done) of the timed steps; fails if the clock missed their start or end."""
+        if self.t0 is None or self.t1 is None:
+            raise RuntimeError(f"the clock did not see steps {self.warm} and {self.steps}")
+        return self.t1 - self.t0, {key: self.at1[key] - self.at0[key] for key in self.at1}
+
+
+def clock_callback(**settings) -> StepClock:
+    """A `StepClock` that is a `transformers.TrainerCallback` (imported here, after `import_torch`)."""
+    from transformers import TrainerCallback
+
+    class Clock(StepClock, TrainerCallback):
+        pass
+
+    return Clock(**settings)
+
+
+def use_sequential_sampler(trainer) -> None:
+    """On a transformers without `train_sampling_strategy` (< 5.24): the same rows in the same steps in
+    both arms, by overriding the trainer's sampler."""
+    from torch.utils.data import SequentialSampler
+
+    trainer._get_train_sampler = lambda dataset=None, *a, **k: SequentialSampler(
+        dataset if dataset is not None else trainer.train_dataset
+    )
+
+
+def instrument(trainer, meter: WorkMeter, profile, arm: str) -> None:
+    """Count the work of each step the trainer runs and, when profiling, time the parts of the step."""
     if profile is not None:
+        from _profile import install
+
         install(profile, trainer, arm)
     trainer.data_collator = meter.wrap_collator(trainer.data_collator)
     trainer.training_step = meter.wrap_training_step(trainer.training_step)
 
-    train0 = time.perf_counter()
-    trainer.train()
-    train_s = time.perf_counter() - train0
-    if Clock.t0 is None or Clock.t1 is None:
-        raise RuntimeError(f"the clock did not see steps {warm} and {steps}")
-    secs = Clock.t1 - Clock.t0
-    work_done = {key: Clock.at1[key] - Clock.at0[key] for key in Clock.at1}
 
-    trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
-    logs = trainer.state.log_history
-    train_log = next((entry for entry in reversed(logs) if "loss" in entry), {})
-    status = open("/proc/self/status", encoding="utf-8").read() if os.path.exists("/proc/self/status") else ""
-    vm_hwm_kib = next(
-        (int(line.split()[1]) for line in status.splitlines() if line.startswith("VmHWM:")), None
-    )
-    import transformers
-
-    try:
-        import peft
-
-        peft_version = peft.__version__
-    except ImportError:
-        peft_version = None
-
-    result = {
-        "arm": arm,
-        "library": library,
-        "versions": {
-            "torch": torch.__version__,
-            "transformers": transformers.__version__,
-            "peft": peft_version,
-            "python": sys.version.split()[0],
-        },
-        "device": torch.cuda.get_device_name(0) if cuda else "cpu",
-        "torch_threads": torch.get_num_threads(),
-        "layout": getattr(trainer, "layout", "padded"),  # dpo_trainer's resolved layout; TRL 1.16 pads
+def timed_figures(clock: StepClock, timed: int, warm: int, load_before, threads: int) -> dict:
+    """Seconds, CPU use, machine load, work done and rates of the timed steps."""
+    secs, work_done = clock.timed()
+    return {
         "timed_s": secs,
         # CPU seconds of this process over the timed steps / (wall seconds x torch threads): well under 1
         # on a CPU run means something else was using the cores.
-        "timed_cpu_utilization": (Clock.cpu1 - Clock.cpu0) / (secs * torch.get_num_threads()),
+        "timed_cpu_utilization": (clock.cpu1 - clock.cpu0) / (secs * threads),
         "loadavg_before": load_before,
         "loadavg_after": os.getloadavg(),
         "step_s": secs / timed,
@@ -439,21 +460,131 @@ def run(arm: str, spec: dict) -> dict:
         "pairs_per_s": work_done["pairs"] / secs,
         "real_tokens_per_s": work_done["real_tokens"] / secs,
         "sequence_tokens_per_s": work_done["sequence_tokens"] / secs,
+    }
+
+
+def vm_hwm_kib() -> int | None:
+    """The process's peak resident memory by `/proc/self/status` (`VmHWM`, KiB), where there is one."""
+    status = open("/proc/self/status", encoding="utf-8").read() if os.path.exists("/proc/self/status") else ""
+    return next((int(line.split()[1]) for line in status.splitlines() if line.startswith("VmHWM:")), None)
+
+
+def memory_peaks(torch, cuda: bool, hwm_kib: int | None) -> dict:
+    """Peak memory of this process: resident (two ways) and, on a GPU, allocated and reserved by torch."""
+    return {
         "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,  # Linux: KiB
-        "vm_hwm_gib": vm_hwm_kib / 2**20 if vm_hwm_kib else None,
+        "vm_hwm_gib": hwm_kib / 2**20 if hwm_kib else None,
         "cuda_max_allocated_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else None,
         "cuda_max_reserved_gib": torch.cuda.max_memory_reserved() / 2**30 if cuda else None,
+    }
+
+
+def library_versions(torch) -> dict:
+    """Versions of the libraries under both arms (peft: None where it is not installed)."""
+    import transformers
+
+    try:
+        import peft
+
+        peft_version = peft.__version__
+    except ImportError:
+        peft_version = None
+    return {
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "peft": peft_version,
+        "python": sys.version.split()[0],
+    }
+
+
+def trained_model_facts(trainer) -> dict:
+    """What the arm actually trained: trainable parameters, optimizer, checkpointing, dtypes, attention."""
+    model = trainer.model
+    return {
+        "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
+        "optim": str(getattr(trainer.args.optim, "value", trainer.args.optim)),
+        "checkpointing_active": any(
+            getattr(m, "gradient_checkpointing", False) is True for m in model.modules()
+        ),
+        "model_dtype": str(next(model.parameters()).dtype),
+        "trainable_dtype": str(next(p.dtype for p in model.parameters() if p.requires_grad)),
+        "attn_implementation": getattr(model.config, "_attn_implementation", None),
+    }
+
+
+def run(arm: str, spec: dict) -> dict:
+    """Train one arm on the prepared files for `warmup + timed` steps; the result `bench_dpo.py` records."""
+    wall0 = time.perf_counter()
+    load_before = os.getloadavg()
+    torch = import_torch(spec.get("threads"))
+    from transformers import PreTrainedTokenizerFast, TrainingArguments
+
+    library = import_library(arm)
+    cuda = torch.cuda.is_available()
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    work = Path(spec["work_dir"])
+    model_dir = str(work / "model")
+    rows = [json.loads(line) for line in open(work / "rows.jsonl", encoding="utf-8")]
+    expected = json.load(open(work / "row_tokens.json", encoding="utf-8"))
+    tok = PreTrainedTokenizerFast.from_pretrained(model_dir)
+    warm, timed = spec["warmup_steps"], spec["timed_steps"]
+
+    options = trainer_options(arm, spec, cuda)
+    user, overridden = user_options(arm, spec, options, library.config_class)
+    options.update(user)
+    args = library.config_class(**options)
+    peft_config = lora_config(spec)
+    quantization = quantization_kwargs(spec, torch)
+
+    meter = WorkMeter()
+    profile = step_profile(spec, torch)
+    clock = clock_callback(
+        warm=warm,
+        steps=warm + timed,
+        meter=meter,
+        sync=torch.cuda.synchronize if cuda else (lambda: None),
+        profile=profile,
+        trace=step_trace(spec, torch),
+        trace_path=spec["trace"].replace("{arm}", arm) if spec.get("trace") else None,
+    )
+    train_dataset = library.train_dataset(rows)
+    init0 = time.perf_counter()
+    trainer = library.trainer_class(
+        model=model_dir,
+        args=args,
+        train_dataset=train_dataset,
+        processing_class=tok,
+        peft_config=peft_config,
+        callbacks=[clock],
+        **quantization,
+    )
+    init_s = time.perf_counter() - init0
+    if "train_sampling_strategy" not in TrainingArguments.__dataclass_fields__:
+        use_sequential_sampler(trainer)
+    truncation = check_no_truncation(trainer.train_dataset, expected)
+    instrument(trainer, meter, profile, arm)
+
+    train0 = time.perf_counter()
+    trainer.train()
+    train_s = time.perf_counter() - train0
+    timing = timed_figures(clock, timed, warm, load_before, torch.get_num_threads())
+
+    train_log = next((entry for entry in reversed(trainer.state.log_history) if "loss" in entry), {})
+    hwm_kib = vm_hwm_kib()  # before `library_versions` imports peft
+    result = {
+        "arm": arm,
+        "library": library.info,
+        "versions": library_versions(torch),
+        "device": torch.cuda.get_device_name(0) if cuda else "cpu",
+        "torch_threads": torch.get_num_threads(),
+        "layout": getattr(trainer, "layout", "padded"),  # dpo_trainer's resolved layout; TRL 1.16 pads
+        **timing,
+        **memory_peaks(torch, cuda, hwm_kib),
         "init_s": init_s,
         "train_s": train_s,
         "wall_s": time.perf_counter() - wall0,
-        "trainable_params": trainable,
-        "optim": str(getattr(trainer.args.optim, "value", trainer.args.optim)),
-        "checkpointing_active": any(
-            getattr(m, "gradient_checkpointing", False) is True for m in trainer.model.modules()
-        ),
-        "model_dtype": str(next(trainer.model.parameters()).dtype),
-        "trainable_dtype": str(next(p.dtype for p in trainer.model.parameters() if p.requires_grad)),
-        "attn_implementation": getattr(trainer.model.config, "_attn_implementation", None),
+        **trained_model_facts(trainer),
         "trainer_args_overridden_by_user": overridden,
         "user_args": user,
         "truncation_check": truncation,
@@ -462,7 +593,7 @@ def run(arm: str, spec: dict) -> dict:
         "foreign_library_imported": FOREIGN[arm] in sys.modules,
     }
     if profile is not None:
-        result["profile_s_per_step"] = profile.per_step(timed, secs / timed)
+        result["profile_s_per_step"] = profile.per_step(timed, timing["step_s"])
     if result["foreign_library_imported"]:
         raise RuntimeError(f"{FOREIGN[arm]} was imported in the {arm} process")
     return result

@@ -372,7 +372,7 @@ def host_info() -> dict:
     return info
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter
     )
@@ -429,8 +429,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--trace-dir", help="write a torch.profiler trace of each arm's last timed step into this folder"
     )
-    args = parser.parse_args(argv)
+    return parser
 
+
+def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str], list[str]]:
+    """(options, presets, arms), checked; `--ours-args` and `--trl-args` parsed into dicts."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
     presets = [name.strip() for name in args.preset.split(",") if name.strip()]
     unknown = [name for name in presets if name not in PRESETS]
     if unknown or not presets:
@@ -442,7 +447,99 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--repeats must be >= 1")
     args.ours_args = parse_kv(args.ours_args, "--ours-args")
     args.trl_args = parse_kv(args.trl_args, "--trl-args")
+    return args, presets, arms
 
+
+def prepare_preset(preset: str, spec: dict, spec_path: Path, args, log_dir: Path, emit) -> dict | None:
+    """Build the preset's model, tokenizer and rows (`_arm.py prepare`); None if that failed (emitted)."""
+    print(f"[{preset}] preparing model, tokenizer and {spec['rows']} rows in {spec['work_dir']}", flush=True)
+    prepared, error, secs = run_child(
+        ["prepare", str(spec_path)], log_dir / f"{preset}-prepare.log", args.arm_timeout
+    )
+    if error:
+        print(f"[{preset}] prepare failed: {error}", flush=True)
+        emit({"type": "error", "preset": preset, "stage": "prepare", "error": error})
+        return None
+    print(
+        f"[{preset}] {prepared['params']:,} parameters (model {'built' if prepared['model_built'] else 'reused'}, "
+        f"{secs:.0f}s); longest row {prepared['longest_sequence']} tokens <= max_length {spec['max_length']}",
+        flush=True,
+    )
+    emit({"type": "spec", "preset": preset, "spec": spec, "prepared": prepared})
+    return prepared
+
+
+def run_arm(
+    preset: str, arm: str, repeat: int, spec: dict, spec_path: Path, params: int, args, log_dir: Path, emit
+) -> dict | None:
+    """One run of one arm (`_arm.py run`), after waiting for idle cores on CPU; its result with FLOPs and
+    contention added, or None if it failed (emitted)."""
+    wait = args.wait_idle if args.wait_idle is not None else (120 if preset == "cpu" else 0)
+    spare = (os.cpu_count() or 1) - (args.threads or os.cpu_count() or 1)  # cores the arm leaves free
+    busy = wait_for_idle_cpu(wait, threshold=max(spare, 0) + 0.5) if wait > 0 else None
+    result, error, secs = run_child(
+        ["run", arm, str(spec_path)], log_dir / f"{preset}-{arm}-{repeat}.log", args.arm_timeout
+    )
+    if error:
+        print(f"[{preset}] {arm} #{repeat} FAILED: {error}", flush=True)
+        emit({"type": "error", "preset": preset, "arm": arm, "repeat": repeat, "error": error})
+        return None
+    add_flops(result, spec, params, args.peak_tflops)
+    result["busy_cores_before"] = busy
+    util = result.get("timed_cpu_utilization")
+    result["contended"] = (
+        result["device"] == "cpu" and not args.tiny and util is not None and util < CONTENDED
+    )
+    emit({"type": "run", "preset": preset, "repeat": repeat, **result})
+    print(
+        f"[{preset}] {arm} #{repeat}: {result['pairs_per_s']:.2f} pairs/s, step {result['step_s']:.3f}s, "
+        f"peak {result['peak_mem_gib']:.2f} GiB ({result['peak_mem_kind']}), loss {fmt(result['train_loss'], '.4f')}, "
+        f"cpu util {fmt(util, '.2f')}{' CONTENDED' if result['contended'] else ''}, {secs:.0f}s in all",
+        flush=True,
+    )
+    return result
+
+
+def ours_over_trl(summaries: dict) -> dict:
+    """Ratios ours/TRL of the medians, or {} unless both arms have runs."""
+    if "ours" not in summaries or "trl" not in summaries:
+        return {}
+    ratios = {}
+    for key in ("pairs_per_s", "peak_mem_gib", "real_tokens_per_s", "step_s"):
+        ours, theirs = summaries["ours"][key], summaries["trl"][key]
+        ratios[key] = ours / theirs if ours is not None and theirs else None
+    return ratios
+
+
+def bench_preset(preset: str, args, arms: list[str], log_dir: Path, emit) -> tuple[tuple | None, int]:
+    """Prepare one preset, run its arms `--repeats` times alternating, emit the medians and ratios.
+    Returns (the table block (preset, {arm: summary}, ratios), or None if prepare failed; failed runs)."""
+    spec = make_spec(preset, args)
+    Path(spec["work_dir"]).mkdir(parents=True, exist_ok=True)
+    spec_path = log_dir / f"{preset}-spec.json"
+    spec_path.write_text(json.dumps(spec, indent=1))
+    prepared = prepare_preset(preset, spec, spec_path, args, log_dir, emit)
+    if prepared is None:
+        return None, 1
+    runs, failures = {arm: [] for arm in arms}, 0
+    for repeat in range(args.repeats):
+        for arm in arms:
+            result = run_arm(preset, arm, repeat, spec, spec_path, prepared["params"], args, log_dir, emit)
+            if result is None:
+                failures += 1
+            else:
+                runs[arm].append(result)
+    summaries = {arm: summarize(results) for arm, results in runs.items() if results}
+    for arm, summary in summaries.items():
+        emit({"type": "summary", "preset": preset, "arm": arm, "statistic": "median", **summary})
+    ratios = ours_over_trl(summaries)
+    if ratios:
+        emit({"type": "ratio", "preset": preset, "of": "ours/trl", **ratios})
+    return (preset, summaries, ratios), failures
+
+
+def main(argv: list[str] | None = None) -> int:
+    args, presets, arms = parse_args(argv)
     started = datetime.datetime.now()
     run_id = started.strftime("%Y%m%dT%H%M%S")
     label = "_".join(presets) + ("-tiny" if args.tiny else "")
@@ -471,67 +568,10 @@ def main(argv: list[str] | None = None) -> int:
     blocks, failures = [], 0
     t_all = time.perf_counter()
     for preset in presets:
-        spec = make_spec(preset, args)
-        Path(spec["work_dir"]).mkdir(parents=True, exist_ok=True)
-        spec_path = log_dir / f"{preset}-spec.json"
-        spec_path.write_text(json.dumps(spec, indent=1))
-        print(
-            f"[{preset}] preparing model, tokenizer and {spec['rows']} rows in {spec['work_dir']}", flush=True
-        )
-        prepared, error, secs = run_child(
-            ["prepare", str(spec_path)], log_dir / f"{preset}-prepare.log", args.arm_timeout
-        )
-        if error:
-            print(f"[{preset}] prepare failed: {error}", flush=True)
-            emit({"type": "error", "preset": preset, "stage": "prepare", "error": error})
-            failures += 1
-            continue
-        print(
-            f"[{preset}] {prepared['params']:,} parameters (model {'built' if prepared['model_built'] else 'reused'}, "
-            f"{secs:.0f}s); longest row {prepared['longest_sequence']} tokens <= max_length {spec['max_length']}",
-            flush=True,
-        )
-        emit({"type": "spec", "preset": preset, "spec": spec, "prepared": prepared})
-        runs = {arm: [] for arm in arms}
-        for repeat in range(args.repeats):
-            for arm in arms:
-                wait = args.wait_idle if args.wait_idle is not None else (120 if preset == "cpu" else 0)
-                spare = (os.cpu_count() or 1) - (
-                    args.threads or os.cpu_count() or 1
-                )  # cores the arm leaves free
-                busy = wait_for_idle_cpu(wait, threshold=max(spare, 0) + 0.5) if wait > 0 else None
-                result, error, secs = run_child(
-                    ["run", arm, str(spec_path)], log_dir / f"{preset}-{arm}-{repeat}.log", args.arm_timeout
-                )
-                if error:
-                    print(f"[{preset}] {arm} #{repeat} FAILED: {error}", flush=True)
-                    emit({"type": "error", "preset": preset, "arm": arm, "repeat": repeat, "error": error})
-                    failures += 1
-                    continue
-                add_flops(result, spec, prepared["params"], args.peak_tflops)
-                result["busy_cores_before"] = busy
-                util = result.get("timed_cpu_utilization")
-                result["contended"] = (
-                    result["device"] == "cpu" and not args.tiny and util is not None and util < CONTENDED
-                )
-                runs[arm].append(result)
-                emit({"type": "run", "preset": preset, "repeat": repeat, **result})
-                print(
-                    f"[{preset}] {arm} #{repeat}: {result['pairs_per_s']:.2f} pairs/s, step {result['step_s']:.3f}s, "
-                    f"peak {result['peak_mem_gib']:.2f} GiB ({result['peak_mem_kind']}), loss {fmt(result['train_loss'], '.4f')}, "
-                    f"cpu util {fmt(util, '.2f')}{' CONTENDED' if result['contended'] else ''}, {secs:.0f}s in all",
-                    flush=True,
-                )
-        summaries = {arm: summarize(results) for arm, results in runs.items() if results}
-        for arm, summary in summaries.items():
-            emit({"type": "summary", "preset": preset, "arm": arm, "statistic": "median", **summary})
-        ratios = {}
-        if "ours" in summaries and "trl" in summaries:
-            for key in ("pairs_per_s", "peak_mem_gib", "real_tokens_per_s", "step_s"):
-                ours, theirs = summaries["ours"][key], summaries["trl"][key]
-                ratios[key] = ours / theirs if ours is not None and theirs else None
-            emit({"type": "ratio", "preset": preset, "of": "ours/trl", **ratios})
-        blocks.append((preset, summaries, ratios))
+        block, failed = bench_preset(preset, args, arms, log_dir, emit)
+        failures += failed
+        if block is not None:
+            blocks.append(block)
     wall = time.perf_counter() - t_all
     emit({"type": "end", "wall_s": wall, "failures": failures})
     print_table(blocks)
