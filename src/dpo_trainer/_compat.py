@@ -4,6 +4,9 @@ Each entry says which upstream versions it was written and tested against (CI ru
 `setup.cfg`'s ranges and the lowest, `.ci/constraints-lowest.txt`). `check_upstream()` runs when a trainer
 is built and fails with the names that moved, rather than letting a renamed private method be skipped
 silently (an override of a method the base class no longer calls would be dead code).
+
+A leaf: it imports no module of this package, so that every module may use it. What the touches are for (the
+trainer's hooks, the policy's placement in `engines`) lives with the code that uses them.
 """
 
 from __future__ import annotations
@@ -37,53 +40,42 @@ def unregister_prepared(accelerator, *models: nn.Module) -> None:
     accelerator._models[:] = [m for m in accelerator._models if not any(m is model for model in models)]
 
 
-@contextlib.contextmanager
-def evaluating_before_training(trainer):
-    """Let `Trainer.evaluate` run before `train()` on a temporary view of the policy, then restore the trainer.
+def accelerate_prepared(model: nn.Module) -> bool:
+    """Whether accelerate prepared `model` (accelerate 1.4-1.15: `Accelerator.prepare_model` sets
+    `_is_accelerate_prepared` on it)."""
+    return getattr(model, "_is_accelerate_prepared", False)
 
-    Before train(), Trainer prepares the policy for evaluation in ways training cannot start from: with
-    several processes accelerate then marks the policy prepared and train() never wraps it in DDP
-    (gradients are not synchronised); ZeRO 1-2 refuse to build an inference engine; ZeRO-3 leaves one
-    without optimizer that train() reuses; FSDP2 refuses a model without its optimizer. The view is the
-    policy itself (with the run's autocast), a DeepSpeed inference engine whose hooks are removed after, or
-    a sharded copy under FSDP (`engines.policy_as_reference`).
+
+def deepspeed_engine(trainer) -> nn.Module | None:
+    """The DeepSpeed engine `trainer` built for the policy, None before it has (transformers 5.0-5.24:
+    `Trainer.deepspeed`, set when training or evaluation prepares the policy)."""
+    return trainer.deepspeed
+
+
+@contextlib.contextmanager
+def standing_in_for_policy(trainer, view: nn.Module):
+    """Within the block, `trainer` takes the prepared `view` for its prepared policy; after it, the policy
+    and accelerate's registry are restored and no DeepSpeed engine is kept.
 
     transformers 5.0-5.24: `evaluation_loop` calls `self.model` and takes a non-empty `accelerator._models`
     (accelerate 1.4-1.15) or a set `self.deepspeed` for "already prepared".
     """
-    from .engines import policy_as_reference
-
-    policy, models = trainer.model, list(trainer.accelerator._models)
-    with policy_as_reference(policy, trainer.accelerator) as view, trainer.accelerator.autocast():
-        trainer.model, trainer.model_wrapped = trainer.accelerator.unwrap_model(view), view
-        trainer.accelerator._models[:] = [view]
-        trainer.deepspeed = view if trainer.is_deepspeed_enabled else None
-        try:
-            yield
-        finally:
-            trainer.model = trainer.model_wrapped = policy
-            trainer.accelerator._models[:] = models
-            trainer.deepspeed = None
-
-
-def policy_prepared(trainer) -> bool:
-    """Whether Trainer has prepared the policy for training (engine, DDP, device and autocast).
-
-    transformers 5.0-5.24 keeps the DeepSpeed engine in `Trainer.deepspeed` once built; accelerate 1.4-1.15
-    marks a model it prepared with `_is_accelerate_prepared`.
-    """
-    from .models import is_fsdp_module
-
-    if trainer.is_deepspeed_enabled:
-        return trainer.deepspeed is not None
-    if trainer.is_fsdp_enabled:
-        return is_fsdp_module(trainer.model)
-    model = trainer.model
-    return trainer.model_wrapped is not model or getattr(model, "_is_accelerate_prepared", False)
+    accelerator = trainer.accelerator
+    policy, models = trainer.model, list(accelerator._models)
+    trainer.model, trainer.model_wrapped = accelerator.unwrap_model(view), view
+    accelerator._models[:] = [view]
+    trainer.deepspeed = view if trainer.is_deepspeed_enabled else None
+    try:
+        yield
+    finally:
+        trainer.model = trainer.model_wrapped = policy
+        accelerator._models[:] = models
+        trainer.deepspeed = None
 
 
 class TrainerOverrides:
-    """The private `transformers.Trainer` methods `DPOTrainer` overrides, each handing over to a named hook.
+    """The private `transformers.Trainer` methods `DPOTrainer` overrides, each handing over to a named hook of
+    the trainer (where the work is done; nothing of this package is imported here).
 
     Written against transformers 5.24; every method below exists, with this signature, since 5.0.
     """
@@ -107,11 +99,7 @@ class TrainerOverrides:
 
     # Trainer._save(output_dir, state_dict): writes the weights of every save (checkpoints and save_model).
     def _save(self, output_dir: str | None = None, state_dict=None):
-        from .model_card import save_keeping_user_readme
-
-        output_dir = output_dir or self.args.output_dir
-        save = super()._save
-        save_keeping_user_readme(output_dir, lambda: save(output_dir, state_dict), self.write_model_card)
+        self.save_weights(output_dir or self.args.output_dir, state_dict, save=super()._save)
 
     # Trainer._load_from_checkpoint(resume_from_checkpoint, model=None): loads a checkpoint's weights when
     # resuming, before the callbacks' on_train_begin.

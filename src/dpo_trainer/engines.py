@@ -12,6 +12,9 @@ is never given to an optimizer, so it is prepared here instead, as TRL does (`tr
   * Anything else: accelerate's evaluation-mode preparation (device placement and the run's autocast).
 
 Under FSDP1 the reference is replicated whole on every device, with a warning.
+
+Evaluating before training (`evaluating_before_training`, `policy_prepared`) scores with the policy placed
+the same way (`policy_as_reference`), since Trainer's own preparation for evaluation would break training.
 """
 
 from __future__ import annotations
@@ -22,8 +25,8 @@ import logging
 
 from torch import nn
 
-from ._compat import unregister_prepared
-from .models import hidden_size, is_fsdp2, unwrap  # noqa: F401
+from ._compat import accelerate_prepared, deepspeed_engine, standing_in_for_policy, unregister_prepared
+from .models import hidden_size, is_fsdp2, is_fsdp_module, unwrap  # noqa: F401
 
 logger = logging.getLogger(__name__)
 
@@ -137,6 +140,35 @@ def policy_as_reference(policy: nn.Module, accelerator):
         yield prepare_reference(view, accelerator)
     else:
         yield policy
+
+
+@contextlib.contextmanager
+def evaluating_before_training(trainer):
+    """Let `Trainer.evaluate` run before `train()` on a temporary view of the policy, then restore the trainer.
+
+    Before train(), Trainer prepares the policy for evaluation in ways training cannot start from: with
+    several processes accelerate then marks the policy prepared and train() never wraps it in DDP
+    (gradients are not synchronised); ZeRO 1-2 refuse to build an inference engine; ZeRO-3 leaves one
+    without optimizer that train() reuses; FSDP2 refuses a model without its optimizer. The view is the
+    policy itself (with the run's autocast), a DeepSpeed inference engine whose hooks are removed after, or
+    a sharded copy under FSDP (`policy_as_reference`); Trainer takes it for the prepared policy
+    (`_compat.standing_in_for_policy`).
+    """
+    accelerator = trainer.accelerator
+    with policy_as_reference(trainer.model, accelerator) as view, accelerator.autocast():
+        with standing_in_for_policy(trainer, view):
+            yield
+
+
+def policy_prepared(trainer) -> bool:
+    """Whether Trainer has prepared the policy for training (engine, DDP, device and autocast): its DeepSpeed
+    engine is built, its FSDP shards made, or accelerate wrapped or marked it."""
+    if trainer.is_deepspeed_enabled:
+        return deepspeed_engine(trainer) is not None
+    if trainer.is_fsdp_enabled:
+        return is_fsdp_module(trainer.model)
+    model = trainer.model
+    return trainer.model_wrapped is not model or accelerate_prepared(model)
 
 
 def release_reference(model: nn.Module | None) -> None:

@@ -10,7 +10,7 @@ import logging
 import os
 from collections.abc import Callable
 
-from . import __version__
+from ._version import __version__
 from .callbacks import REFERENCE_ADAPTER
 from .models import is_peft_model, unwrap, unwrap_to_peft
 

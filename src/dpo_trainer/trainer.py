@@ -20,7 +20,7 @@ from torch import nn
 from transformers import Trainer
 
 from . import model_card, models
-from ._compat import TrainerOverrides, check_upstream, evaluating_before_training, policy_prepared
+from ._compat import TrainerOverrides, check_upstream
 from .attention import choose_attention, resolve_layout
 from .callbacks import SyncRefModelCallback, load_reference_adapter
 from .checkpoints import StopsAtTheEnd, resolve_resume, run_settings, write_settings
@@ -28,7 +28,7 @@ from .config import BF16_FALLBACK, DPOConfig, trainer_args
 from .data.batching import token_budget_loader
 from .data.layouts import default_collator
 from .data.prepare import TOKENIZED_COLUMNS, check_positions, check_streaming, prepare_dataset, prepare_each
-from .engines import prepare_reference
+from .engines import evaluating_before_training, policy_prepared, prepare_reference
 from .guards import NonFiniteError, StepGuard, check_finite_before_save
 from .logprobs import check_models_logps, sequence_logps
 from .losses import (
@@ -314,6 +314,13 @@ class DPOTrainer(StopsAtTheEnd, TrainerOverrides, Trainer):
         """The divergence guard (`guards.StepGuard`), once the step's gradients are final."""
         self.guard.check(model, grad_norm, self.state.global_step + 1, self.accelerator)
 
+    def save_weights(self, output_dir: str, state_dict=None, *, save) -> None:
+        """Every save's weights (checkpoints and `save_model`), written by `save(output_dir, state_dict)`
+        (Trainer's own), then the model card; a README.md the user wrote is kept as it was."""
+        model_card.save_keeping_user_readme(
+            output_dir, lambda: save(output_dir, state_dict), self.write_model_card
+        )
+
     def get_train_dataloader(self):
         # A token budget replaces the fixed batch size with batches of whole examples filling the budget.
         if self.args.max_tokens_per_batch is None:
@@ -363,7 +370,7 @@ class DPOTrainer(StopsAtTheEnd, TrainerOverrides, Trainer):
             eval_dataset = add_reference_column(self, eval_dataset)
         if self.is_in_train or policy_prepared(self):
             return super().evaluate(eval_dataset, ignore_keys, metric_key_prefix)
-        with evaluating_before_training(self):  # a temporary view of the policy (see `_compat`)
+        with evaluating_before_training(self):  # a temporary view of the policy (see `engines`)
             return super().evaluate(eval_dataset, ignore_keys, metric_key_prefix)
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
