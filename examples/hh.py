@@ -49,18 +49,26 @@ from datasets import load_dataset
 from transformers import AutoModelForCausalLM, AutoTokenizer, HfArgumentParser, TrainingArguments
 
 from dpo_trainer import DPOConfig, DPOTrainer
-from dpo_trainer.checkpoints import last_complete_checkpoint
 from dpo_trainer.data import check_row_text, detect_format, split_hh_transcript, to_example
 from dpo_trainer.data.formats import FORMAT_COLUMNS
 from hh_data import rule_score
 from run_folder import (
     RUN_MARKER,
+    cannot_write,
+    main_decides,
     mark_done,
     prepare_run_dir,
+    read_json,
     save_history,
+    save_pretrained_whole,
     stage_done,
+    stage_finished,
+    start_stage,
+    unwritable,
     wait_for_everyone,
     write_json,
+    write_jsonl,
+    write_summary,
 )
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -171,8 +179,10 @@ def parse_args(argv: list[str]) -> tuple[ScriptArguments, DPOConfig]:
         parser.set_defaults(**asdict(OfflineDefaults()))
         script_args, config = parser.parse_args_into_dataclasses(argv)
     if config.output_dir == UNSET_OUTPUT_DIR:
-        # rerunning the same command continues the last default run; other settings start a new one
-        parser.set_defaults(output_dir=default_output_dir(run_manifest(script_args, config)))
+        # rerunning the same command continues the last default run; other settings start a new one (the main
+        # process picks the folder, every process takes it)
+        manifest = run_manifest(script_args, config)
+        parser.set_defaults(output_dir=main_decides(lambda: default_output_dir(manifest)))
         script_args, config = parser.parse_args_into_dataclasses(argv)
     if script_args.judge not in ("rule", "llm", "reward"):
         raise SystemExit(f"--judge must be rule, llm or reward, got {script_args.judge!r}.")
@@ -249,9 +259,8 @@ def base_model(script_args: ScriptArguments, config: DPOConfig, train, out: str)
             num_heads=4,
             seed=config.seed,
         )
-        model.save_pretrained(path)
-        tokenizer.save_pretrained(path)
-    wait_for_everyone()
+        save_pretrained_whole(path, model, tokenizer)
+    wait_for_everyone()  # the others load it only once it is written
     return path
 
 
@@ -300,9 +309,10 @@ def run_sft(script_args: ScriptArguments, config: DPOConfig, base: str, train, t
     from dpo_trainer.sft import sft_trainer
 
     folder, final = os.path.join(out, "sft"), os.path.join(out, "sft", "final")
-    if stage_done(folder):
+    if stage_finished(folder):
         print(f"[sft] already done: {final}")
         return final
+    resume = start_stage(folder, "sft")
     started = time.time()
     tokenizer = AutoTokenizer.from_pretrained(base)
     args = TrainingArguments(
@@ -335,7 +345,7 @@ def run_sft(script_args: ScriptArguments, config: DPOConfig, base: str, train, t
         max_length=config.max_length,
         max_prompt_length=config.max_prompt_length,
     )
-    trainer.train(resume_from_checkpoint=last_complete_checkpoint(folder))
+    trainer.train(resume_from_checkpoint=resume)
     metrics = trainer.evaluate()
     trainer.save_model(final)
     save_history(trainer, folder, config.process_index)
@@ -359,9 +369,10 @@ def run_pairs(script_args: ScriptArguments, config: DPOConfig, sft: str, train, 
 
     folder = os.path.join(out, "pairs")
     path = os.path.join(folder, "train.jsonl")
-    if stage_done(folder):
+    if stage_finished(folder, outputs=("train.jsonl",)):
         print(f"[pairs] already done: {path}")
     else:
+        start_stage(folder, "pairs")
         judge = make_judge(script_args)
         if not hasattr(judge, "score"):
             raise SystemExit(
@@ -386,11 +397,7 @@ def run_pairs(script_args: ScriptArguments, config: DPOConfig, sft: str, train, 
         if not pairs:
             raise SystemExit("[pairs] every prompt's samples scored alike: no preference pair to train on.")
         if config.process_index == 0:
-            os.makedirs(folder, exist_ok=True)
-            with open(f"{path}.tmp", "w", encoding="utf-8") as handle:
-                for pair in pairs:
-                    handle.write(json.dumps(pair) + "\n")
-            os.replace(f"{path}.tmp", path)  # whole or not at all
+            write_jsonl(path, pairs)
             gaps = [pair["chosen_score"] - pair["rejected_score"] for pair in pairs]
             stats = {
                 "prompts": len(prompts),
@@ -409,9 +416,10 @@ def run_pairs(script_args: ScriptArguments, config: DPOConfig, sft: str, train, 
 def run_dpo(script_args: ScriptArguments, config: DPOConfig, sft: str, train, test, out: str) -> str:
     """DPO against the SFT model; returns the trained policy's folder (an adapter unless --full)."""
     folder, final = os.path.join(out, "dpo"), os.path.join(out, "dpo", "final")
-    if stage_done(folder):
+    if stage_finished(folder):
         print(f"[dpo] already done: {final}")
         return final
+    resume = start_stage(folder, "dpo")
     started = time.time()
     config.output_dir = folder
     tokenizer = AutoTokenizer.from_pretrained(sft)
@@ -425,7 +433,7 @@ def run_dpo(script_args: ScriptArguments, config: DPOConfig, sft: str, train, te
         peft_config=peft_config(script_args),
     )
     before = trainer.evaluate(metric_key_prefix="before")
-    trainer.train(resume_from_checkpoint=last_complete_checkpoint(folder))
+    trainer.train(resume_from_checkpoint=resume)
     after = trainer.evaluate()
     trainer.save_model(final)
     save_history(trainer, folder, config.process_index)
@@ -516,7 +524,6 @@ def run_eval(
     # samples are keyed by the fingerprint of the stages and settings that produced them: a retrained
     # policy or another sampling setting never reads an earlier run's samples
     folder = os.path.join(out, "eval", fingerprint) if fingerprint else os.path.join(out, "eval")
-    os.makedirs(folder, exist_ok=True)
     rows = test.select(range(min(script_args.eval_prompts, len(test))))
     split = [prompt_and_reply(row, i) for i, row in enumerate(rows)]
     prompts, chosen = [p for p, _ in split], [r.strip() for _, r in split]
@@ -570,28 +577,31 @@ def run_eval(
             outcome = judge.compare(prompts, samples["DPO", temperature], samples["SFT", temperature])
             results["dpo_vs_sft"][temperature] = win_rate(outcome)
 
-    plots = {
-        "win_rates": plot_win_rates(
+    plots = {}
+    read_only = unwritable(os.path.join(out, "plots"))
+    if read_only:  # a finished run on read-only storage: summarised again, its plots kept as they were
+        print(f"[eval] plots not drawn: {os.path.join(out, 'plots')} cannot be written ({read_only}).")
+    else:
+        plots["win_rates"] = plot_win_rates(
             results["vs_chosen"],
             os.path.join(out, "plots", "win_rates.png"),
             title=f"Win rate against the chosen response ({script_args.judge} judge)",
         )
-    }
     by_n = {
         f"T={t}": {n: results["vs_chosen"][f"Best of {n}"][t] for n in bon_ns}
         for t in bon_temperatures
         if len(bon_ns) > 1 and (f"Best of {bon_ns[0]}", t) in samples
     }
-    if by_n:
+    if by_n and not read_only:
         plots["best_of_n"] = plot_win_rate_vs_n(
             by_n,
             os.path.join(out, "plots", "best_of_n.png"),
             title=f"Best-of-N over SFT samples against the chosen response ({script_args.judge} judge)",
         )
-    history_path = os.path.join(out, "dpo", "log_history.json")
-    if os.path.exists(history_path):
+    history = read_json(os.path.join(out, "dpo", "log_history.json"), "no training curves drawn.")
+    if history is not None and not read_only:
         plots["training_curves"] = plot_training_curves(
-            json.load(open(history_path)), os.path.join(out, "plots", "training_curves.png")
+            history, os.path.join(out, "plots", "training_curves.png")
         )
     summary = {
         "judge": script_args.judge,
@@ -609,18 +619,25 @@ def run_eval(
 
 def cached(folder: str, method: str, temperature: float, compute, *args) -> list[str]:
     """`compute(*args)`, saved as JSON under `folder` by the main process; an earlier run's file is read
-    instead. Every process takes the main process's decision, since computing is collective."""
-    from accelerate.utils import broadcast_object_list
-
+    instead (a damaged one is named and computed again). Every process takes the main process's decision,
+    since computing is collective."""
     from accelerate import PartialState
 
     path = os.path.join(folder, f"samples-{method.replace(' ', '-').lower()}-t{temperature}.json")
     state = PartialState()
-    found = [os.path.exists(path)]
-    if state.num_processes > 1:
-        broadcast_object_list(found)
-    if found[0]:
-        return json.load(open(path))
+
+    def decide() -> tuple[bool, str | None]:  # (read the file, why it cannot be computed)
+        if read_json(path, "sampled again.") is not None:
+            return True, None
+        reason = unwritable(folder)
+        return False, reason and cannot_write(folder, "eval", reason)
+
+    found, error = main_decides(decide)
+    if error:
+        raise SystemExit(error)
+    if found:
+        with open(path, encoding="utf-8") as handle:
+            return json.load(handle)
     started = time.time()
     responses = compute(*args)
     if state.is_main_process:
@@ -628,9 +645,7 @@ def cached(folder: str, method: str, temperature: float, compute, *args) -> list
             f"[eval] {method}, T={temperature}: sampled in {time.time() - started:.1f}s by "
             f"{state.num_processes} process(es) on {state.device.type}"
         )
-        with open(path + ".tmp", "w") as handle:
-            json.dump(responses, handle, indent=1)
-        os.replace(path + ".tmp", path)  # a killed run leaves no half-written file to be read back
+        write_json(path, responses, indent=1)  # whole or not at all
     return responses
 
 
@@ -707,12 +722,17 @@ def manifest_changes(saved: dict, manifest: dict) -> dict[str, list[str]]:
     return changes
 
 
-def check_run_manifest(out: str, manifest: dict, restart_stale: bool) -> None:
+def check_run_manifest(out: str, manifest: dict, restart_stale: bool) -> dict:
     """Refuse to rerun `out` with settings that would mix old results with new ones, naming the keys; with
-    `--restart_stale`, move the stale stages' folders aside (`<stage>.stale-<time>`) and start them over."""
+    `--restart_stale`, move the stale stages' folders aside (`<stage>.stale-<time>`) and start them over.
+    Returns what `run.json` holds ({} for a damaged one, whose every stage counts as changed)."""
     marker = os.path.join(out, RUN_MARKER)
-    saved = json.load(open(marker)).get("stages") if os.path.exists(marker) else None
-    changes = manifest_changes(saved or {}, manifest)
+    recorded = read_json(marker, "the settings of the run's stages are unknown: each counts as changed.")
+    if recorded is None and os.path.exists(marker):
+        recorded = {}
+        changes = {stage: [f"settings unknown ({marker} is damaged)"] for stage in STAGES}
+    else:
+        changes = manifest_changes((recorded or {}).get("stages") or {}, manifest)
     stale = {stage: lines for stage, lines in changes.items() if os.path.exists(os.path.join(out, stage))}
     if stale and not restart_stale:
         listed = "\n".join(f"  {stage}: " + "; ".join(lines) for stage, lines in stale.items())
@@ -724,6 +744,7 @@ def check_run_manifest(out: str, manifest: dict, restart_stale: bool) -> None:
         aside = os.path.join(out, f"{stage}.stale-{time.strftime('%Y%m%d-%H%M%S')}")
         os.replace(os.path.join(out, stage), aside)
         print(f"[{stage}] settings changed; the earlier results are kept in {aside}")
+    return recorded or {}
 
 
 def default_output_dir(manifest: dict) -> str:
@@ -732,8 +753,9 @@ def default_output_dir(manifest: dict) -> str:
     runs = [name for name in runs if name.startswith("hh-")]
     for name in reversed(runs):
         marker = os.path.join("runs", name, RUN_MARKER)
-        if os.path.exists(marker):
-            saved = json.load(open(marker)).get("stages") or {}
+        recorded = read_json(marker, "not continued.")
+        if isinstance(recorded, dict):
+            saved = recorded.get("stages") or {}
             if all((saved.get(s) or {}).get("fingerprint") == manifest[s]["fingerprint"] for s in STAGES):
                 print(f"continuing the earlier run with the same settings: {os.path.join('runs', name)}")
                 return os.path.join("runs", name)
@@ -776,9 +798,11 @@ def main(argv: list[str] | None = None) -> dict:
     manifest = run_manifest(script_args, config)
     if config.process_index == 0:
         prepare_run_dir(out, script_args)
-        check_run_manifest(out, manifest, script_args.restart_stale)
-        marker = os.path.join(out, RUN_MARKER)
-        write_json(marker, {**json.load(open(marker)), "stages": manifest})
+        recorded = check_run_manifest(out, manifest, script_args.restart_stale)
+        started = {"script_args": asdict(script_args), "started": time.strftime("%Y-%m-%d %H:%M:%S")}
+        marker = json.loads(json.dumps({**started, **recorded, "stages": manifest}))
+        if marker != recorded:  # so that a finished run on read-only storage can be summarised again
+            write_json(os.path.join(out, RUN_MARKER), marker)
     wait_for_everyone()
     train, test = load_hh(script_args.dataset, script_args.max_train_rows, script_args.max_eval_rows)
     base = base_model(script_args, config, train, out)
@@ -802,8 +826,8 @@ def main(argv: list[str] | None = None) -> dict:
             done = stage_done(os.path.join(out, stage))
             if done:
                 summary[stage] = done
-        write_json(os.path.join(out, "summary.json"), summary)
-        print(f"\nsummary: {os.path.join(out, 'summary.json')}")
+        if write_summary(out, summary):
+            print(f"\nsummary: {os.path.join(out, 'summary.json')}")
     return summary
 
 

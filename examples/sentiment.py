@@ -54,13 +54,29 @@ from datasets import load_dataset
 from transformers import AutoModelForCausalLM, AutoTokenizer, HfArgumentParser
 
 from dpo_trainer import DPOConfig, DPOTrainer
-from dpo_trainer.checkpoints import last_complete_checkpoint
-from run_folder import mark_done, prepare_run_dir, save_history, stage_done, stage_finished, wait_for_everyone
+from run_folder import (
+    main_decides,
+    mark_done,
+    prepare_run_dir,
+    read_json,
+    require_writable,
+    save_history,
+    save_pretrained_whole,
+    stage_done,
+    stage_finished,
+    start_stage,
+    unwritable,
+    wait_for_everyone,
+    write_json,
+    write_jsonl,
+    write_summary,
+)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 BUNDLED_DATA = os.path.join(HERE, "data", "reviews_tiny")
 DATA_EXTENSIONS = (".jsonl", ".json", ".parquet")
 METHODS = ("dpo", "preferred_ft", "unlikelihood")
+UNSET_OUTPUT_DIR = "runs/unset"  # no --output_dir given: a new timestamped folder
 
 
 @dataclass(frozen=True)
@@ -161,10 +177,14 @@ class ScriptArguments:
 
 def parse_args(argv: list[str]) -> tuple[ScriptArguments, DPOConfig]:
     parser = HfArgumentParser((ScriptArguments, DPOConfig))
-    parser.set_defaults(output_dir=os.path.join("runs", "sentiment-" + time.strftime("%Y%m%d-%H%M%S")))
+    parser.set_defaults(output_dir=UNSET_OUTPUT_DIR)
     script_args, config = parser.parse_args_into_dataclasses(argv)
     if script_args.model is None:
         parser.set_defaults(**asdict(OfflineDefaults()))
+        script_args, config = parser.parse_args_into_dataclasses(argv)
+    if config.output_dir == UNSET_OUTPUT_DIR:  # the main process's clock names the folder of every process
+        stamp = main_decides(lambda: time.strftime("%Y%m%d-%H%M%S"))
+        parser.set_defaults(output_dir=os.path.join("runs", f"sentiment-{stamp}"))
         script_args, config = parser.parse_args_into_dataclasses(argv)
     unknown = set(script_args.method_names()) - set(METHODS)
     if unknown:
@@ -263,9 +283,8 @@ def base_model(script_args: ScriptArguments, config: DPOConfig, train, out: str)
             num_heads=4,
             seed=config.seed,
         )
-        model.save_pretrained(path)
-        tokenizer.save_pretrained(path)
-    wait_for_everyone()
+        save_pretrained_whole(path, model, tokenizer)
+    wait_for_everyone()  # the others load it only once it is written
     return path
 
 
@@ -336,6 +355,7 @@ def run_sft(script_args: ScriptArguments, config: DPOConfig, base: str, train, o
     if stage_finished(folder):
         print(f"[sft] already done: {final}")
         return final
+    resume = start_stage(folder, "sft")
     started = time.time()
     args = training_args(
         config, folder, max_steps=script_args.sft_max_steps, learning_rate=script_args.sft_learning_rate
@@ -348,7 +368,7 @@ def run_sft(script_args: ScriptArguments, config: DPOConfig, base: str, train, o
         max_length=config.max_length,
         max_prompt_length=config.max_prompt_length,
     )
-    trainer.train(resume_from_checkpoint=last_complete_checkpoint(folder))
+    trainer.train(resume_from_checkpoint=resume)
     trainer.save_model(final)
     save_history(trainer, folder, config.process_index)
     loss = next((e["train_loss"] for e in reversed(trainer.state.log_history) if "train_loss" in e), None)
@@ -367,9 +387,10 @@ def run_pairs(script_args: ScriptArguments, config: DPOConfig, sft: str, train, 
 
     folder = os.path.join(out, "pairs")
     samples_path, pairs_path = os.path.join(folder, "samples.jsonl"), os.path.join(folder, "train.jsonl")
-    if stage_finished(folder):
+    if stage_finished(folder, outputs=("samples.jsonl", "train.jsonl")):
         print(f"[pairs] already done: {pairs_path}")
     else:
+        start_stage(folder, "pairs")
         started, stats = time.time(), {}
         rows = review_rows(train, script_args, config.seed)
         prompts = list(dict.fromkeys(row["prompt"] for row in rows))[: script_args.pair_prompts]
@@ -390,7 +411,6 @@ def run_pairs(script_args: ScriptArguments, config: DPOConfig, sft: str, train, 
                 raise SystemExit(
                     "[pairs] every prefix's completions scored alike: no preference pair to train on."
                 )
-            os.makedirs(folder, exist_ok=True)
             write_jsonl(
                 samples_path,
                 [{"prompt": p, "samples": s, "rewards": r} for p, s, r in zip(prompts, samples, scores)],
@@ -434,6 +454,7 @@ def run_dpo(
     if stage_finished(folder):
         print(f"[{name}] already done: {final}")
         return final
+    resume = start_stage(folder, name)
     started = time.time()
     run_config = copy.deepcopy(config)
     run_config.output_dir, run_config.beta = folder, beta
@@ -445,7 +466,7 @@ def run_dpo(
         processing_class=load_tokenizer(sft),
         peft_config=peft_config(script_args),
     )
-    trainer.train(resume_from_checkpoint=last_complete_checkpoint(folder))
+    trainer.train(resume_from_checkpoint=resume)
     trainer.save_model(final)
     save_history(trainer, folder, config.process_index)
     logged = [e for e in trainer.state.log_history if "rewards/accuracies" in e]
@@ -471,6 +492,7 @@ def run_baseline(
     if stage_finished(folder):
         print(f"[{name}] already done: {final}")
         return final
+    resume = start_stage(folder, name)
     started = time.time()
     learning_rate = script_args.baseline_learning_rate or config.learning_rate
     args = training_args(config, folder, max_steps=config.max_steps, learning_rate=learning_rate)
@@ -487,7 +509,7 @@ def run_baseline(
         trainer = unlikelihood_trainer(
             model, tokenizer, args, rows, alpha=script_args.unlikelihood_alpha, **lengths
         )
-    trainer.train(resume_from_checkpoint=last_complete_checkpoint(folder))
+    trainer.train(resume_from_checkpoint=resume)
     trainer.save_model(final)
     save_history(trainer, folder, config.process_index)
     mark_done(
@@ -495,12 +517,6 @@ def run_baseline(
     )
     print(f"[{name}] {trainer.state.global_step} steps in {time.time() - started:.0f}s: {final}")
     return final
-
-
-def write_jsonl(path: str, rows: list[dict]) -> None:
-    with open(path, "w", encoding="utf-8") as handle:
-        for row in rows:
-            handle.write(json.dumps(row) + "\n")
 
 
 def read_jsonl(path: str) -> list[dict]:
@@ -521,8 +537,10 @@ def evaluate_policy(
     from dpo_trainer.evaluation.sampling import sample_responses
 
     path = os.path.join(folder, f"{name}.json")
-    if os.path.exists(path):
-        return json.load(open(path))["result"]
+    cached = read_json(path, "sampled again.")
+    if isinstance(cached, dict) and "result" in cached:
+        return cached["result"]
+    require_writable(folder, "eval")
     k = script_args.eval_samples_per_prompt
     ids = sample_responses(
         model,
@@ -564,8 +582,7 @@ def evaluate_policy(
         {"prompt": p, "completion": t, "reward": r, "log_ratio": lr}
         for p, t, r, lr in zip(flat_prompts, texts, rewards, kl.log_ratios)
     ]
-    with open(path, "w") as handle:
-        json.dump({"result": result, "samples": samples}, handle, indent=1)
+    write_json(path, {"result": result, "samples": samples}, indent=1)
     return result
 
 
@@ -576,9 +593,11 @@ def evaluate_best_of_n(sft_model, tokenizer, prompts, scorer, script_args, confi
 
     ns = script_args.bon_values()
     path = os.path.join(folder, f"best-of-{max(ns)}-samples.json")
-    if os.path.exists(path):
-        samples, scores = json.load(open(path))
+    cached = read_json(path, "sampled again.")
+    if isinstance(cached, list) and len(cached) == 2:
+        samples, scores = cached
     else:
+        require_writable(folder, "eval")
         samples, scores = sample_and_score(
             sft_model,
             tokenizer,
@@ -590,8 +609,7 @@ def evaluate_best_of_n(sft_model, tokenizer, prompts, scorer, script_args, confi
             batch_size=config.per_device_eval_batch_size,
             seed=config.seed + 1,  # a draw of its own, not the SFT policy's samples again
         )
-        with open(path, "w") as handle:
-            json.dump([samples, scores], handle)
+        write_json(path, [samples, scores], indent=None)
     results = {}
     for n, (_, best_scores, _) in best_of_n_prefixes(samples, scores, ns).items():
         reward, reward_se = mean_and_stderr(best_scores)
@@ -641,7 +659,6 @@ def run_eval(
 
     started = time.time()
     folder = os.path.join(out, "eval")
-    os.makedirs(folder, exist_ok=True)
     low, high = (int(k) for k in script_args.prefix_words.split(","))
     prompts = []
     for index, text in enumerate(test["text"]):
@@ -691,13 +708,20 @@ def run_eval(
         if script_args.reward_model == "vader"
         else f"{script_args.reward_model} ({script_args.reward_output})"
     )
-    plot = plot_frontier(
-        groups,
-        os.path.join(out, "plots", "frontier.png"),
-        title=f"Reward against KL, {len(prompts)} held-out prefixes",
-        reward_label=f"Mean reward ({reward_label})",
-        kl_scale="symlog" if max(r["kl"] for r in results.values()) > 10 else "linear",
-    )
+    plots = {}
+    read_only = unwritable(os.path.join(out, "plots"))
+    if read_only:  # a finished run on read-only storage: summarised again, its plot kept as it was
+        print(f"[eval] plot not drawn: {os.path.join(out, 'plots')} cannot be written ({read_only}).")
+    else:
+        plots["frontier"] = str(
+            plot_frontier(
+                groups,
+                os.path.join(out, "plots", "frontier.png"),
+                title=f"Reward against KL, {len(prompts)} held-out prefixes",
+                reward_label=f"Mean reward ({reward_label})",
+                kl_scale="symlog" if max(r["kl"] for r in results.values()) > 10 else "linear",
+            )
+        )
     comparisons = {
         name: compare_at_matched_kl(dpo_points, results[name])
         for name in ("Preferred-FT", "Unlikelihood")
@@ -709,7 +733,7 @@ def run_eval(
         "prompts": len(prompts),
         "results": results,
         "dpo_vs_baselines_at_matched_kl": comparisons,
-        "plots": {"frontier": str(plot)},
+        "plots": plots,
         "seconds": time.time() - started,
     }
 
@@ -784,9 +808,8 @@ def main(argv: list[str] | None = None) -> dict:
             if done:
                 summary.setdefault("stages", {})[stage] = done
         summary["seconds"] = time.time() - started
-        with open(os.path.join(out, "summary.json"), "w") as handle:
-            json.dump(summary, handle, indent=2)
-        print(f"\nsummary: {os.path.join(out, 'summary.json')} ({summary['seconds']:.0f}s)")
+        if write_summary(out, summary):
+            print(f"\nsummary: {os.path.join(out, 'summary.json')} ({summary['seconds']:.0f}s)")
     return summary
 
 

@@ -63,11 +63,12 @@ def test_every_stage_runs_and_writes_the_run_folder(finished_run):
 def test_a_rerun_resumes_instead_of_retraining(hh, finished_run, capsys):
     out, _ = finished_run
     adapter = os.path.join(out, "dpo", "final", "adapter_model.safetensors")
-    stamp = os.path.getmtime(adapter)
+    stamps = [os.stat(path).st_mtime_ns for path in (adapter, os.path.join(out, "run.json"))]
     hh.main(["--output_dir", out, "--full", "false"] + SHORT)
     printed = capsys.readouterr().out
     assert "[sft] already done" in printed and "[dpo] already done" in printed
-    assert os.path.getmtime(adapter) == stamp
+    # neither the model nor run.json (the same settings) is written again
+    assert [os.stat(path).st_mtime_ns for path in (adapter, os.path.join(out, "run.json"))] == stamps
 
 
 def test_a_changed_flag_is_refused_then_restarts_only_the_stale_stages(hh, finished_run, tmp_path, capsys):
@@ -108,6 +109,136 @@ def test_refuses_a_folder_holding_other_files(hh, tmp_path):
     with pytest.raises(SystemExit, match="not a run of this script"):
         hh.main(["--output_dir", str(out)] + SHORT)
     assert (out / "weights.bin").read_text() == "precious" and len(list(out.iterdir())) == 1
+
+
+def test_an_output_dir_that_is_a_file_is_refused(hh, tmp_path):
+    taken = tmp_path / "results"
+    taken.write_text("precious")
+    with pytest.raises(SystemExit, match="is a file, not a folder: choose another --output_dir"):
+        hh.main(["--output_dir", str(taken)] + SHORT)
+    with pytest.raises(
+        SystemExit, match=r"cannot be written \(Not a directory: .*choose another --output_dir"
+    ):
+        hh.main(["--output_dir", str(taken / "run")] + SHORT)
+    assert taken.read_text() == "precious"
+
+
+def truncate(path: str) -> None:
+    with open(path) as handle:
+        text = handle.read()
+    with open(path, "w") as handle:
+        handle.write(text[: len(text) // 2])
+
+
+def test_a_damaged_done_json_or_samples_file_is_named_and_redone(hh, finished_run, tmp_path, capsys):
+    """Truncated files of a finished run (a full disk, a copy cut short): named in a warning, their stage done
+    again (DPO resumes from its last checkpoint, the samples are drawn again from the same seed)."""
+    out = str(tmp_path / "run")
+    shutil.copytree(finished_run[0], out)
+    done = os.path.join(out, "dpo", "done.json")
+    [samples] = glob.glob(os.path.join(out, "eval", "*", "samples-sft-t0.5.json"))
+    with open(samples) as handle:
+        drawn = json.load(handle)
+    truncate(done)
+    truncate(samples)
+    capsys.readouterr()
+    hh.main(["--output_dir", out, "--full", "false"] + SHORT)
+    printed = capsys.readouterr()
+    assert f"warning: {done} is damaged (JSONDecodeError: " in printed.err
+    assert "the stage is treated as unfinished and done again." in printed.err
+    assert (
+        f"warning: {samples} is damaged (JSONDecodeError: " in printed.err and "sampled again." in printed.err
+    )
+    assert "[sft] already done" in printed.out and "[dpo] already done" not in printed.out
+    with open(done) as handle:
+        assert json.load(handle)["after"]["eval_loss"] > 0
+    with open(samples) as handle:
+        assert json.load(handle) == drawn
+
+
+def test_a_damaged_run_json_counts_as_changed_settings(hh, tmp_path, capsys):
+    """The settings a damaged run.json recorded are unknown: the stages there are refused as changed (kept
+    aside and started over with --restart_stale), never reused as if made with this command's settings."""
+    out = tmp_path / "run"
+    (out / "sft").mkdir(parents=True)
+    (out / "run.json").write_text('{"script_args": {"dataset": "da')
+    script_args, config = hh.parse_args(["--output_dir", str(out)] + SHORT)
+    manifest = hh.run_manifest(script_args, config)
+    refused = r"(?s)sft: settings unknown \(.*run\.json is damaged\).*--restart_stale"
+    with pytest.raises(SystemExit, match=refused):
+        hh.check_run_manifest(str(out), manifest, restart_stale=False)
+    assert f"warning: {out / 'run.json'} is damaged (JSONDecodeError: " in capsys.readouterr().err
+    assert hh.check_run_manifest(str(out), manifest, restart_stale=True) == {}
+    assert not (out / "sft").exists() and len(glob.glob(str(out / "sft.stale-*"))) == 1
+
+
+def test_a_stage_killed_in_its_first_checkpoint_write_starts_over(hh, finished_run, tmp_path, capsys):
+    """A DPO stage whose only checkpoint is half-written (killed while writing checkpoint-2): the rerun removes it,
+    naming it, and trains the stage from the start, never mixing its checkpoint with the killed run's files."""
+    out = str(tmp_path / "run")
+    shutil.copytree(finished_run[0], out)
+    dpo = os.path.join(out, "dpo")
+    shutil.rmtree(dpo)
+    os.makedirs(os.path.join(dpo, "checkpoint-2"))
+    with open(os.path.join(dpo, "checkpoint-2", "rng_state_1.pth"), "wb") as handle:
+        handle.write(b"a killed run's file")
+    capsys.readouterr()
+    hh.main(["--output_dir", out, "--full", "false", "--skip_eval"] + SHORT)
+    printed = capsys.readouterr()
+    assert f"[dpo] incomplete checkpoint folders in {dpo}" in printed.err
+    assert "removed: checkpoint-2 (no trainer_state.json" in printed.err
+    assert "no complete checkpoint: the stage starts over." in printed.err
+    with open(os.path.join(dpo, "log_history.json")) as handle:
+        assert [e["step"] for e in json.load(handle) if "loss" in e] == [1, 2, 3]
+    assert "rng_state_1.pth" not in os.listdir(os.path.join(dpo, "checkpoint-2"))
+    assert os.path.exists(os.path.join(dpo, "done.json"))
+
+
+def read_only_command(folder: str, command: list[str]) -> list[str]:
+    """`command` run with `folder` read-only: a read-only bind mount of it for root (whom permission bits do not
+    stop), else its write permissions taken away."""
+    if os.geteuid() != 0:
+        for root, _dirs, files in os.walk(folder):
+            for name in [root] + [os.path.join(root, f) for f in files]:
+                os.chmod(name, os.stat(name).st_mode & ~0o222)
+        return command
+    if subprocess.run(["unshare", "-m", "true"], capture_output=True).returncode != 0:
+        pytest.skip("no read-only mount here (root without `unshare -m`)")
+    mount = 'mount --bind "$1" "$1" && mount -o remount,bind,ro "$1" && shift && exec "$@"'
+    return ["unshare", "-m", "sh", "-c", mount, "sh", folder, *command]
+
+
+@pytest.mark.slow
+def test_read_only_storage(finished_run, tmp_path):
+    """A finished run on read-only storage is summarised again (its results printed, exit 0, nothing written);
+    a new run in a read-only folder is refused, naming the folder."""
+    from conftest import dist_env
+
+    out = str(tmp_path / "run")
+    shutil.copytree(finished_run[0], out)
+    with open(os.path.join(out, "run.json"), "rb") as handle:
+        marker = handle.read()
+    command = [sys.executable, HH, "--output_dir", out, "--full", "false"] + SHORT
+    result = subprocess.run(read_only_command(out, command), env=dist_env(), capture_output=True, text=True,
+                            timeout=600)  # fmt: skip
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    assert "[sft] already done" in result.stdout and "[dpo] already done" in result.stdout
+    assert "DPO vs SFT" in result.stdout  # the win-rate table
+    assert f"summary: not written, {out} cannot be written (" in result.stdout
+    assert "the results above are printed only." in result.stdout
+    with open(os.path.join(out, "run.json"), "rb") as handle:
+        assert handle.read() == marker
+
+    empty = str(tmp_path / "empty")
+    os.makedirs(empty)
+    command = [sys.executable, HH, "--output_dir", empty, "--skip_eval"] + SHORT
+    result = subprocess.run(read_only_command(empty, command), env=dist_env(), capture_output=True, text=True,
+                            timeout=600)  # fmt: skip
+    assert result.returncode == 1 and os.listdir(empty) == [], result.stderr[-3000:]
+    expected = f"--output_dir {empty} cannot be written ("
+    assert (
+        expected in result.stderr and "make it writable, or choose another --output_dir." in result.stderr
+    ), result.stderr[-3000:]
 
 
 def test_single_local_file_full_finetuning_without_sft(hh, tmp_path):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -421,6 +422,8 @@ class DPOConfig(TrainingArguments):
                 f"DPOConfig.peft_reference must be one of {', '.join(PEFT_REFERENCES)}; got {self.peft_reference!r}."
             )
         self._resolve_trl_defaults()
+        # after bf16 is resolved, so that one process and several train in the same precision
+        _use_cpu_for_launched_processes(self)
         super().__post_init__()
         if self.pad_to_multiple_of == "auto":
             # Neuron compiles once per input shape; padding bounds the number of compilations (as TRL does)
@@ -463,6 +466,69 @@ BF16_FALLBACK = (
     "instead of TRL's default bf16. Pass use_cpu=True for bf16 autocast on the CPU as TRL does, or bf16=False "
     "to choose float32 explicitly."
 )
+
+
+MULTI_CPU_LAUNCH = (
+    "DPOConfig: {processes} processes were launched on a machine without an accelerator, so use_cpu=True: they "
+    "train as one data-parallel run on the CPU (gloo). Without it, transformers gives each process world_size 1 "
+    "and each would train alone on all the data."
+)
+
+
+def _launched_processes() -> int:
+    """How many processes the launcher started (torchrun, accelerate launch, mpirun), as accelerate counts them."""
+    for name in ("WORLD_SIZE", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE"):
+        if os.environ.get(name, "").strip().isdigit():
+            return int(os.environ[name])
+    return 1
+
+
+def _use_cpu_for_launched_processes(config: DPOConfig) -> None:
+    """Several launched processes on a machine without an accelerator: set `use_cpu=True`, so that they train
+    as one data-parallel run (accelerate's MULTI_CPU, gloo).
+
+    Without `use_cpu`, accelerate (1.16) builds its multi-process state only for an accelerator, and every
+    process trains alone on all the data (transformers only logs "process group is initialized, but
+    parallel_mode != ParallelMode.DISTRIBUTED"). An MPS device has no multi-process backend: refused, with what
+    to pass. Left alone: DeepSpeed, asked for by the field or by accelerate's launcher (transformers would drop
+    it under `use_cpu`), and a state configured beforehand (`accelerator_config={"use_configured_state": True}`).
+    """
+    from transformers.utils import (
+        is_torch_cuda_available,
+        is_torch_hpu_available,
+        is_torch_mlu_available,
+        is_torch_mps_available,
+        is_torch_musa_available,
+        is_torch_neuron_available,
+        is_torch_npu_available,
+        is_torch_xla_available,
+        is_torch_xpu_available,
+    )
+
+    def environment_says(name: str) -> bool:
+        return os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "y", "on")
+
+    processes = _launched_processes()
+    configured = config.accelerator_config  # a dict, an AcceleratorConfig, a JSON file's path or None
+    if isinstance(configured, dict):
+        configured = configured.get("use_configured_state", False)
+    else:
+        configured = getattr(configured, "use_configured_state", False)
+    deepspeed = config.deepspeed or environment_says("ACCELERATE_USE_DEEPSPEED")
+    if processes < 2 or config.use_cpu or environment_says("ACCELERATE_USE_CPU") or deepspeed or configured:
+        return
+    accelerators = (is_torch_cuda_available, is_torch_xpu_available, is_torch_npu_available, is_torch_mlu_available,
+                    is_torch_musa_available, is_torch_hpu_available, is_torch_neuron_available, is_torch_xla_available)  # fmt: skip
+    if any(available() for available in accelerators):
+        return
+    if is_torch_mps_available():
+        raise ValueError(
+            f"DPOConfig: {processes} processes were launched, but this machine's accelerator (MPS) cannot run "
+            "several processes as one data-parallel run; each would train alone on all the data. Launch one "
+            "process, or pass use_cpu=True (--use_cpu) to train data-parallel on the CPU."
+        )
+    config.use_cpu = True
+    logger.info(MULTI_CPU_LAUNCH.format(processes=processes))
 
 
 def _bf16_supported(use_cpu: bool) -> bool:
