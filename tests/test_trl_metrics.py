@@ -156,6 +156,8 @@ def test_eval_metrics_match_trl(tmp_path, make_model, tokenizer, layout):
         ref_model=copy.deepcopy(reference),
         args=dpo_trainer.DPOConfig(
             **common(tmp_path, "ours"),
+            bf16=False,  # as TRL's arm
+            gradient_checkpointing=False,
             max_length=4096,
             max_prompt_length=2048,
             layout=layout,
