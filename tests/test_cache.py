@@ -3,6 +3,8 @@ is named, deleted and recomputed; an unwritable folder costs a warning, never th
 
 import logging
 import os
+import subprocess
+import sys
 import time
 
 import pytest
@@ -12,8 +14,11 @@ from safetensors.torch import load_file, save_file
 import dpo_trainer.reference
 from dpo_trainer import DPOTrainer
 from dpo_trainer.reference import (
+    CACHE_KEY_FIELD,
     STALE_TEMPORARY_S,
+    _temporary_name,
     cache_dir_problem,
+    cache_key,
     load_cached,
     model_fingerprint,
     save_cached,
@@ -25,9 +30,9 @@ from conftest import dpo_config, preference_rows
 ROWS = preference_rows(10, seed=21)
 
 
-def precompute(tmp_path, make_model, tokenizer, cache_dir, name="run"):
+def precompute(tmp_path, make_model, tokenizer, cache_dir, name="run", rows=ROWS):
     args = dpo_config(tmp_path / name, precompute_ref_log_probs=True, ref_logps_cache_dir=str(cache_dir))
-    trainer = DPOTrainer(make_model(seed=2), args=args, train_dataset=ROWS, processing_class=tokenizer)
+    trainer = DPOTrainer(make_model(seed=2), args=args, train_dataset=rows, processing_class=tokenizer)
     return torch.tensor(trainer.train_dataset["ref_logps"])
 
 
@@ -83,7 +88,9 @@ def test_an_unusable_cache_file_is_named_deleted_and_recomputed(
             "three responses": torch.cat([values, values[:, :1]], dim=1),
             "fewer rows": values[:-1],
         }[damage]
-        save_file({"ref_logps": bad.contiguous()}, str(path))
+        save_file(
+            {"ref_logps": bad.contiguous()}, str(path), metadata={CACHE_KEY_FIELD: cache_key(str(path))}
+        )
     with caplog.at_level(logging.WARNING):
         again = precompute(tmp_path, make_model, tokenizer, path.parent, "again")
     assert str(path) in caplog.text and reason in caplog.text
@@ -123,6 +130,7 @@ def test_a_failed_save_leaves_no_temporary(tmp_path, monkeypatch):
 
 
 def test_stale_temporaries_are_removed_fresh_ones_kept(tmp_path):
+    # written on another machine: whether the writer lives cannot be known, so age decides
     stale, fresh = tmp_path / "x.safetensors.tmp-host-1", tmp_path / "y.safetensors.tmp-host-2"
     stale.write_bytes(b"0")
     fresh.write_bytes(b"0")
@@ -130,6 +138,56 @@ def test_stale_temporaries_are_removed_fresh_ones_kept(tmp_path):
     os.utime(stale, (old, old))
     assert cache_dir_problem(str(tmp_path)) is None
     assert sorted(os.listdir(tmp_path)) == [fresh.name]
+
+
+def test_a_temporary_of_a_dead_writer_on_this_machine_is_removed_at_once(tmp_path, monkeypatch):
+    # a save killed between writing its temporary and renaming it: the writer is gone, its temporary too
+    gone = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True
+    )
+    monkeypatch.setattr(os, "getpid", lambda: int(gone.stdout))
+    dead = _temporary_name(str(tmp_path / "x.safetensors"))
+    monkeypatch.undo()
+    live = _temporary_name(str(tmp_path / "y.safetensors"))  # this process's, e.g. a save under way
+    parent = live.rpartition("-")[0] + f"-{os.getppid()}"  # another live process of this machine
+    for path in (dead, live, parent):
+        with open(path, "wb") as handle:
+            handle.write(b"0")
+    assert cache_dir_problem(str(tmp_path)) is None
+    assert sorted(os.listdir(tmp_path)) == sorted(os.path.basename(path) for path in (live, parent))
+
+
+def test_a_cache_file_copied_under_another_runs_name_is_not_trusted(
+    tmp_path, make_model, tokenizer, fresh, caplog
+):
+    values, path = fresh
+    other = path.parent / path.name.replace("-", "-0", 1)  # another run's key: same model prefix, other data
+    other.write_bytes(path.read_bytes())
+    assert load_cached(str(path), len(values), 2) is not None
+    with caplog.at_level(logging.WARNING):
+        assert load_cached(str(other), len(values), 2) is None
+    assert f"it holds key {cache_key(str(path))}, not its name's" in caplog.text and not other.exists()
+    # a file without the key (written by hand, or by an older version) is not trusted either
+    save_file({"ref_logps": values.contiguous()}, str(other))
+    with caplog.at_level(logging.WARNING):
+        assert load_cached(str(other), len(values), 2) is None
+    assert "it holds no key" in caplog.text
+
+
+def test_another_runs_cache_under_this_runs_name_is_recomputed(
+    tmp_path, make_model, tokenizer, fresh, caplog
+):
+    # the same number of rows, valid values: only the key inside tells the file belongs to other data
+    values, path = fresh
+    other_rows = preference_rows(len(ROWS), seed=99)
+    own = precompute(tmp_path, make_model, tokenizer, path.parent, "other", rows=other_rows)
+    (other_path,) = [path.parent / name for name in os.listdir(path.parent) if name != path.name]
+    other_path.write_bytes(path.read_bytes())  # copied over it
+    with caplog.at_level(logging.WARNING):
+        again = precompute(tmp_path, make_model, tokenizer, path.parent, "again", rows=other_rows)
+    assert str(other_path) in caplog.text and "copied from another run" in caplog.text
+    assert not torch.allclose(own, values)
+    torch.testing.assert_close(again, own)
 
 
 def test_load_cached_round_trip_and_missing_file(tmp_path):

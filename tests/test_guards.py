@@ -319,3 +319,145 @@ def test_fp16_on_the_cpu_says_it_trains_in_float32(tmp_path, make_model, tokeniz
         )
     assert not trainer.accelerator.native_amp
     assert "fp16=True on the CPU" in caplog.text and "float32" in caplog.text
+
+
+# ---------------------------------------------------------------- collapse without a NaN (issue 20, item 3)
+
+
+class FlatLogitsFrom(TrainerCallback):
+    """From training step `start` (1-based) on, the model's final norm outputs zeros: the logits are all 0
+    and no gradient reaches any weight, while the loss stays finite and well above 0. What `examples/hh.py
+    --learning_rate 10000` gives on some CPUs (exploded weights, saturated activations), made deterministic."""
+
+    def __init__(self, start: int):
+        self.start, self.handle = start, None
+
+    def on_step_begin(self, args, state, control, model=None, **kwargs):
+        if state.global_step + 1 >= self.start and self.handle is None:
+            norm = model.get_decoder().norm
+            self.handle = norm.register_forward_hook(lambda module, inputs, output: output * 0.0)
+
+
+@pytest.mark.parametrize("accumulation", [1, 2])
+def test_a_collapse_without_nan_stops_training_naming_the_step(tmp_path, make_model, tokenizer, accumulation):
+    from dpo_trainer.guards import ZERO_GRADIENT_STEPS, CollapseError
+
+    weights = WeightsAtStepEnd()
+    args = dpo_config(
+        tmp_path,
+        max_steps=12,
+        per_device_train_batch_size=4 // accumulation,
+        gradient_accumulation_steps=accumulation,
+        on_nonfinite="skip",  # skipping cannot revive a dead model: it raises all the same
+    )
+    trainer = DPOTrainer(
+        make_model(seed=1),
+        args=args,
+        train_dataset=ROWS,
+        processing_class=tokenizer,
+        callbacks=[weights, FlatLogitsFrom(start=4)],
+    )
+    last = 4 + ZERO_GRADIENT_STEPS - 1
+    with pytest.raises(
+        CollapseError, match=rf"collapsed at step {last}: the gradient norm was exactly 0.0 at steps 4-{last}"
+    ):
+        trainer.train()
+    assert isinstance(CollapseError("x"), NonFiniteError)  # one except catches every divergence
+    assert sorted(weights.weights) == list(range(1, last))  # the step that raised was not applied
+    for name, value in trainer.model.state_dict().items():
+        assert torch.equal(value, weights.weights[last - 1][name]), name
+    logs = [entry for entry in trainer.state.log_history if "grad_norm" in entry]
+    assert [entry["grad_norm"] for entry in logs[3:]] == [0.0] * (ZERO_GRADIENT_STEPS - 1)
+    assert all(entry["loss"] > 0.1 for entry in logs[3:])  # finite, not ~0: the run looked like a success
+
+
+def test_the_zero_gradient_rule_counts_steps_in_a_row_of_pairs_that_need_a_gradient():
+    from dpo_trainer.guards import MIN_LIVE_LOSS, ZERO_GRADIENT_STEPS, CollapseError
+
+    accelerator = SimpleNamespace(scaler=None, num_processes=1)
+    distinct = torch.tensor([[-3.0, -5.0], [-4.0, -2.0]])
+
+    def step(guard, number, norm, losses=(0.7, 0.9), reference=distinct):
+        guard.flag("train", torch.tensor(losses), reference)
+        guard.check(torch.nn.Linear(1, 1), norm, number, accelerator)
+
+    guard = StepGuard("raise", "cpu")
+    for number in range(1, 3 * ZERO_GRADIENT_STEPS):  # a non-zero norm between zeros starts the count again
+        step(guard, number, 0.0 if number % ZERO_GRADIENT_STEPS else 0.5)
+    for number in range(1, 10):
+        step(guard, number, None)  # DeepSpeed without a computed norm: unknown, never "exactly 0"
+        step(guard, number, 0.0, losses=(MIN_LIVE_LOSS / 2, 0.0))  # ~0 losses may underflow to no gradient
+        # identical responses (tied reference log-probs, up to rounding): their gradients cancel exactly
+        step(guard, number, 0.0, reference=torch.tensor([[-3.0, -3.0000002], [-4.0, -4.0]]))
+    assert not guard.zero_gradient_steps
+    # a tied pair beside a live one: the live one decides
+    mixed = torch.tensor([[-3.0, -3.0], [-4.0, -2.0]])
+    for number in range(1, ZERO_GRADIENT_STEPS):
+        step(guard, number, 0.0, reference=mixed)
+    with pytest.raises(CollapseError, match=rf"step {ZERO_GRADIENT_STEPS}: .* losses up to 0.9, 0.9, 0.9"):
+        step(guard, ZERO_GRADIENT_STEPS, torch.tensor(0.0), reference=mixed)
+
+
+class ZeroGradientSteps(TrainerCallback):
+    """Records the optimizer steps whose gradient norm is exactly 0 and the guard's warnings of them."""
+
+    def __init__(self):
+        self.steps = []
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if logs and logs.get("grad_norm") == 0.0:
+            self.steps.append(state.global_step)
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [
+        dict(max_steps=30, learning_rate=1e-3),  # the tests' run, trained to low losses
+        dict(
+            max_steps=8, beta=0.1, learning_rate=1e-6, optim="rmsprop", warmup_steps=150
+        ),  # the paper's (App. B)
+        dict(
+            max_steps=6, gradient_checkpointing=True, lora=True
+        ),  # LoRA: B = 0 at step 1, A gets no gradient
+        dict(max_steps=6, loss_type="hinge", learning_rate=1e-2),  # a loss that reaches exactly 0
+    ],
+    ids=["tests", "paper", "lora-checkpointing", "hinge"],
+)
+def test_healthy_runs_never_see_the_collapse_rule(tmp_path, make_model, tokenizer, caplog, settings):
+    from peft import LoraConfig
+
+    settings = dict(settings)
+    peft_config = (
+        LoraConfig(r=4, target_modules=["q_proj", "v_proj"]) if settings.pop("lora", False) else None
+    )
+    recorder = ZeroGradientSteps()
+    trainer = DPOTrainer(
+        make_model(seed=1),
+        args=dpo_config(tmp_path, **settings),
+        train_dataset=ROWS,
+        processing_class=tokenizer,
+        peft_config=peft_config,
+        callbacks=[recorder],
+    )
+    with caplog.at_level(logging.WARNING, logger="dpo_trainer.guards"):
+        trainer.train()
+    assert trainer.state.global_step == settings["max_steps"]
+    assert "gradient norm is exactly 0" not in caplog.text
+    if settings.get("loss_type") != "hinge":
+        assert not recorder.steps
+
+
+def test_pairs_with_identical_responses_do_not_trip_the_collapse_rule(tmp_path, make_model, tokenizer):
+    # Their loss is ln 2 and their gradients cancel: here up to rounding (norms ~1e-7), with other kernels
+    # exactly; the flat logits make it exact. A data problem, warned about at preparation, not a dead model.
+    same = [{**row, "rejected": row["chosen"]} for row in ROWS[:12]]
+    trainer = DPOTrainer(
+        make_model(seed=1),
+        args=dpo_config(tmp_path, max_steps=6, per_device_train_batch_size=2),
+        train_dataset=same,
+        processing_class=tokenizer,
+        callbacks=[FlatLogitsFrom(start=1)],
+    )
+    trainer.train()
+    assert trainer.state.global_step == 6
+    assert [entry["grad_norm"] for entry in trainer.state.log_history if "grad_norm" in entry] == [0.0] * 6

@@ -279,3 +279,23 @@ def test_two_processes_sample_what_one_process_samples(tmp_path, make_model, tok
     finally:
         torch.set_num_threads(threads)
     assert ranks[0]["samples"] == one
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_a_model_with_nan_weights_is_refused_naming_it(make_model, tokenizer, temperature):
+    from dpo_trainer.guards import NonFiniteError
+
+    model = make_model()
+    model.name_or_path = "runs/diverged-policy"  # as from_pretrained sets it
+    with torch.no_grad():
+        model.lm_head.weight.fill_(float("nan"))  # what a diverged run saves (were it allowed to)
+    with pytest.raises(NonFiniteError, match=r"LlamaForCausalLM \('runs/diverged-policy'\).* not finite"):
+        sample_responses(model, tokenizer, PROMPTS[:2], temperature=temperature, disable_progress=True)
+
+
+def test_masked_tokens_are_not_mistaken_for_non_finite_logits(make_model, tokenizer):
+    # generation's own processors set -inf on the tokens they forbid (here, the model's suppress_tokens)
+    model = make_model()
+    model.generation_config.suppress_tokens = [5, 6, 7]
+    samples = sample_responses(model, tokenizer, PROMPTS[:2], temperature=0, disable_progress=True)
+    assert all(text for [text] in samples)

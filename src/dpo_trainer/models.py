@@ -275,14 +275,64 @@ def router_aux_loss_settings(args, model: nn.Module) -> tuple[float, bool]:
 
 
 def position_limit(models: Iterable[nn.Module | None]) -> tuple[str, int] | None:
-    """(class name, `max_position_embeddings`) of the model with the fewest positions, or None if none says."""
+    """(what limits, positions) of the model with the fewest usable positions, or None if none has a limit.
+
+    A model's limit is its `max_position_embeddings`, or, with RoPE scaling, the length the scaling is declared
+    to reach (`_rope_limit`); "what limits" names the model and the setting, for an error message.
+    """
     limits = []
     for model in models:
         inner = None if model is None else unwrap(model)
-        limit = getattr(getattr(inner, "config", None), "max_position_embeddings", None)
-        if isinstance(limit, int) and limit > 0:
-            limits.append((type(inner).__name__, limit))
+        config = getattr(inner, "config", None)
+        declared = getattr(config, "max_position_embeddings", None)
+        if not isinstance(declared, int) or declared <= 0:
+            continue
+        name = type(inner).__name__
+        scaled = _rope_limit(config, declared)
+        if scaled is None:
+            continue
+        if scaled == declared:
+            limits.append((f"{name} has max_position_embeddings={declared}", declared))
+        else:
+            limits.append(
+                (
+                    f"{name} reaches {scaled} positions (max_position_embeddings={declared}, RoPE scaled)",
+                    scaled,
+                )
+            )
     return min(limits, key=lambda item: item[1]) if limits else None
+
+
+# RoPE scalings (transformers' `modeling_rope_utils`) that recompute their frequencies for any longer input
+# (dynamic NTK): no length is refused.
+UNBOUNDED_ROPE_TYPES = ("dynamic",)
+
+
+def _rope_limit(config, declared: int) -> int | None:
+    """The positions a RoPE-scaled model reaches: max(`max_position_embeddings`, original x `factor`), where
+    original is `original_max_position_embeddings` (transformers fills it with `max_position_embeddings` for
+    YaRN); None for dynamic NTK scaling. `declared` where nothing is scaled.
+
+    Configs disagree on whether `max_position_embeddings` is the pretrained length or the scaled one (YaRN in
+    transformers and DeepSeek-V3, Llama 3.1 and Gemma 3: the scaled one; Qwen2.5's YaRN recipe and linear
+    scaling as first documented: the pretrained one), so the larger reading is taken. RoPE positions are
+    computed, not looked up in a table, so a longer row fails nowhere: this check only keeps rows within the
+    declared context, and must not refuse one the scaling was set up for. Per-layer-type parameters (Gemma 3)
+    give the largest limit of their layer types.
+    """
+    parameters = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None)
+    if not isinstance(parameters, Mapping):
+        return declared
+    per_layer_type = [value for value in parameters.values() if isinstance(value, Mapping)]
+    limits = []
+    for rope in per_layer_type or [parameters]:
+        rope_type = rope.get("rope_type", rope.get("type", "default"))
+        if rope_type in UNBOUNDED_ROPE_TYPES:
+            return None
+        factor, original = rope.get("factor"), rope.get("original_max_position_embeddings") or declared
+        stretched = isinstance(factor, (int, float)) and factor > 1 and isinstance(original, (int, float))
+        limits.append(max(declared, int(original * factor)) if stretched else declared)
+    return max(limits)
 
 
 def prepare_policy(model, args, processing_class=None, quantization_config=None, peft_config=None):

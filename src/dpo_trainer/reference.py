@@ -18,6 +18,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
@@ -37,7 +38,11 @@ _UNHASHED_CONFIG_KEYS = (
     "use_cache",
     "architectures",
 )
-STALE_TEMPORARY_S = 3600  # a cache temporary this old was left by a killed process
+# A cache temporary of a writer on another machine (whose process cannot be looked up) this old was left by a
+# killed process; one of a writer on this machine is removed as soon as that process is gone.
+STALE_TEMPORARY_S = 3600
+# safetensors metadata field holding the key a cache file was written under (its name, less ".safetensors")
+CACHE_KEY_FIELD = "dpo_trainer_cache_key"
 
 
 @contextlib.contextmanager
@@ -187,18 +192,32 @@ def cache_path(cache_dir: str | None, model_key: str, data_key: str, settings: M
     return os.path.join(cache_dir or default_cache_dir(), name)
 
 
+def cache_key(path: str) -> str:
+    """The key a cache file at `path` belongs to: its name (model, data and settings keys), stored inside it."""
+    name = os.path.basename(path)
+    return name[: -len(".safetensors")] if name.endswith(".safetensors") else name
+
+
 def load_cached(path: str, num_rows: int, num_responses: int | None = None) -> torch.Tensor | None:
     """The cached (num_rows, K) float32 reference log-probs at `path`, or None to compute them.
 
-    A file that cannot be read or holds unusable values (another shape or dtype, NaN or inf, a
-    log-probability above 0) is named in a warning and deleted, so that it is recomputed and rewritten.
+    A file that cannot be read, was written under another key than its name's (copied or renamed from another
+    run's cache: the key is stored inside the file) or holds unusable values (another shape or dtype, NaN or
+    inf, a log-probability above 0) is named in a warning and deleted, so that it is recomputed and rewritten.
     """
     if not os.path.exists(path):
         return None
     try:
+        with safe_open(path, framework="pt") as handle:
+            stored = (handle.metadata() or {}).get(CACHE_KEY_FIELD)
         values = load_file(path)["ref_logps"]
     except Exception as error:  # safetensors raises its own error types for a corrupt file
         return _discard(path, f"it cannot be read ({type(error).__name__}: {error})")
+    if stored != cache_key(path):
+        written = "no key (not written by this version of dpo_trainer)" if stored is None else f"key {stored}"
+        return _discard(
+            path, f"it holds {written}, not its name's, {cache_key(path)}: copied from another run?"
+        )
     expected = (num_rows, num_responses if num_responses is not None else values.shape[-1])
     if values.dim() != 2 or tuple(values.shape) != expected:
         return _discard(path, f"it holds shape {tuple(values.shape)} where {expected} is expected")
@@ -217,10 +236,42 @@ def _discard(path: str, reason: str) -> None:
     return None
 
 
+def _this_machine() -> str:
+    """This machine as a cache temporary's name gives it: the host name, and the PID namespace where there is
+    one (two containers may share a host name and a folder, not their processes)."""
+    with contextlib.suppress(OSError):
+        return f"{socket.gethostname()}@{os.readlink('/proc/self/ns/pid').strip('pid:[]')}"
+    return socket.gethostname()
+
+
+def _temporary_name(path: str) -> str:
+    return f"{path}.tmp-{_this_machine()}-{os.getpid()}"
+
+
+def _process_gone(pid: int) -> bool:
+    """Whether no process `pid` runs on this machine (POSIX; elsewhere never claimed)."""
+    if os.name != "posix" or pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)  # signal 0: only asks whether the process exists
+    except ProcessLookupError:
+        return True
+    except OSError:  # e.g. another user's process: alive
+        return False
+    return False
+
+
+def _dead_writer(name: str, machine: str) -> bool:
+    """Whether the temporary `name` (`_temporary_name`) was written by a process of `machine` that is gone."""
+    writer, _, pid = name.split(".tmp-", 1)[1].rpartition("-")
+    return writer == machine and pid.isdigit() and int(pid) != os.getpid() and _process_gone(int(pid))
+
+
 def cache_dir_problem(cache_dir: str) -> str | None:
     """Why reference log-probs cannot be cached in `cache_dir` (created if missing), or None.
 
-    Also deletes temporaries that killed processes left there (older than `STALE_TEMPORARY_S`).
+    Also deletes temporaries that killed processes left there: at once where the writer ran on this machine
+    and is gone, else once older than `STALE_TEMPORARY_S`.
     """
     try:
         os.makedirs(cache_dir, exist_ok=True)
@@ -230,22 +281,25 @@ def cache_dir_problem(cache_dir: str) -> str | None:
         os.remove(probe)
     except OSError as error:
         return f"{cache_dir} is not writable ({error})"
-    now = time.time()
+    now, machine = time.time(), _this_machine()
     for name in os.listdir(cache_dir):
         path = os.path.join(cache_dir, name)
         if ".tmp-" in name:
             with contextlib.suppress(OSError):
-                if now - os.path.getmtime(path) > STALE_TEMPORARY_S:
+                if _dead_writer(name, machine) or now - os.path.getmtime(path) > STALE_TEMPORARY_S:
                     os.remove(path)
     return None
 
 
 def save_cached(path: str, values: torch.Tensor) -> bool:
-    """Write `values` to `path` atomically; on failure warn, leave no temporary behind and return False."""
-    tmp = f"{path}.tmp-{socket.gethostname()}-{os.getpid()}"
+    """Write `values` to `path` atomically, with the key of its name inside (`load_cached` checks it); on
+    failure warn, leave no temporary behind and return False."""
+    tmp = _temporary_name(path)
     try:
         os.makedirs(os.path.dirname(path), exist_ok=True)
-        save_file({"ref_logps": values.float().contiguous()}, tmp)
+        save_file(
+            {"ref_logps": values.float().contiguous()}, tmp, metadata={CACHE_KEY_FIELD: cache_key(path)}
+        )
         os.replace(tmp, path)  # never leaves a half-written cache file under the real name
         return True
     except OSError as error:

@@ -56,6 +56,7 @@ def prepare_rows(train_dataset, eval_dataset, tokenizer, max_length, max_prompt_
         "max_length": max_length,
         "max_prompt_length": max_prompt_length,
         "truncation_mode": "keep_end",
+        "warn_identical": False,  # SFT rows may repeat chosen as rejected (examples/sentiment.py does)
     }
     train = prepare_dataset(train_dataset, tokenizer, **settings, name="train_dataset")
     return train, prepare_dataset(eval_dataset, tokenizer, **settings, name="eval_dataset")

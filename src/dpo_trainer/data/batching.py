@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator, Sequence
 
 import torch
+
+logger = logging.getLogger(__name__)
 
 
 def example_tokens(prompt_length: int, response_lengths: Sequence[int], layout: str) -> int:
@@ -20,14 +23,33 @@ class TokenBudgetBatchSampler(torch.utils.data.Sampler[list[int]]):
     and the same step cost profile; each epoch visits the batches in a new seeded order (`set_epoch`). An
     example longer than the budget forms a batch of its own.
 
+    Under data parallelism accelerate deals the batches out to the `num_processes` processes in turn, and
+    completes a last round that not every process gets with the epoch's first batches again (`even_batches`):
+    their pairs would train twice per epoch. So the number of batches is made a multiple of `num_processes`
+    by halving the batches of the most examples (the budget still holds), and every pair trains once per
+    epoch. Only where every batch is a single example and no split is left is the rest repeated, with a
+    warning naming how many.
+
     >>> sampler = TokenBudgetBatchSampler([5, 5, 9, 2, 3], max_tokens=10, seed=0, shuffle=False)
     >>> list(sampler)
     [[0, 1], [2], [3, 4]]
+    >>> list(TokenBudgetBatchSampler([5, 5, 9, 2, 3], max_tokens=10, seed=0, shuffle=False, num_processes=2))
+    [[0], [1], [2], [3, 4]]
     """
 
-    def __init__(self, lengths: Sequence[int], max_tokens: int, *, seed: int = 0, shuffle: bool = True):
+    def __init__(
+        self,
+        lengths: Sequence[int],
+        max_tokens: int,
+        *,
+        seed: int = 0,
+        shuffle: bool = True,
+        num_processes: int = 1,
+    ):
         if max_tokens < 1:
             raise ValueError(f"max_tokens must be positive, got {max_tokens}")
+        if num_processes < 1:
+            raise ValueError(f"num_processes must be positive, got {num_processes}")
         self.seed, self.shuffle, self.epoch = seed, shuffle, 0
         order = list(range(len(lengths)))
         if shuffle:
@@ -42,6 +64,18 @@ class TokenBudgetBatchSampler(torch.utils.data.Sampler[list[int]]):
             used += lengths[index]
         if current:
             self.batches.append(current)
+        self.repeated = _share_evenly(self.batches, num_processes)
+        if self.repeated:
+            logger.warning(
+                "max_tokens_per_batch=%d: the %d batches (each a single example) cannot be shared evenly by %d "
+                "processes, so accelerate repeats %d of them at the end of each epoch: %d pair(s) train twice "
+                "per epoch. Raise max_tokens_per_batch to let batches hold two examples or more.",
+                max_tokens,
+                len(self.batches),
+                num_processes,
+                self.repeated,
+                self.repeated,
+            )
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -58,9 +92,23 @@ class TokenBudgetBatchSampler(torch.utils.data.Sampler[list[int]]):
         return len(self.batches)
 
 
+def _share_evenly(batches: list[list[int]], num_processes: int) -> int:
+    """Split the batches of the most examples in two, in place, until `num_processes` divides their number;
+    the batches still missing where only single examples are left (0 when none)."""
+    while len(batches) % num_processes:
+        position = max(range(len(batches)), key=lambda i: len(batches[i]))
+        batch = batches[position]
+        if len(batch) < 2:
+            return num_processes - len(batches) % num_processes
+        half = len(batch) // 2
+        batches[position : position + 1] = [batch[:half], batch[half:]]
+    return 0
+
+
 def token_budget_loader(dataset, layout: str, collate_fn, args) -> torch.utils.data.DataLoader:
     """A training loader whose batches are whole examples filling `args.max_tokens_per_batch` tokens of `layout`
-    (`args`: the run's `DPOConfig`, for the budget, the seed and the loader settings)."""
+    (`args`: the run's `DPOConfig`, for the budget, the seed, the number of processes and the loader settings);
+    `accelerator.prepare` then deals its batches out to the processes, each pair once per epoch."""
     lengths = [
         example_tokens(len(prompt), [len(r) for r in responses], layout)
         for prompt, responses in zip(dataset["prompt_ids"], dataset["response_ids"])
@@ -69,7 +117,10 @@ def token_budget_loader(dataset, layout: str, collate_fn, args) -> torch.utils.d
     return torch.utils.data.DataLoader(
         dataset.select_columns(columns),
         batch_sampler=TokenBudgetBatchSampler(
-            lengths, args.max_tokens_per_batch, seed=args.data_seed or args.seed
+            lengths,
+            args.max_tokens_per_batch,
+            seed=args.data_seed or args.seed,
+            num_processes=args.world_size,
         ),
         collate_fn=collate_fn,
         num_workers=args.dataloader_num_workers,

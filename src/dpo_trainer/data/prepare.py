@@ -292,6 +292,7 @@ def prepare_dataset(
     use_weighting: bool = False,
     num_proc: int | None = None,
     name: str = "dataset",
+    warn_identical: bool = True,
 ):
     """Rows in any supported format -> `prompt_ids`, `response_ids` (one tokenized row per example).
 
@@ -301,7 +302,9 @@ def prepare_dataset(
     checked, truncated and dropped as text rows are, and keep their `ref_logps` (one per response) where nothing
     is cut; text beside tokenized columns follows `_row_kind`. A streamed `datasets.IterableDataset` is
     tokenized lazily, as it is read. Rows whose responses are truncated away entirely are dropped with a
-    warning (all of them: a value error). None gives None.
+    warning (all of them: a value error). Rows with two token-identical responses are kept, with one warning
+    giving their count and the first one's index (a streamed dataset: the first one's), unless `warn_identical`
+    is False (fine-tuning on the chosen responses alone, where rejected may repeat chosen). None gives None.
 
     >>> from dpo_trainer.tiny import train_tokenizer
     >>> tokenizer = train_tokenizer(["Q: hi A: hello bye"], vocab_size=60)
@@ -326,7 +329,7 @@ def prepare_dataset(
         "use_weighting": use_weighting,
     }
     if isinstance(dataset, IterableDataset):
-        return _prepare_streamed(dataset, tokenizer, settings, loss, name)
+        return _prepare_streamed(dataset, tokenizer, settings, loss, name, warn_identical)
     if isinstance(dataset, list):
         dataset = _as_dataset(dataset, tokenizer, settings, name)
     if not isinstance(dataset, Dataset):
@@ -345,7 +348,11 @@ def prepare_dataset(
         num_proc=num_proc,
         desc=f"Tokenizing {name}",
     )
-    emptied = [i for i, responses in enumerate(dataset["response_ids"]) if min(map(len, responses)) == 0]
+    all_responses = dataset["response_ids"]
+    emptied = [i for i, responses in enumerate(all_responses) if min(map(len, responses)) == 0]
+    if warn_identical:
+        identical = [i for i, responses in enumerate(all_responses) if _has_identical(responses)]
+        _warn_identical(identical, len(dataset), name)
     if emptied:
         if len(emptied) == len(dataset):
             raise ValueError(
@@ -365,6 +372,28 @@ def prepare_dataset(
     return dataset
 
 
+def _has_identical(responses: Sequence[Sequence[int]]) -> bool:
+    """Whether two of a row's responses are the same token ids (and not emptied by truncation)."""
+    kept = [tuple(ids) for ids in responses if ids]
+    return len(set(kept)) < len(kept)
+
+
+def _warn_identical(rows: list[int], total: int | None, name: str) -> None:
+    """Warn once about rows whose responses are token-identical (`rows`: their indices, in order)."""
+    if not rows:
+        return
+    how_many = f"{len(rows)} of {total} rows" if total is not None else "rows"
+    logger.warning(
+        "%s: %s (first: row %d) have two responses with identical token ids after tokenization and truncation: "
+        "under a preference loss their margin is 0 whatever the model does, so they add a constant (ln 2 for "
+        "DPO's sigmoid loss) and teach nothing while counting in the mean. Remove them, or raise max_length if "
+        "truncation made them equal.",
+        name,
+        how_many,
+        rows[0],
+    )
+
+
 def prepare_each(datasets, tokenizer, name: str, **settings):
     """`prepare_dataset` on a dataset, or on each dataset of a dict of them (named "<name>['<key>']")."""
     if isinstance(datasets, Mapping):
@@ -376,7 +405,7 @@ def prepare_each(datasets, tokenizer, name: str, **settings):
 
 
 def _prepare_streamed(
-    dataset: IterableDataset, tokenizer, settings: dict, loss: dict, name: str
+    dataset: IterableDataset, tokenizer, settings: dict, loss: dict, name: str, warn_identical: bool = True
 ) -> IterableDataset:
     """Tokenize a streamed dataset lazily; checks that need the whole set are made per row as it is read."""
     first = next(iter(dataset), None)
@@ -385,9 +414,12 @@ def _prepare_streamed(
     columns = list(first.keys())
     tokenize, num_responses = _row_tokenizer(columns, first, tokenizer, settings, name)
     check_ranking(num_responses, name=name, **loss)
-    warned = []
+    warned, identical = [], []
 
-    def keep(row) -> bool:
+    def keep(row, index) -> bool:
+        if warn_identical and not identical and _has_identical(row["response_ids"]):
+            identical.append(index)  # the count is not known before the stream is read: the first one only
+            _warn_identical(identical, None, name)
         kept = min(map(len, row["response_ids"])) > 0
         if not kept and not warned:
             warned.append(True)
@@ -399,7 +431,7 @@ def _prepare_streamed(
             )
         return kept
 
-    return dataset.map(tokenize, with_indices=True, remove_columns=columns).filter(keep)
+    return dataset.map(tokenize, with_indices=True, remove_columns=columns).filter(keep, with_indices=True)
 
 
 def named_datasets(datasets: Mapping) -> list[tuple[str, object]]:
@@ -414,14 +446,15 @@ def named_datasets(datasets: Mapping) -> list[tuple[str, object]]:
 
 
 def check_positions(datasets: Mapping, limit: tuple[str, int] | None) -> None:
-    """Refuse rows longer than a model's `max_position_embeddings` before training, not mid-run.
+    """Refuse rows longer than a model's positions before training, not mid-run.
 
-    `limit` is (model class name, positions) (`models.position_limit`). Every layout gives a response the
-    positions after its prompt, so a row needs prompt + longest response positions.
+    `limit` is (what limits, positions) (`models.position_limit`: `max_position_embeddings`, or the length a
+    RoPE scaling reaches). Every layout gives a response the positions after its prompt, so a row needs
+    prompt + longest response positions.
     """
     if limit is None:
         return
-    model_name, positions = limit
+    what, positions = limit
     for key, dataset in named_datasets(datasets):
         if not isinstance(dataset, Dataset):
             continue  # streamed: not known before training
@@ -433,7 +466,7 @@ def check_positions(datasets: Mapping, limit: tuple[str, int] | None) -> None:
             if length > positions:
                 raise ValueError(
                     f"{key} row {row} (after tokenization and truncation) needs {length} positions, but "
-                    f"{model_name} has max_position_embeddings={positions}; set DPOConfig.max_length <= {positions}."
+                    f"{what}; set DPOConfig.max_length <= {positions}."
                 )
 
 

@@ -509,12 +509,12 @@ class LLMJudge(Judge):
             response = connection.getresponse()
             declared = response.getheader("Content-Length", "")
             if declared.isdigit() and int(declared) > self.max_response_bytes:
-                raise JudgeError(self._too_large(f"declares {int(declared)} bytes"))
+                raise JudgeError(self._too_large(f"declares {int(declared)} bytes, more than"))
             chunks, size = [], 0
             while chunk := response.read(65536):
                 size += len(chunk)
                 if size > self.max_response_bytes:
-                    raise JudgeError(self._too_large("sent more"))
+                    raise JudgeError(self._too_large("sent more bytes than"))
                 chunks.append(chunk)
             if expired.is_set():
                 raise TimeoutError(f"no complete answer within timeout={self.timeout}s")
@@ -530,8 +530,9 @@ class LLMJudge(Judge):
             connection.close()
 
     def _too_large(self, what: str) -> str:
+        """`what` leads to the limit: "declares 5000 bytes, more than" or "sent more bytes than"."""
         return (
-            f"{self.url}: the answer {what} than max_response_bytes={self.max_response_bytes}; "
+            f"{self.url}: the answer {what} max_response_bytes={self.max_response_bytes}; "
             "a chat completion is far smaller: check base_url"
         )
 

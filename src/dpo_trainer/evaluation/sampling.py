@@ -9,6 +9,10 @@ argmax of the warped logits plus Gumbel noise drawn from that stream (the Gumbel
 draw from ``softmax(logits / temperature)`` within the nucleus). So what a prompt gets does not depend on
 which other prompts share its batch, on the batch size, or on which process draws it, and the work can be
 split across the processes of a distributed run (``across_processes=True``).
+
+A model whose logits are not finite (NaN weights after a diverged run) would "answer" with empty strings or
+junk and be judged as if it had said nothing: every step's logits are checked on the device
+(`FiniteLogitsCheck`, no extra host sync) and sampling raises `NonFiniteError` naming the model.
 """
 
 from __future__ import annotations
@@ -19,6 +23,8 @@ from collections.abc import Sequence
 import torch
 from tqdm.auto import tqdm
 from transformers import LogitsProcessor, LogitsProcessorList, TemperatureLogitsWarper, TopPLogitsWarper
+
+from ..guards import NonFiniteError
 
 
 def sample_responses(
@@ -60,6 +66,9 @@ def sample_responses(
     ``return_token_ids=True`` returns each continuation as the generated token ids instead of text, up
     to and including the first EOS (no EOS when ``max_new_tokens`` cut it short): the exact sequence
     whose probability a KL estimate needs (`dpo_trainer.evaluation.kl`).
+
+    Raises `dpo_trainer.guards.NonFiniteError` naming the model if its logits hold a NaN or +inf, or a row
+    of them is all -inf, at any generated token (e.g. a policy whose training diverged to NaN weights).
     """
     if temperature < 0:
         raise ValueError(f"temperature must be >= 0 (0 is greedy decoding), got {temperature}")
@@ -123,19 +132,21 @@ def sample_responses(
                 input_ids, attention_mask = _pad(
                     [encoded[i] for i in batch_rows], pad_id, left=not encoder_decoder
                 )
-                processors = None
+                finite = FiniteLogitsCheck()  # first: it sees the model's logits before any warper
+                processors = LogitsProcessorList([finite])
                 if not greedy:
                     seeds = [_row_seed(seed, *keys[position]) for position in batches[number]]
-                    warpers = [TemperatureLogitsWarper(temperature)]
+                    processors.append(TemperatureLogitsWarper(temperature))
                     if top_p < 1:
-                        warpers.append(TopPLogitsWarper(top_p))
-                    processors = LogitsProcessorList([*warpers, GumbelNoise(seeds)])
+                        processors.append(TopPLogitsWarper(top_p))
+                    processors.append(GumbelNoise(seeds))
                 output = model.generate(
                     input_ids=input_ids.to(device),
                     attention_mask=attention_mask.to(device),
                     logits_processor=processors,
                     **generation_kwargs,
                 )
+                finite.raise_if_seen(model, [keys[position][0] for position in batches[number]])
                 # A decoder-only model returns prompt + continuation; an encoder-decoder one returns the
                 # decoder start token + continuation.
                 continuation = output[:, 1:] if encoder_decoder else output[:, input_ids.shape[1] :]
@@ -159,6 +170,30 @@ def sample_responses(
         ids = completions[position]
         results[index].append(ids if return_token_ids else tokenizer.decode(ids, skip_special_tokens=True))
     return results
+
+
+class FiniteLogitsCheck(LogitsProcessor):
+    """Records, on the device (no host sync per token), whether any step's ``scores`` ``(rows, vocab)`` hold a
+    NaN or +inf or a row that is -inf throughout; `raise_if_seen` reads it once after generation. A -inf
+    beside finite values is allowed: generation's own processors mask tokens with it."""
+
+    def __init__(self):
+        self.seen: torch.Tensor | None = None
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        bad = torch.isnan(scores).any() | torch.isposinf(scores).any() | torch.isneginf(scores).all(-1).any()
+        self.seen = bad if self.seen is None else self.seen | bad
+        return scores
+
+    def raise_if_seen(self, model, prompt_indices: list[int]) -> None:
+        if self.seen is None or not bool(self.seen):
+            return
+        name = getattr(model, "name_or_path", None) or getattr(model.config, "_name_or_path", None) or "?"
+        raise NonFiniteError(
+            f"Sampling from {type(model).__name__} ({name!r}): its logits are not finite (NaN, +inf, or -inf "
+            f"for every token) for prompts among {sorted(set(prompt_indices))}; its weights are probably NaN "
+            "(a diverged training run). Its samples would be empty or junk and judged as real answers."
+        )
 
 
 class GumbelNoise(LogitsProcessor):
