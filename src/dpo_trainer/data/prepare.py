@@ -431,7 +431,14 @@ def _prepare_streamed(
             )
         return kept
 
-    return dataset.map(tokenize, with_indices=True, remove_columns=columns).filter(keep, with_indices=True)
+    # Columns the rows are replaced by are kept by name: datasets 3.0 removes `remove_columns` after the map,
+    # which would drop the new `prompt_ids` / `response_ids` of rows given tokenized (later releases remove first).
+    try:
+        produced = set(tokenize(dict(first), 0))
+    except ValueError:  # a bad first row is named when the stream is read
+        produced = {"prompt_ids", "response_ids"}
+    dropped = [column for column in columns if column not in produced]
+    return dataset.map(tokenize, with_indices=True, remove_columns=dropped).filter(keep, with_indices=True)
 
 
 def named_datasets(datasets: Mapping) -> list[tuple[str, object]]:
