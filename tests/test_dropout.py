@@ -14,7 +14,7 @@ from transformers import (
 )
 
 from dpo_trainer import DPOTrainer
-from dpo_trainer.reference import disable_dropout
+from dpo_trainer.models import disable_dropout
 
 from conftest import dpo_config, preference_rows
 

@@ -46,8 +46,7 @@ import torch
 from torch import nn
 from transformers import TrainerCallback
 
-from .logprobs import unwrap
-from .models import is_peft_model, unwrap_to_peft
+from .models import is_peft_model, unwrap, unwrap_to_peft
 
 __all__ = [
     "REFERENCE_ADAPTER",

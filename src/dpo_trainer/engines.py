@@ -26,7 +26,7 @@ import logging
 from torch import nn
 
 from ._compat import accelerate_prepared, deepspeed_engine, standing_in_for_policy, unregister_prepared
-from .models import hidden_size, is_fsdp2, is_fsdp_module, unwrap  # noqa: F401
+from .models import hidden_size, is_fsdp2, is_fsdp_module
 
 logger = logging.getLogger(__name__)
 

@@ -24,7 +24,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from .attention import grouped_attention_mask
-from .models import is_fsdp_module, unwrap  # noqa: F401
+from .models import is_fsdp_module, unwrap
 
 # About 64M float32 logits (256 MiB) per chunk when the chunk size is chosen automatically.
 AUTO_CHUNK_LOGITS = 1 << 26

@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 
 from .guards import NonFiniteError, reference_problem
 from .logprobs import sequence_logps
-from .models import disable_dropout, freeze, is_peft_model, unwrap, unwrap_to_peft  # noqa: F401
+from .models import disable_dropout, freeze, is_peft_model, unwrap, unwrap_to_peft
 
 logger = logging.getLogger(__name__)
 
