@@ -7,7 +7,7 @@ import tempfile
 
 import dpo_trainer
 from dpo_trainer import DPOConfig, DPOTrainer
-from dpo_trainer.tiny import tiny_causal_lm, train_tokenizer
+from dpo_trainer.testing import tiny_causal_lm, train_tokenizer
 
 assert "site-packages" in dpo_trainer.__file__, f"imported from the source tree: {dpo_trainer.__file__}"
 rows = [

@@ -54,7 +54,7 @@ def train(opts) -> None:
     from safetensors.torch import save_file
 
     from dpo_trainer import DPOConfig, DPOTrainer
-    from dpo_trainer.tiny import tiny_causal_lm, train_tokenizer
+    from dpo_trainer.testing import tiny_causal_lm, train_tokenizer
 
     torch.backends.cuda.matmul.allow_tf32 = False  # float32 for real: the arms must agree closely
     torch.backends.cudnn.allow_tf32 = False

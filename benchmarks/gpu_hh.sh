@@ -48,7 +48,7 @@ import json, os, sys, time
 import torch
 from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
 
-from dpo_trainer.tiny import train_tokenizer
+from dpo_trainer.testing import train_tokenizer
 
 started = time.time()
 with open("examples/data/hh_tiny/train.jsonl") as handle:

@@ -25,7 +25,7 @@ from dpo_trainer.data import PaddedCollator  # noqa: E402
 from dpo_trainer.data.layouts import GroupedCollator  # noqa: E402
 from dpo_trainer.logprobs import sequence_logps  # noqa: E402
 from dpo_trainer.losses import plackett_luce_loss, preference_loss  # noqa: E402
-from dpo_trainer.tiny import tiny_causal_lm  # noqa: E402
+from dpo_trainer.testing import tiny_causal_lm  # noqa: E402
 
 VOCAB = 512
 

@@ -249,7 +249,7 @@ def base_model(script_args: ScriptArguments, config: DPOConfig, train, out: str)
         return script_args.model
     path = os.path.join(out, "base")
     if not os.path.exists(os.path.join(path, "config.json")) and config.process_index == 0:
-        from dpo_trainer.tiny import tiny_causal_lm, train_tokenizer
+        from dpo_trainer.testing import tiny_causal_lm, train_tokenizer
 
         tokenizer = train_tokenizer((row["chosen"] + row["rejected"] for row in train), vocab_size=2000)
         model = tiny_causal_lm(

@@ -2,7 +2,7 @@
 
     python examples/sentiment.py                 # offline: tiny model, bundled reviews_tiny data, VADER reward
     accelerate launch examples/sentiment.py      # the same under accelerate
-    python examples/sentiment.py --model "$(python -c 'from dpo_trainer.gguf import smollm2_path; print(smollm2_path())')" \\
+    python examples/sentiment.py --model "$(python -c 'from dpo_trainer.testing import smollm2_path; print(smollm2_path())')" \\
         --sft_max_steps 10 --sft_learning_rate 1e-4 --max_steps 10 --per_device_train_batch_size 4 \\
         --learning_rate 5e-4 --betas 0.5 --methods dpo,preferred_ft --pair_prompts 16 --eval_prompts 24 \\
         --bon_n 1,2,4 --max_new_tokens 32 --max_length 96 --max_prompt_length 32 \\
@@ -273,7 +273,7 @@ def base_model(script_args: ScriptArguments, config: DPOConfig, train, out: str)
         return script_args.model
     path = os.path.join(out, "base")
     if not os.path.exists(os.path.join(path, "config.json")) and config.process_index == 0:
-        from dpo_trainer.tiny import tiny_causal_lm, train_tokenizer
+        from dpo_trainer.testing import tiny_causal_lm, train_tokenizer
 
         tokenizer = train_tokenizer(train["text"], vocab_size=800)
         model = tiny_causal_lm(

@@ -18,7 +18,7 @@ import pytest  # noqa: E402
 
 import dpo_trainer  # noqa: E402
 from dpo_trainer import DPOConfig  # noqa: E402
-from dpo_trainer.tiny import tiny_causal_lm, train_tokenizer  # noqa: E402
+from dpo_trainer.testing import tiny_causal_lm, train_tokenizer  # noqa: E402
 
 # The example scripts import their shared modules (`run_folder`, `hh_data`) as `python examples/<script>.py` does.
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"

@@ -23,7 +23,7 @@ from dpo_trainer.reference import (
     model_fingerprint,
     save_cached,
 )
-from dpo_trainer.tiny import tiny_causal_lm, train_tokenizer
+from dpo_trainer.testing import tiny_causal_lm, train_tokenizer
 
 from conftest import dpo_config, preference_rows
 

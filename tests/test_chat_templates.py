@@ -25,7 +25,7 @@ from transformers import PreTrainedTokenizerFast
 
 import dpo_trainer
 from dpo_trainer.data import detect_format, to_example, tokenize_example
-from dpo_trainer.tiny import tiny_causal_lm
+from dpo_trainer.testing import tiny_causal_lm
 
 # ---------------------------------------------------------------- templates, from the published ones
 

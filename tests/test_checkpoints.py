@@ -37,7 +37,7 @@ def losses(trainer) -> dict[int, float]:
 @pytest.fixture(scope="module")
 def finished_run(tmp_path_factory, tokenizer):
     """A 4-step run that saved checkpoint-2 and checkpoint-4, and its per-step losses."""
-    from dpo_trainer.tiny import tiny_causal_lm
+    from dpo_trainer.testing import tiny_causal_lm
 
     tmp = tmp_path_factory.mktemp("run")
     trainer = DPOTrainer(

@@ -10,7 +10,7 @@ from datasets import Dataset, IterableDataset
 from dpo_trainer import DPOTrainer
 from dpo_trainer.data.prepare import prepare_dataset
 from dpo_trainer.models import position_limit
-from dpo_trainer.tiny import tiny_causal_lm
+from dpo_trainer.testing import tiny_causal_lm
 
 from conftest import dpo_config, preference_rows
 

@@ -323,13 +323,13 @@ def test_pairs_need_a_scoring_judge_and_two_samples(hh, tmp_path):
 
 @pytest.mark.slow
 def test_a_real_pretrained_model_trains_samples_and_is_judged(hh, tmp_path):
-    """`--model` with SmolLM2-135M-Instruct (converted once by dpo_trainer.gguf): LoRA DPO straight from
+    """`--model` with SmolLM2-135M-Instruct (converted once by dpo_trainer.testing): LoRA DPO straight from
     the model, then sampling and judging on this process's device, the same samples as sample_responses."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from dpo_trainer.evaluation import sample_responses
-    from dpo_trainer.gguf import smollm2_path
+    from dpo_trainer.testing import smollm2_path
 
     model = smollm2_path()
     out = str(tmp_path / "smollm2")

@@ -269,7 +269,7 @@ def test_deepspeed_fp16_a_nan_loss_or_bf16_overflow_is_still_divergence():
 
 
 def test_rows_longer_than_the_models_positions_are_refused_before_training(tmp_path, tokenizer):
-    from dpo_trainer.tiny import tiny_causal_lm
+    from dpo_trainer.testing import tiny_causal_lm
 
     # GPT-2 learns absolute positions: a longer row would fail mid-training with an IndexError
     model = tiny_causal_lm(tokenizer, arch="gpt2", hidden_size=32, num_layers=1, n_positions=16)

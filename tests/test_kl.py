@@ -16,7 +16,7 @@ from dpo_trainer.evaluation.kl import (
     sequence_logprobs,
 )
 from dpo_trainer.evaluation.sampling import sample_responses
-from dpo_trainer.tiny import tiny_causal_lm
+from dpo_trainer.testing import tiny_causal_lm
 
 VOCAB = {"<pad>": 0, "<eos>": 1, "<bos>": 2, "a": 3, "b": 4, "c": 5}
 EOS = 1

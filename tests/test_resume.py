@@ -19,7 +19,7 @@ from transformers import TrainerCallback, TrainingArguments
 
 from dpo_trainer import DPOTrainer
 from dpo_trainer.checkpoints import checkpoint_kind
-from dpo_trainer.tiny import tiny_causal_lm
+from dpo_trainer.testing import tiny_causal_lm
 
 from conftest import dpo_config, preference_rows
 

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import pytest
 
 import run_folder  # examples/, on the path through conftest
-from dpo_trainer.tiny import tiny_causal_lm
+from dpo_trainer.testing import tiny_causal_lm
 
 
 @dataclass

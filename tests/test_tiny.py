@@ -1,4 +1,4 @@
-"""Tiny offline tokenizer and models (dpo_trainer.tiny)."""
+"""Tiny offline tokenizer and models (dpo_trainer.testing.tiny)."""
 
 import os
 
@@ -8,7 +8,7 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 import transformers  # noqa: E402
 
-from dpo_trainer.tiny import SPECIAL_TOKENS, tiny_causal_lm, train_tokenizer  # noqa: E402
+from dpo_trainer.testing import SPECIAL_TOKENS, tiny_causal_lm, train_tokenizer  # noqa: E402
 
 CORPUS = [
     "\n\nHuman: How do I make rice?\n\nAssistant: Simmer one cup of rice in two cups of water.",

@@ -29,7 +29,7 @@ import trl
 from datasets import Dataset
 
 import dpo_trainer
-from dpo_trainer.tiny import CHAT_TEMPLATE, tiny_causal_lm
+from dpo_trainer.testing import CHAT_TEMPLATE, tiny_causal_lm
 
 from conftest import preference_rows
 

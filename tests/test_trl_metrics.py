@@ -19,7 +19,7 @@ import dpo_trainer
 from dpo_trainer.data import PaddedCollator
 from dpo_trainer.data.layouts import GroupedCollator
 from dpo_trainer.logprobs import TOKEN_STATS, sequence_logps
-from dpo_trainer.tiny import tiny_causal_lm
+from dpo_trainer.testing import tiny_causal_lm
 
 from conftest import preference_rows
 

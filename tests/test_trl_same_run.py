@@ -23,7 +23,7 @@ from transformers import TrainingArguments
 
 import dpo_trainer
 from dpo_trainer.callbacks import REFERENCE_ADAPTER
-from dpo_trainer.tiny import tiny_causal_lm
+from dpo_trainer.testing import tiny_causal_lm
 
 from conftest import dpo_config, preference_rows
 

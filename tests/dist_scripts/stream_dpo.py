@@ -13,7 +13,7 @@ import torch
 from datasets import Dataset
 
 from dpo_trainer import DPOConfig, DPOTrainer
-from dpo_trainer.tiny import tiny_causal_lm, train_tokenizer
+from dpo_trainer.testing import tiny_causal_lm, train_tokenizer
 
 from conftest import preference_rows
 

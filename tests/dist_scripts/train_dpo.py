@@ -41,7 +41,7 @@ from accelerate.utils import gather_object  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
 
 from dpo_trainer import DPOConfig, DPOTrainer  # noqa: E402
-from dpo_trainer.tiny import tiny_causal_lm, train_tokenizer  # noqa: E402
+from dpo_trainer.testing import tiny_causal_lm, train_tokenizer  # noqa: E402
 
 from conftest import preference_rows  # noqa: E402
 

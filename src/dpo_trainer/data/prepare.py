@@ -306,7 +306,7 @@ def prepare_dataset(
     giving their count and the first one's index (a streamed dataset: the first one's), unless `warn_identical`
     is False (fine-tuning on the chosen responses alone, where rejected may repeat chosen). None gives None.
 
-    >>> from dpo_trainer.tiny import train_tokenizer
+    >>> from dpo_trainer.testing import train_tokenizer
     >>> tokenizer = train_tokenizer(["Q: hi A: hello bye"], vocab_size=60)
     >>> rows = [{"prompt": "Q: hi", "chosen": " A: hello", "rejected": " A: bye"}]
     >>> prepared = prepare_dataset(rows, tokenizer, max_length=32)
