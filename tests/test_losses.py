@@ -1105,12 +1105,12 @@ def test_ld_alpha_gives_the_same_metrics_in_every_layout(tmp_path, make_model, t
 
 
 def test_wpo_means_match_the_models_own_logits(tmp_path, make_model, tokenizer, pairs):
-    """sequence_logps(return_wpo_logps=True): mean over each response of log p_t - log sum_v p_v^2, from the
+    """score_responses(return_wpo_logps=True): mean over each response of log p_t - log sum_v p_v^2, from the
     full logits of the model's own forward pass; the weights are the exp of the per-pair sums."""
     import torch.nn.functional as F
 
     from dpo_trainer import DPOTrainer
-    from dpo_trainer.logprobs import sequence_logps
+    from dpo_trainer.logprobs import score_responses
     from dpo_trainer.losses import wpo_weights
 
     from conftest import dpo_config
@@ -1124,7 +1124,7 @@ def test_wpo_means_match_the_models_own_logits(tmp_path, make_model, tokenizer, 
     batch = trainer.data_collator([trainer.train_dataset[i] for i in range(5)])
     model = trainer.model
     with torch.no_grad():
-        logps, aligned = sequence_logps(model, batch, chunk_size=7, return_wpo_logps=True)
+        aligned = score_responses(model, batch, chunk_size=7, return_wpo_logps=True).wpo_logps
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.double()
     flat = logits.reshape(-1, logits.shape[-1])[batch["score_index"]]
     log_probs = F.log_softmax(flat, dim=-1)

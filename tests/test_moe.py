@@ -8,7 +8,7 @@ from transformers import MixtralConfig, MixtralForCausalLM, Qwen3MoeConfig, Qwen
 
 from dpo_trainer import DPOTrainer
 from dpo_trainer.data import PaddedCollator
-from dpo_trainer.logprobs import sequence_logps
+from dpo_trainer.logprobs import score_responses
 
 from conftest import dpo_config, preference_rows
 
@@ -137,7 +137,7 @@ def test_aux_loss_off_or_refused(tmp_path, tokenizer, make_model):
     assert not trainer.aux_loss_enabled
     features = [dict(row) for row in trainer.train_dataset.select(range(2))]
     with pytest.raises(ValueError, match="padded batch"):
-        sequence_logps(trainer.model, trainer.data_collator(features), return_aux_loss=True)
+        score_responses(trainer.model, trainer.data_collator(features), return_aux_loss=True)
     with pytest.raises(ValueError, match="router_aux_loss_coef.*LlamaForCausalLM"):
         DPOTrainer(
             make_model(),

@@ -18,7 +18,7 @@ from torch import nn
 import dpo_trainer
 from dpo_trainer.data import PaddedCollator
 from dpo_trainer.data.layouts import GroupedCollator
-from dpo_trainer.logprobs import TOKEN_STATS, sequence_logps
+from dpo_trainer.logprobs import TOKEN_STATS, score_responses, sequence_logps
 from dpo_trainer.testing import tiny_causal_lm
 
 from conftest import preference_rows
@@ -66,7 +66,8 @@ def test_token_statistics_match_the_models_own_logits(layout, head):
     collate = PaddedCollator(pad_token_id=0) if layout == "padded" else GroupedCollator(0, layout)
     batch = collate(rows)
     plain_logps = sequence_logps(model, batch, chunk_size=3)
-    logps, stats = sequence_logps(model, batch, chunk_size=3, return_token_stats=True)  # several chunks
+    scores = score_responses(model, batch, chunk_size=3, return_token_stats=True)
+    logps, stats = scores.logps, scores.token_stats  # several chunks
     assert TOKEN_STATS == ("mean_logit", "entropy", "is_top1")
     assert not stats.requires_grad and logps.requires_grad
     torch.testing.assert_close(logps, plain_logps)  # the log-probs are those without statistics

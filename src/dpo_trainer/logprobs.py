@@ -336,7 +336,31 @@ def logit_transform(model: nn.Module) -> LogitTransform:
     return entry(text_config) if entry is not None else LogitTransform()
 
 
+@dataclass
+class ResponseScores:
+    """What one forward pass of `score_responses` gives for a batch of B examples of K responses each.
+
+    Attributes:
+        logps: (B, K) float32, column k the summed log-probability of response k (with gradient).
+        aux_loss: the scalar Mixture-of-Experts load-balancing loss of the pass (with gradient), when asked.
+        wpo_logps: (B, K) WPO's aligned means (no gradient), when asked.
+        token_stats: (B, K, 3) float32 sums of the head's `TOKEN_STATS` (no gradient), when asked.
+    """
+
+    logps: torch.Tensor
+    aux_loss: torch.Tensor | None = None
+    wpo_logps: torch.Tensor | None = None
+    token_stats: torch.Tensor | None = None
+
+
 def sequence_logps(
+    model: nn.Module, batch: Mapping[str, torch.Tensor], *, chunk_size: int | None = None
+) -> torch.Tensor:
+    """(B, K) float32 summed log-probabilities of every response in `batch` under `model` (`score_responses`)."""
+    return score_responses(model, batch, chunk_size=chunk_size).logps
+
+
+def score_responses(
     model: nn.Module,
     batch: Mapping[str, torch.Tensor],
     *,
@@ -344,8 +368,8 @@ def sequence_logps(
     return_aux_loss: bool = False,
     return_wpo_logps: bool = False,
     return_token_stats: bool = False,
-):
-    """Summed log-probabilities of every response in `batch` under `model`.
+) -> ResponseScores:
+    """Summed log-probabilities of every response in `batch` under `model`, and what the same pass can add.
 
     `model` is called through whatever wraps it (DDP, DeepSpeed, PEFT), so gradient synchronisation and
     adapters work as usual; a forward hook on its decoder takes the last hidden states and the model's own
@@ -368,9 +392,8 @@ def sequence_logps(
             entropy, target is the argmax), taken from the same chunks of logits as the log-probs.
 
     Returns:
-        (B, K) float32: column k is the summed log-probability of response k; with `return_aux_loss`,
-        also the scalar aux loss (with gradient); with `return_wpo_logps`, the (B, K) aligned means; with
-        `return_token_stats`, last, the (B, K, 3) sums.
+        `ResponseScores`: the (B, K) log-probs, and the aux loss, WPO means and token statistics asked for
+        (None otherwise).
     """
     inner = unwrap(model)
     decoder, head = inner.get_decoder(), inner.get_output_embeddings()
@@ -425,9 +448,9 @@ def sequence_logps(
     if batch.get("score_weight") is not None:  # per-token weights, e.g. LD-DPO's (`losses.ld_token_weights`)
         token_logps = token_logps * batch["score_weight"].to(token_logps.dtype)
     per_sequence = per_sequence.index_add(0, batch["score_seq"], token_logps)
-    results = [per_sequence.view(k, b).T]
+    scores = ResponseScores(logps=per_sequence.view(k, b).T)
     if return_aux_loss:
-        results.append(torch.as_tensor(outputs.aux_loss, dtype=torch.float32, device=token_logps.device))
+        scores.aux_loss = torch.as_tensor(outputs.aux_loss, dtype=torch.float32, device=token_logps.device)
     if return_wpo_logps:
         log_sum_sq = head_log_sum_sq_probs(
             flat.detach(), head, chunk_size=chunk_size, softcap=transform.softcap, scale=transform.scale
@@ -435,13 +458,13 @@ def sequence_logps(
         aligned = torch.zeros(k * b, dtype=torch.float32, device=token_logps.device)
         aligned = aligned.index_add(0, batch["score_seq"], unweighted_logps.detach() - log_sum_sq)
         counts = batch["response_lengths"].T.reshape(-1).clamp_min(1).to(aligned.dtype)
-        results.append((aligned / counts).view(k, b).T)
+        scores.wpo_logps = (aligned / counts).view(k, b).T
     if return_token_stats:
         sums = token_stats.new_zeros(k * b, token_stats.shape[1]).index_add(
             0, batch["score_seq"], token_stats
         )
-        results.append(sums.view(k, b, -1).transpose(0, 1))
-    return tuple(results) if len(results) > 1 else results[0]
+        scores.token_stats = sums.view(k, b, -1).transpose(0, 1)
+    return scores
 
 
 # Largest mean difference per scored token (nats) between `sequence_logps` and the model's own logits that

@@ -87,7 +87,7 @@ class DPOMetrics:
         """Add a batch's per-example values to `mode`'s sums, on the device (no host sync).
 
         `policy` (B, K) log-probs, `rewards` (B, K), `losses` (B,); `token_stats` (B, K, 3) are
-        `sequence_logps`'s per-response sums of the head's token statistics, divided by the completion token
+        `score_responses`'s per-response sums of the head's token statistics, divided by the completion token
         counts of `batch` in `means`. Rankings log best (response 0) against worst (the last).
         """
         chosen, rejected = rewards[:, 0], rewards[:, -1]

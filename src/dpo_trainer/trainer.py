@@ -30,7 +30,7 @@ from .data.layouts import default_collator
 from .data.prepare import TOKENIZED_COLUMNS, check_positions, check_streaming, prepare_dataset, prepare_each
 from .engines import evaluating_before_training, policy_prepared, prepare_reference
 from .guards import NonFiniteError, StepGuard, check_finite_before_save
-from .logprobs import check_models_logps, sequence_logps
+from .logprobs import check_models_logps, score_responses
 from .losses import (
     RunningMean,
     ld_token_weights,
@@ -204,7 +204,7 @@ class DPOTrainer(StopsAtTheEnd, TrainerOverrides, Trainer):
         always the (B, K, 3) sums of the head's token statistics behind TRL's `logits/*`, `entropy` and
         `mean_token_accuracy` metrics (an override that keeps none logs no such metrics).
         """
-        logps, *extra = sequence_logps(
+        scores = score_responses(
             model,
             batch,
             chunk_size=self.args.logprob_chunk_size,
@@ -212,12 +212,9 @@ class DPOTrainer(StopsAtTheEnd, TrainerOverrides, Trainer):
             return_wpo_logps=self.args.use_weighting,
             return_token_stats=True,
         )
-        if self.aux_loss_enabled:
-            self._router_aux_loss = extra.pop(0)
-        if self.args.use_weighting:
-            self._wpo_logps = extra.pop(0)
-        self._token_stats = extra.pop(0)
-        return logps
+        self._router_aux_loss, self._wpo_logps = scores.aux_loss, scores.wpo_logps
+        self._token_stats = scores.token_stats
+        return scores.logps
 
     def reference_logps(self, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
         """(B, K) summed log-probs of each response under π_ref: precomputed, or computed without gradient."""
