@@ -80,6 +80,9 @@ def test_the_batches_are_a_multiple_of_the_processes_each_example_once(num_proce
 def test_single_example_batches_that_cannot_be_shared_evenly_are_counted(caplog):
     with caplog.at_level("WARNING", logger="dpo_trainer.data.batching"):
         sampler = TokenBudgetBatchSampler([9, 8, 7], max_tokens=10, seed=0, num_processes=2)
-    assert len(sampler) == 3 and sampler.repeated == 1
+    assert len(sampler) == 4 and sampler.repeated == 1  # each of the 2 processes takes 2 steps
+    batches = list(sampler)
+    assert len(batches) == 4 and batches[3] == batches[0]  # the epoch's first batch, again at its end
+    assert sorted(i for batch in batches[:3] for i in batch) == [0, 1, 2]
     assert "the 3 batches (each a single example) cannot be shared evenly by 2 processes" in caplog.text
     assert "1 pair(s) train twice per epoch" in caplog.text

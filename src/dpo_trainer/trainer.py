@@ -323,7 +323,13 @@ class DPOTrainer(StopsAtTheEnd, TrainerOverrides, Trainer):
         if self.args.max_tokens_per_batch is None:
             return super().get_train_dataloader()
         loader = token_budget_loader(self.train_dataset, self.layout, self.data_collator, self.args)
-        return self.accelerator.prepare(loader)
+        # its batches are already a multiple of the process count (`TokenBudgetBatchSampler`): accelerate must not
+        # complete a last round with repeated batches, which accelerate 1.8 also refuses for such a sampler
+        even_batches, self.accelerator.even_batches = self.accelerator.even_batches, False
+        try:
+            return self.accelerator.prepare(loader)
+        finally:
+            self.accelerator.even_batches = even_batches
 
     def training_step(self, *args, **kwargs):
         # DPOConfig.activation_offloading: the tensors autograd saves for backward wait in CPU memory.

@@ -23,12 +23,13 @@ class TokenBudgetBatchSampler(torch.utils.data.Sampler[list[int]]):
     and the same step cost profile; each epoch visits the batches in a new seeded order (`set_epoch`). An
     example longer than the budget forms a batch of its own.
 
-    Under data parallelism accelerate deals the batches out to the `num_processes` processes in turn, and
-    completes a last round that not every process gets with the epoch's first batches again (`even_batches`):
-    their pairs would train twice per epoch. So the number of batches is made a multiple of `num_processes`
-    by halving the batches of the most examples (the budget still holds), and every pair trains once per
-    epoch. Only where every batch is a single example and no split is left is the rest repeated, with a
-    warning naming how many.
+    Under data parallelism accelerate deals the batches out to the `num_processes` processes in turn (the
+    trainer prepares this loader with `even_batches=False`: accelerate's own completion of a last round would
+    train the epoch's first batches twice, and accelerate 1.8 refuses it for a sampler without a batch size).
+    So the number of batches is made a multiple of `num_processes` by halving the batches of the most examples
+    (the budget still holds), and every pair trains once per epoch. Only where every batch is a single example
+    and no split is left does the sampler itself repeat the epoch's first batches at its end, so that every
+    process takes as many steps, with a warning naming how many.
 
     >>> sampler = TokenBudgetBatchSampler([5, 5, 9, 2, 3], max_tokens=10, seed=0, shuffle=False)
     >>> list(sampler)
@@ -68,8 +69,8 @@ class TokenBudgetBatchSampler(torch.utils.data.Sampler[list[int]]):
         if self.repeated:
             logger.warning(
                 "max_tokens_per_batch=%d: the %d batches (each a single example) cannot be shared evenly by %d "
-                "processes, so accelerate repeats %d of them at the end of each epoch: %d pair(s) train twice "
-                "per epoch. Raise max_tokens_per_batch to let batches hold two examples or more.",
+                "processes, so %d of them are repeated at the end of each epoch: %d pair(s) train twice per "
+                "epoch. Raise max_tokens_per_batch to let batches hold two examples or more.",
                 max_tokens,
                 len(self.batches),
                 num_processes,
@@ -81,15 +82,15 @@ class TokenBudgetBatchSampler(torch.utils.data.Sampler[list[int]]):
         self.epoch = epoch
 
     def __iter__(self) -> Iterator[list[int]]:
-        if not self.shuffle:
-            yield from self.batches
-            return
-        generator = torch.Generator().manual_seed(self.seed + 1 + self.epoch)
-        for position in torch.randperm(len(self.batches), generator=generator).tolist():
+        order = list(range(len(self.batches)))
+        if self.shuffle:
+            generator = torch.Generator().manual_seed(self.seed + 1 + self.epoch)
+            order = torch.randperm(len(self.batches), generator=generator).tolist()
+        for position in order + order[: self.repeated]:  # every process takes as many steps
             yield self.batches[position]
 
     def __len__(self) -> int:
-        return len(self.batches)
+        return len(self.batches) + self.repeated
 
 
 def _share_evenly(batches: list[list[int]], num_processes: int) -> int:
