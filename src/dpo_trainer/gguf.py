@@ -1,31 +1,12 @@
-"""Deprecated: moved to `dpo_trainer.testing` (this path goes away in the next release)."""
+"""Deprecated: moved to `dpo_trainer.testing` (this path goes away in the next release).
+
+Importing it warns; its names are `dpo_trainer.testing.gguf`'s own objects.
+"""
 
 import warnings
 
-from dpo_trainer.testing.gguf import (
-    CACHE_VARIABLE,
-    CHECK_TEXT,
-    CONVERSION_RECORD,
-    SMOLLM2_FILE,
-    SMOLLM2_PACKAGE,
-    cache_dir,
-    convert_gguf,
-    logits_fingerprint,
-    smollm2_gguf_file,
-    smollm2_path,
-)
+from dpo_trainer.testing import gguf as _moved
 
 warnings.warn("dpo_trainer.gguf is deprecated, import from dpo_trainer.testing", FutureWarning, stacklevel=2)
-
-__all__ = [
-    "CACHE_VARIABLE",
-    "CHECK_TEXT",
-    "CONVERSION_RECORD",
-    "SMOLLM2_FILE",
-    "SMOLLM2_PACKAGE",
-    "cache_dir",
-    "convert_gguf",
-    "logits_fingerprint",
-    "smollm2_gguf_file",
-    "smollm2_path",
-]
+__all__ = list(_moved.__all__)
+globals().update({name: getattr(_moved, name) for name in __all__})

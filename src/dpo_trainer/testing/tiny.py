@@ -19,6 +19,8 @@ import torch
 import transformers
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
+__all__ = ["CHAT_TEMPLATE", "MAX_POSITIONS", "SPECIAL_TOKENS", "tiny_causal_lm", "train_tokenizer"]
+
 SPECIAL_TOKENS = {"pad_token": "<pad>", "eos_token": "<eos>", "bos_token": "<bos>", "unk_token": "<unk>"}
 
 # Anthropic-HH style: "\n\nHuman: ..." and "\n\nAssistant: ..." turns, no EOS text after assistant turns
