@@ -96,7 +96,7 @@ def loss_uses(name: str, input_name: str) -> bool:
 
 
 def needs_reward_shift(loss_type: str | Sequence[str]) -> bool:
-    """Whether a selected loss names ``reward_shift`` in its signature, so its caller must keep BCO's delta.
+    """Whether a selected loss takes ``reward_shift`` (`loss_uses`), so its caller must keep BCO's delta.
 
     Of the built-ins only ``bco_pair_paper`` does (TRL's ``bco_pair`` has no shift). Deprecated names are
     read as their new names, without a warning (validation warns).
@@ -105,9 +105,7 @@ def needs_reward_shift(loss_type: str | Sequence[str]) -> bool:
     (False, True)
     """
     names = [_current_name(name, DEPRECATED_LOSS_NAMES, LOSSES) for name in _as_list(loss_type)]
-    return any(
-        name in LOSSES and "reward_shift" in inspect.signature(LOSSES[name]).parameters for name in names
-    )
+    return any(name in LOSSES and loss_uses(name, "reward_shift") for name in names)
 
 
 def _check_beta(beta: float) -> None:
