@@ -11,9 +11,9 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-import dpo_trainer.reference
+import dpo_trainer.reference.precompute
 from dpo_trainer import DPOTrainer
-from dpo_trainer.reference import (
+from dpo_trainer.reference.cache import (
     CACHE_KEY_FIELD,
     STALE_TEMPORARY_S,
     _temporary_name,
@@ -104,7 +104,7 @@ def test_a_valid_cache_is_used_as_it_is(tmp_path, make_model, tokenizer, fresh, 
     def fail(*args, **kwargs):
         raise AssertionError("the cache should have been used")
 
-    monkeypatch.setattr(dpo_trainer.reference, "compute_reference_column", fail)
+    monkeypatch.setattr(dpo_trainer.reference.precompute, "compute_reference_column", fail)
     assert torch.equal(precompute(tmp_path, make_model, tokenizer, path.parent, "again"), values)
 
 

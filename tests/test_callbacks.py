@@ -1,4 +1,4 @@
-"""TR-DPO's reference updates (`dpo_trainer.callbacks`): the soft update's arithmetic, its schedule inside a
+"""TR-DPO's reference updates (`dpo_trainer.reference.sync`): the soft update's arithmetic, its schedule inside a
 training run, that the loss uses the updated reference, and the combinations refused (as TRL 1.16 does)."""
 
 import math
@@ -9,7 +9,7 @@ from torch import nn
 from transformers import TrainerCallback
 
 from dpo_trainer import DPOTrainer
-from dpo_trainer.callbacks import SyncRefModelCallback, mix_into
+from dpo_trainer.reference.sync import SyncRefModelCallback, mix_into
 
 from conftest import dpo_config
 

@@ -15,7 +15,7 @@ from types import SimpleNamespace
 import pytest
 
 from dpo_trainer import DPOConfig
-from dpo_trainer import config as config_module
+from dpo_trainer import launch as launch_module
 
 from conftest import DIST_TIMEOUT_S, TESTS, TORCHRUN_TWO_PROCESSES, dist_env
 
@@ -69,34 +69,34 @@ def test_a_launch_of_several_processes_without_an_accelerator_sets_use_cpu(monke
         )
 
     one = args()
-    config_module._use_cpu_for_launched_processes(one)
+    launch_module.use_cpu_for_launched_processes(one)
     assert not one.use_cpu  # one process: as the user set it
     monkeypatch.setenv("WORLD_SIZE", "2")
     launched = args()
-    with caplog.at_level(logging.INFO, logger="dpo_trainer.config"):
-        config_module._use_cpu_for_launched_processes(launched)
+    with caplog.at_level(logging.INFO, logger="dpo_trainer.launch"):
+        launch_module.use_cpu_for_launched_processes(launched)
     assert launched.use_cpu
     assert "2 processes were launched on a machine without an accelerator, so use_cpu=True" in caplog.text
     # left alone: DeepSpeed (use_cpu would drop it) and a state the user configured beforehand
     for kept in (args(deepspeed={"zero_optimization": {"stage": 2}}),
                  args(accelerator_config={"use_configured_state": True})):  # fmt: skip
-        config_module._use_cpu_for_launched_processes(kept)
+        launch_module.use_cpu_for_launched_processes(kept)
         assert not kept.use_cpu
     monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")  # accelerate launch with a DeepSpeed config
     kept = args()
-    config_module._use_cpu_for_launched_processes(kept)
+    launch_module.use_cpu_for_launched_processes(kept)
     assert not kept.use_cpu
     monkeypatch.delenv("ACCELERATE_USE_DEEPSPEED")
     # a GPU: accelerate runs the processes data-parallel on it
     monkeypatch.setattr("transformers.utils.is_torch_cuda_available", lambda: True)
     on_gpu = args()
-    config_module._use_cpu_for_launched_processes(on_gpu)
+    launch_module.use_cpu_for_launched_processes(on_gpu)
     assert not on_gpu.use_cpu
     # MPS has no multi-process backend: refused, saying what to pass
     monkeypatch.setattr("transformers.utils.is_torch_cuda_available", lambda: False)
     monkeypatch.setattr("transformers.utils.is_torch_mps_available", lambda: True)
     with pytest.raises(ValueError, match=r"\(MPS\) cannot run several processes .*pass use_cpu=True"):
-        config_module._use_cpu_for_launched_processes(args())
+        launch_module.use_cpu_for_launched_processes(args())
 
 
 @pytest.mark.slow

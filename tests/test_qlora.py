@@ -123,7 +123,7 @@ def test_a_given_qlora_adapter_is_its_own_frozen_reference(tmp_path, make_model,
     # QLoRA SFT, then DPO on the same adapter: a PeftModel over a 4-bit base, given with peft_config=None.
     from peft import get_peft_model
 
-    from dpo_trainer.callbacks import REFERENCE_ADAPTER
+    from dpo_trainer.reference.sync import REFERENCE_ADAPTER
 
     path = str(tmp_path / "base")
     make_model(hidden_size=64).save_pretrained(path)

@@ -9,7 +9,7 @@ import copy
 import torch
 
 from dpo_trainer import DPOTrainer
-from dpo_trainer.engines import deepspeed_inference_config, frozen_copy
+from dpo_trainer.placement import deepspeed_inference_config, frozen_copy
 
 from conftest import dpo_config
 

@@ -1,4 +1,4 @@
-"""TR-DPO's reference updates with a LoRA policy (`dpo_trainer.callbacks`): the reference is a second, frozen
+"""TR-DPO's reference updates with a LoRA policy (`dpo_trainer.reference.sync`): the reference is a second, frozen
 adapter on the same base model, started as a copy of the policy's adapter and mixed into every τ steps."""
 
 import os
@@ -9,13 +9,13 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import TrainerCallback
 
 from dpo_trainer import DPOTrainer
-from dpo_trainer.callbacks import (
+from dpo_trainer.logprobs import sequence_logps
+from dpo_trainer.reference.sync import (
     REFERENCE_ADAPTER,
     SyncRefModelCallback,
     add_reference_adapter,
     mix_reference_adapter,
 )
-from dpo_trainer.logprobs import sequence_logps
 
 from conftest import dpo_config
 

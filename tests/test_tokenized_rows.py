@@ -1,7 +1,7 @@
 """Rows given already tokenized (ours: `prompt_ids`, `response_ids`, `ref_logps`; TRL's: `prompt_ids`,
 `chosen_ids`, `rejected_ids`) get what text rows get: truncation, the ranking checks, the dropping of rows
 whose response is cut away, errors naming the row and the field. Text beside tokenized columns follows one
-rule (`data.prepare._row_kind`). TRL 1.16 is the oracle for the token ids of its own tokenized rows."""
+rule (`data.tokenized.row_kind`). TRL 1.16 is the oracle for the token ids of its own tokenized rows."""
 
 import math
 

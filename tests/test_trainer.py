@@ -8,7 +8,7 @@ import torch
 from datasets import Dataset
 from peft import LoraConfig
 
-import dpo_trainer.reference
+import dpo_trainer.reference.precompute
 from dpo_trainer import DPOTrainer
 from dpo_trainer.attention import choose_attention, grouped_layout_unsupported, resolve_layout
 from dpo_trainer.data import PaddedCollator
@@ -220,7 +220,7 @@ def test_precomputed_reference_trains_like_the_live_one_and_is_cached(
     def fail(*a, **k):
         raise AssertionError("the cache should have been used")
 
-    monkeypatch.setattr(dpo_trainer.reference, "compute_reference_column", fail)
+    monkeypatch.setattr(dpo_trainer.reference.precompute, "compute_reference_column", fail)
     again = DPOTrainer(
         make_model(seed=2), args=args, train_dataset=pairs, eval_dataset=held_out, processing_class=tokenizer
     )

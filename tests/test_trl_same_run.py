@@ -22,7 +22,7 @@ from safetensors.torch import load_file
 from transformers import TrainingArguments
 
 import dpo_trainer
-from dpo_trainer.callbacks import REFERENCE_ADAPTER
+from dpo_trainer.reference.sync import REFERENCE_ADAPTER
 from dpo_trainer.testing import tiny_causal_lm
 
 from conftest import dpo_config, preference_rows
@@ -307,7 +307,7 @@ def test_trls_config_is_accepted_and_trains_exactly_as_ours(tmp_path, tokenizer,
         ("trl", trl.DPOConfig(output_dir=str(tmp_path / "trl"), **settings)),
         ("script", ScriptConfig(output_dir=str(tmp_path / "script"), chat_template="{{ x }}", **settings)),
     ):
-        with caplog.at_level(logging.WARNING, logger="dpo_trainer.config"):
+        with caplog.at_level(logging.WARNING, logger="dpo_trainer.trl_config"):
             trainer = dpo_trainer.DPOTrainer(
                 make_model(seed=4), args=config, train_dataset=ROWS, processing_class=tokenizer
             )

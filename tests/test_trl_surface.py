@@ -403,16 +403,16 @@ def test_trust_remote_code_reaches_model_and_tokenizer(tmp_path, model_dir, pair
 def test_precompute_ref_batch_size_sets_the_batches_not_the_values(
     tmp_path, make_model, tokenizer, pairs, monkeypatch
 ):
-    import dpo_trainer.reference as reference_module
+    import dpo_trainer.reference.precompute as precompute_module
 
     totals = []
-    real = reference_module.compute_dataset_reference_logps
+    real = precompute_module.compute_dataset_reference_logps
 
     def spy(batches, score, *, total, **kwargs):
         totals.append(total)
         return real(batches, score, total=total, **kwargs)
 
-    monkeypatch.setattr(reference_module, "compute_dataset_reference_logps", spy)
+    monkeypatch.setattr(precompute_module, "compute_dataset_reference_logps", spy)
 
     def column(**overrides):
         args = dpo_config(tmp_path / str(overrides), precompute_ref_log_probs=True, **overrides)

@@ -6,7 +6,7 @@ is built and fails with the names that moved, rather than letting a renamed priv
 silently (an override of a method the base class no longer calls would be dead code).
 
 A leaf: it imports no module of this package, so that every module may use it. What the touches are for (the
-trainer's hooks, the policy's placement in `engines`) lives with the code that uses them.
+trainer's hooks, the policy's placement in `placement`) lives with the code that uses them.
 """
 
 from __future__ import annotations

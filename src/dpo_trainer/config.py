@@ -2,20 +2,16 @@
 
 from __future__ import annotations
 
-import logging
 import math
-import os
 from dataclasses import dataclass, field
 from typing import Any
 
-import torch
 from transformers import TrainingArguments
 
 from .data.layouts import LAYOUTS
 from .data.tokenize import TRUNCATION_MODES
+from .launch import bf16_supported, use_cpu_for_launched_processes
 from .losses import DEPRECATED_F_DIVERGENCES, check_loss_settings
-
-logger = logging.getLogger(__name__)
 
 PEFT_REFERENCES = ("copy", "base")
 
@@ -96,7 +92,7 @@ class DPOConfig(TrainingArguments):
             `precompute_ref_log_probs`, nor with the `sft` loss.
         sync_ref_model: TR-DPO (Gorbatovski et al. 2024, arXiv 2404.09656): every `ref_model_sync_steps`
             optimizer steps set the reference to `ref_model_mixup_alpha` x policy + (1 - α) x reference
-            (`dpo_trainer.callbacks.SyncRefModelCallback`). Full fine-tuning mixes the frozen copy (or the
+            (`dpo_trainer.reference.sync.SyncRefModelCallback`). Full fine-tuning mixes the frozen copy (or the
             `ref_model` given). With a PEFT adapter (which TRL refuses) the reference is a second, frozen
             adapter named "reference" on the same base model, started as a copy of the policy's adapter
             when the trainer is built; it is saved in a `reference/` subfolder and restored on resume. Not
@@ -423,7 +419,7 @@ class DPOConfig(TrainingArguments):
             )
         self._resolve_trl_defaults()
         # after bf16 is resolved, so that one process and several train in the same precision
-        _use_cpu_for_launched_processes(self)
+        use_cpu_for_launched_processes(self)
         super().__post_init__()
         if self.pad_to_multiple_of == "auto":
             # Neuron compiles once per input shape; padding bounds the number of compilations (as TRL does)
@@ -440,7 +436,7 @@ class DPOConfig(TrainingArguments):
         that is set, so TRL's default does not raise transformers' deprecation warning of the old name.
         """
         if self.bf16 is None:
-            self.bf16 = not self.fp16 and _bf16_supported(self.use_cpu)
+            self.bf16 = not self.fp16 and bf16_supported(self.use_cpu)
             # said by the trainer that trains with it (`BF16_FALLBACK`), not by every parse or copy of a config
             self._bf16_fell_back = not self.fp16 and not self.bf16
         if self.activation_checkpointing is None:
@@ -459,150 +455,3 @@ class DPOConfig(TrainingArguments):
     def loss_settings(self) -> dict:
         """Keyword arguments of `losses.preference_loss` for this run."""
         return {name: getattr(self, name) for name in LOSS_FIELDS}
-
-
-BF16_FALLBACK = (
-    "DPOConfig: this machine has no bf16 support (no bf16 GPU and use_cpu=False), so training runs in float32 "
-    "instead of TRL's default bf16. Pass use_cpu=True for bf16 autocast on the CPU as TRL does, or bf16=False "
-    "to choose float32 explicitly."
-)
-
-
-MULTI_CPU_LAUNCH = (
-    "DPOConfig: {processes} processes were launched on a machine without an accelerator, so use_cpu=True: they "
-    "train as one data-parallel run on the CPU (gloo). Without it, transformers gives each process world_size 1 "
-    "and each would train alone on all the data."
-)
-
-
-def _launched_processes() -> int:
-    """How many processes the launcher started (torchrun, accelerate launch, mpirun), as accelerate counts them."""
-    for name in ("WORLD_SIZE", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE"):
-        if os.environ.get(name, "").strip().isdigit():
-            return int(os.environ[name])
-    return 1
-
-
-def _use_cpu_for_launched_processes(config: DPOConfig) -> None:
-    """Several launched processes on a machine without an accelerator: set `use_cpu=True`, so that they train
-    as one data-parallel run (accelerate's MULTI_CPU, gloo).
-
-    Without `use_cpu`, accelerate (1.16) builds its multi-process state only for an accelerator, and every
-    process trains alone on all the data (transformers only logs "process group is initialized, but
-    parallel_mode != ParallelMode.DISTRIBUTED"). An MPS device has no multi-process backend: refused, with what
-    to pass. Left alone: DeepSpeed, asked for by the field or by accelerate's launcher (transformers would drop
-    it under `use_cpu`), and a state configured beforehand (`accelerator_config={"use_configured_state": True}`).
-    """
-    from transformers.utils import (
-        is_torch_cuda_available,
-        is_torch_hpu_available,
-        is_torch_mlu_available,
-        is_torch_mps_available,
-        is_torch_musa_available,
-        is_torch_neuron_available,
-        is_torch_npu_available,
-        is_torch_xla_available,
-        is_torch_xpu_available,
-    )
-
-    def environment_says(name: str) -> bool:
-        return os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "y", "on")
-
-    processes = _launched_processes()
-    configured = config.accelerator_config  # a dict, an AcceleratorConfig, a JSON file's path or None
-    if isinstance(configured, dict):
-        configured = configured.get("use_configured_state", False)
-    else:
-        configured = getattr(configured, "use_configured_state", False)
-    deepspeed = config.deepspeed or environment_says("ACCELERATE_USE_DEEPSPEED")
-    if processes < 2 or config.use_cpu or environment_says("ACCELERATE_USE_CPU") or deepspeed or configured:
-        return
-    accelerators = (is_torch_cuda_available, is_torch_xpu_available, is_torch_npu_available, is_torch_mlu_available,
-                    is_torch_musa_available, is_torch_hpu_available, is_torch_neuron_available, is_torch_xla_available)  # fmt: skip
-    if any(available() for available in accelerators):
-        return
-    if is_torch_mps_available():
-        raise ValueError(
-            f"DPOConfig: {processes} processes were launched, but this machine's accelerator (MPS) cannot run "
-            "several processes as one data-parallel run; each would train alone on all the data. Launch one "
-            "process, or pass use_cpu=True (--use_cpu) to train data-parallel on the CPU."
-        )
-    config.use_cpu = True
-    logger.info(MULTI_CPU_LAUNCH.format(processes=processes))
-
-
-def _bf16_supported(use_cpu: bool) -> bool:
-    """Whether `TrainingArguments` accepts `bf16=True` here (its own test: CPU autocast, or a bf16 device)."""
-    from transformers.utils import is_torch_bf16_gpu_available, is_torch_xla_available
-
-    return use_cpu or is_torch_bf16_gpu_available() or is_torch_xla_available()
-
-
-def is_trl_config(args) -> bool:
-    """Whether `args` is TRL's `DPOConfig` or an instance of a subclass of it (e.g. a script's own config)."""
-    return any(
-        cls.__name__ == "DPOConfig" and cls.__module__.split(".")[0] == "trl" for cls in type(args).__mro__
-    )
-
-
-def from_trl_config(args) -> DPOConfig:
-    """A `DPOConfig` of this library holding the values of TRL's `DPOConfig` `args`, field by field.
-
-    Scripts built on TRL (`TrlParser`, alignment-handbook's recipes) hand the trainer TRL's config or a subclass
-    of it; every field TRL defines exists here with TRL's meaning, so the run is the same. Values are read as
-    TRL's `__post_init__` left them (`bf16` resolved, `loss_type` a list). Fields of a subclass that this
-    trainer does not read are named in a warning when they differ from their default.
-    """
-    import dataclasses
-
-    ours = {f.name for f in dataclasses.fields(DPOConfig) if f.init}
-    values, unused = {}, []
-    for f in dataclasses.fields(args):
-        if not f.init:
-            continue
-        value = getattr(args, f.name)
-        if f.name in ours:
-            values[f.name] = value
-            continue
-        default = f.default if f.default is not dataclasses.MISSING else dataclasses.MISSING
-        if f.default_factory is not dataclasses.MISSING:
-            default = f.default_factory()
-        if value != default:
-            unused.append(f"{f.name}={value!r}")
-    kind = type(args)
-    if unused:
-        logger.warning(
-            "%s.%s sets fields that dpo_trainer's DPOTrainer does not read: %s.",
-            kind.__module__,
-            kind.__qualname__,
-            ", ".join(unused),
-        )
-    logger.info(
-        "Converted %s.%s to dpo_trainer's DPOConfig, field by field.", kind.__module__, kind.__qualname__
-    )
-    return DPOConfig(**values)
-
-
-def trainer_args(args: DPOConfig | None, model, train_dataset) -> DPOConfig:
-    """`args` checked, or TRL's default when None: a `DPOConfig` writing to "<model name>-DPO"."""
-    if train_dataset is None:
-        raise ValueError(
-            "`train_dataset` is required (as in TRL): pass the preference rows to train on, even when you "
-            "only mean to evaluate."
-        )
-    if args is None:
-        name = (
-            model if isinstance(model, str) else getattr(getattr(model, "config", None), "_name_or_path", "")
-        )
-        return DPOConfig(output_dir=f"{(name or 'model').rstrip('/').split('/')[-1]}-DPO")
-    if not isinstance(args, DPOConfig):
-        if not is_trl_config(args):
-            kind = type(args)
-            raise TypeError(
-                f"args must be a dpo_trainer.config.DPOConfig (or TRL's trl.trainer.dpo_config.DPOConfig, which is "
-                f"converted), got {kind.__module__}.{kind.__qualname__}."
-            )
-        args = from_trl_config(args)
-    if args.activation_offloading and not hasattr(torch.autograd.graph, "save_on_cpu"):
-        raise ValueError("DPOConfig.activation_offloading=True needs torch.autograd.graph.save_on_cpu.")
-    return args

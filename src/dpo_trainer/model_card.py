@@ -11,8 +11,8 @@ import os
 from collections.abc import Callable
 
 from ._version import __version__
-from .callbacks import REFERENCE_ADAPTER
 from .models import is_peft_model, unwrap, unwrap_to_peft
+from .reference.sync import REFERENCE_ADAPTER
 
 logger = logging.getLogger(__name__)
 

@@ -22,14 +22,14 @@ from transformers import Trainer
 from . import model_card, models
 from ._compat import TrainerOverrides, check_upstream
 from .attention import choose_attention, resolve_layout
-from .callbacks import SyncRefModelCallback, load_reference_adapter
 from .checkpoints import StopsAtTheEnd, resolve_resume, run_settings, write_settings
-from .config import BF16_FALLBACK, DPOConfig, trainer_args
+from .config import DPOConfig
 from .data.batching import token_budget_loader
 from .data.layouts import default_collator
-from .data.prepare import TOKENIZED_COLUMNS, check_positions, check_streaming, prepare_dataset, prepare_each
-from .engines import evaluating_before_training, policy_prepared, prepare_reference
+from .data.prepare import check_positions, check_streaming, prepare_dataset, prepare_each
+from .data.tokenized import TOKENIZED_COLUMNS
 from .guards import NonFiniteError, StepGuard, check_finite_before_save
+from .launch import BF16_FALLBACK
 from .logprobs import check_models_logps, score_responses
 from .losses import (
     RunningMean,
@@ -40,8 +40,13 @@ from .losses import (
     wpo_weights,
 )
 from .metrics import DPOMetrics, PairRowsMetrics, padded_rows
-from .reference import add_reference_column, build_reference, precompute_reference, rows_fingerprint
-from .reference import reference_logps as _reference_logps  # noqa: I001
+from .placement import evaluating_before_training, policy_prepared, prepare_reference
+from .reference.cache import rows_fingerprint
+from .reference.precompute import add_reference_column, precompute_reference
+from .reference.scoring import build_reference
+from .reference.scoring import reference_logps as _reference_logps
+from .reference.sync import SyncRefModelCallback, load_reference_adapter
+from .trl_config import trainer_args
 
 logger = logging.getLogger(__name__)
 
@@ -59,7 +64,7 @@ class DPOTrainer(StopsAtTheEnd, TrainerOverrides, Trainer):
             before training when `args.precompute_ref_log_probs`, else a frozen copy of the policy's
             weights as they are when the trainer is built. A separate reference is placed like the policy:
             a DeepSpeed inference engine (partitioned under ZeRO-3), FSDP2 shards, else the device with the
-            run's autocast (`dpo_trainer.engines`; examples/accelerate/README.md).
+            run's autocast (`dpo_trainer.placement`; examples/accelerate/README.md).
         args: a `DPOConfig` (None: the defaults, writing to "<model name>-DPO").
         data_collator: as in `transformers.Trainer`; None picks the collator of the layout.
         train_dataset, eval_dataset: a `datasets.Dataset`, a streamed `datasets.IterableDataset` (tokenized
@@ -304,7 +309,7 @@ class DPOTrainer(StopsAtTheEnd, TrainerOverrides, Trainer):
         return self.accelerator.gather(torch.tensor(pairs, device=device)).sum()
 
     def after_checkpoint_loaded(self, checkpoint: str) -> None:
-        """TR-DPO with LoRA: the reference adapter as the checkpoint saved it (`callbacks.load_reference_adapter`)."""
+        """TR-DPO with LoRA: the reference adapter as the checkpoint saved it (`reference.sync.load_reference_adapter`)."""
         load_reference_adapter(models.unwrap_to_peft(self.model), checkpoint)
 
     def before_optimizer_step(self, model: nn.Module, grad_norm) -> None:
@@ -373,7 +378,7 @@ class DPOTrainer(StopsAtTheEnd, TrainerOverrides, Trainer):
             eval_dataset = add_reference_column(self, eval_dataset)
         if self.is_in_train or policy_prepared(self):
             return super().evaluate(eval_dataset, ignore_keys, metric_key_prefix)
-        with evaluating_before_training(self):  # a temporary view of the policy (see `engines`)
+        with evaluating_before_training(self):  # a temporary view of the policy (see `placement`)
             return super().evaluate(eval_dataset, ignore_keys, metric_key_prefix)
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):

@@ -1,7 +1,7 @@
 """Datasets in, tokenized datasets out: `prepare_dataset`, used by `DPOTrainer` and by `sft`.
 
 Rows in any supported format (`formats`), or already tokenized (our `prompt_ids` / `response_ids`, or TRL's
-`prompt_ids` / `chosen_ids` / `rejected_ids`), become one tokenized row per example. Lists of dicts,
+`prompt_ids` / `chosen_ids` / `rejected_ids`: `tokenized`), become one tokenized row per example. Lists of dicts,
 `datasets.Dataset` and streamed `datasets.IterableDataset` are accepted; a bad row is named by its index and
 field, never left to fail inside Arrow or torch.
 """
@@ -9,22 +9,16 @@ field, never left to fail inside Arrow or torch.
 from __future__ import annotations
 
 import logging
-import math
-import numbers
 from collections.abc import Mapping, Sequence
 
 import pyarrow
 from datasets import Dataset, IterableDataset
 
-from .formats import FORMAT_COLUMNS, MIN_RESPONSES, check_row_text, detect_format, to_example
-from .tokenize import check_truncation_settings, tokenize_example, truncate_ids
+from .formats import check_row_text, detect_format, to_example
+from .tokenize import check_truncation_settings, tokenize_example
+from .tokenized import TOKENIZED_COLUMNS, TRL_TOKENIZED_COLUMNS, from_ids, given_responses, row_kind
 
 logger = logging.getLogger(__name__)
-
-# The columns a tokenized row carries (and precomputed reference log-probs, when there are).
-TOKENIZED_COLUMNS = ("prompt_ids", "response_ids", "ref_logps")
-# Rows tokenized by TRL 1.16 (its `DPOTrainer.train_dataset` keeps the text columns beside them).
-TRL_TOKENIZED_COLUMNS = ("prompt_ids", "chosen_ids", "rejected_ids")
 
 
 def _named(dataset_name: str, function, *args, **kwargs):
@@ -33,138 +27,6 @@ def _named(dataset_name: str, function, *args, **kwargs):
         return function(*args, **kwargs)
     except (ValueError, TypeError) as error:
         raise type(error)(f"{dataset_name}: {error}") from error
-
-
-def _row_kind(columns, name: str) -> str:
-    """Which columns the rows are read from: "ours" (`prompt_ids`, `response_ids`), "trl" (`prompt_ids`,
-    `chosen_ids`, `rejected_ids`) or "text" (a format of `formats.FORMAT_COLUMNS`).
-
-    Text beside our tokenized columns is refused: nothing says which of the two to train on. Text beside TRL's
-    tokenized columns is what TRL's own `DPOTrainer.train_dataset` holds; TRL tokenizes such rows again from
-    their text, and so is it done here ("text"; `_row_tokenizer` names the columns left out in a warning).
-    """
-    columns = set(columns)
-    ours, trl = set(TOKENIZED_COLUMNS[:2]) <= columns, set(TRL_TOKENIZED_COLUMNS) <= columns
-    text = sorted({column for cols in FORMAT_COLUMNS.values() if set(cols) <= columns for column in cols})
-    if ours and trl:
-        raise ValueError(
-            f"{name} has both our tokenized columns (prompt_ids, response_ids) and TRL's (prompt_ids, "
-            "chosen_ids, rejected_ids), so it is ambiguous which responses to train on; drop one set, e.g. "
-            "dataset.remove_columns(['chosen_ids', 'rejected_ids'])."
-        )
-    if ours and text:
-        raise ValueError(
-            f"{name} has both text columns ({', '.join(text)}) and tokenized columns (prompt_ids, response_ids), "
-            "so it is ambiguous which to train on. Drop one set: dataset.remove_columns(['prompt_ids', "
-            f"'response_ids']) to tokenize the text, or dataset.remove_columns({text}) to train on the ids as given."
-        )
-    if text:
-        return "text"
-    return "ours" if ours else "trl" if trl else "text"
-
-
-def _token_ids(value, index: int, field: str) -> list[int]:
-    """`value` as a list of token ids (integers >= 0), or an error naming the row and the field."""
-    if value is None:
-        raise ValueError(f"row {index}, field {field!r}: value is None")
-    if isinstance(value, (str, bytes)) or not isinstance(value, Sequence):
-        raise TypeError(
-            f"row {index}, field {field!r}: expected a list of token ids, got {type(value).__name__}"
-        )
-    if all(type(token) is int for token in value) and (not value or min(value) >= 0):
-        return list(value)  # the common case, checked fast
-    for position, token in enumerate(value):
-        if isinstance(token, bool) or not isinstance(token, numbers.Integral) or token < 0:
-            raise ValueError(
-                f"row {index}, field {field!r}: expected token ids (integers >= 0), got {token!r} at position "
-                f"{position}"
-            )
-    return [int(token) for token in value]
-
-
-def _given_responses(row, index: int, kind: str) -> list[tuple[str, list[int]]]:
-    """(field, ids) of each response of a tokenized row, best first."""
-    if kind == "trl":
-        return [(field, _token_ids(row.get(field), index, field)) for field in TRL_TOKENIZED_COLUMNS[1:]]
-    responses = row.get("response_ids")
-    if responses is None or isinstance(responses, (str, bytes)) or not isinstance(responses, Sequence):
-        raise TypeError(
-            f"row {index}, field 'response_ids': expected a list of K token id lists (best first), got "
-            f"{type(responses).__name__}"
-        )
-    if len(responses) < MIN_RESPONSES:
-        raise ValueError(
-            f"row {index}, field 'response_ids': needs at least {MIN_RESPONSES} responses, got {len(responses)}"
-        )
-    return [
-        (f"response_ids[{k}]", _token_ids(ids, index, f"response_ids[{k}]"))
-        for k, ids in enumerate(responses)
-    ]
-
-
-def _reference_values(value, index: int, num_responses: int) -> list[float]:
-    if value is None:
-        raise ValueError(
-            f"row {index}, field 'ref_logps': value is None (the column holds reference log-probs)"
-        )
-    if isinstance(value, (str, bytes)) or not isinstance(value, Sequence):
-        raise TypeError(
-            f"row {index}, field 'ref_logps': expected a list of numbers, got {type(value).__name__}"
-        )
-    if len(value) != num_responses:
-        raise ValueError(
-            f"row {index}, field 'ref_logps': {len(value)} reference log-probs for {num_responses} responses; "
-            "give one per response, in the order of response_ids"
-        )
-    if not all(isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v) for v in value):
-        raise ValueError(f"row {index}, field 'ref_logps': expected finite numbers, got {list(value)}")
-    return [float(v) for v in value]
-
-
-def _from_ids(kind: str, num_responses: int, with_reference: bool, settings: dict):
-    """(row, index) -> tokenized row, for rows given as token ids (`kind` "ours" or "trl").
-
-    They are checked and truncated as text rows are (`truncate_ids`): a prompt and K >= 2 responses of at least
-    one token each, K as in row 0, and, in our rows, one `ref_logps` value per response. Reference log-probs
-    belong to the ids they were computed on: a row that truncation would cut is refused, unless it is dropped
-    (a response cut away entirely). TRL's `ref_chosen_logps` / `ref_rejected_logps` are not carried over (they
-    belong to TRL's truncation and model) and are recomputed when `precompute_ref_log_probs` is set.
-    """
-
-    def convert(row, index):
-        prompt = _token_ids(row.get("prompt_ids"), index, "prompt_ids")
-        named = _given_responses(row, index, kind)
-        if len(named) != num_responses:
-            raise ValueError(
-                f"row {index}: {len(named)} responses where row 0 has {num_responses}; every row of a dataset "
-                "must rank the same number of responses."
-            )
-        if not prompt:
-            raise ValueError(
-                f"row {index}, field 'prompt_ids': empty; the first response token would have no context (text "
-                "rows get the tokenizer's BOS id there)"
-            )
-        for field, ids in named:
-            if not ids:
-                raise ValueError(f"row {index}, field {field!r}: empty; a response needs at least one token")
-        responses = [ids for _, ids in named]
-        cut_prompt, cut_responses = truncate_ids(prompt, responses, **settings)
-        out = {"prompt_ids": cut_prompt, "response_ids": cut_responses}
-        if kind == "ours" and (with_reference or row.get("ref_logps") is not None):
-            if not with_reference:
-                raise ValueError(f"row {index}, field 'ref_logps': given where row 0 has none")
-            out["ref_logps"] = _reference_values(row.get("ref_logps"), index, num_responses)
-            kept = min(map(len, cut_responses)) > 0
-            if kept and (cut_prompt, cut_responses) != (prompt, responses):
-                raise ValueError(
-                    f"row {index}: truncation (max_length={settings['max_length']}, max_prompt_length="
-                    f"{settings['max_prompt_length']}, truncation_mode={settings['truncation_mode']!r}) cuts this "
-                    "row's ids, but its 'ref_logps' were computed on the uncut ids; remove the ref_logps column "
-                    "(precompute_ref_log_probs=True computes them on the cut ids) or raise max_length."
-                )
-        return out
-
-    return convert
 
 
 def _check_text_only(columns, name: str) -> None:
@@ -224,11 +86,11 @@ _IGNORED_BESIDE_TEXT = {*TOKENIZED_COLUMNS, *TRL_TOKENIZED_COLUMNS, "ref_chosen_
 
 def _row_tokenizer(columns, first_row, tokenizer, settings: dict, name: str):
     """(row, index) -> tokenized row, for a dataset with `columns`; the number of responses per row."""
-    kind = _row_kind(columns, name)
+    kind = row_kind(columns, name)
     if kind != "text":
-        num_responses = len(_named(name, _given_responses, first_row, 0, kind))
+        num_responses = len(_named(name, given_responses, first_row, 0, kind))
         with_reference = kind == "ours" and "ref_logps" in set(columns)
-        convert = _from_ids(kind, num_responses, with_reference, settings)
+        convert = from_ids(kind, num_responses, with_reference, settings)
         return (lambda row, index: _named(name, convert, row, index)), num_responses
     ignored = sorted(set(columns) & _IGNORED_BESIDE_TEXT)
     if ignored:
@@ -263,7 +125,7 @@ def _as_dataset(dataset, tokenizer, settings: dict, name: str) -> Dataset:
     _check_text_only(dataset[0].keys(), name)
     for index, row in enumerate(dataset):
         _named(name, check_row_text, row, index)
-    if _row_kind(dataset[0].keys(), name) != "text":
+    if row_kind(dataset[0].keys(), name) != "text":
         # token ids are checked before Arrow turns a column holding one float into floats in every row
         convert, _ = _row_tokenizer(dataset[0].keys(), dataset[0], tokenizer, settings, name)
         for index, row in enumerate(dataset):
@@ -300,7 +162,7 @@ def prepare_dataset(
     (`loss_type`, `label_smoothing`, `loss_weights`, `f_divergence_type`, `use_weighting`) decide whether
     rankings (K > 2 responses) are allowed (`check_ranking`). Rows already tokenized (ours, or TRL's) are
     checked, truncated and dropped as text rows are, and keep their `ref_logps` (one per response) where nothing
-    is cut; text beside tokenized columns follows `_row_kind`. A streamed `datasets.IterableDataset` is
+    is cut; text beside tokenized columns follows `tokenized.row_kind`. A streamed `datasets.IterableDataset` is
     tokenized lazily, as it is read. Rows whose responses are truncated away entirely are dropped with a
     warning (all of them: a value error). Rows with two token-identical responses are kept, with one warning
     giving their count and the first one's index (a streamed dataset: the first one's), unless `warn_identical`

@@ -1,5 +1,6 @@
-"""Trainer callbacks: TR-DPO's reference updates (Gorbatovski et al. 2024, "Learn Your Reference Model for Real
-Good Alignment", arXiv 2404.09656).
+"""The reference that follows the policy: TR-DPO's reference updates (Gorbatovski et al. 2024, "Learn Your
+Reference Model for Real Good Alignment", arXiv 2404.09656) and the frozen reference adapter they mix (added,
+mixed, loaded on resume), which also serves as π_ref of a `PeftModel` given with its trained adapter.
 
 TR-DPO keeps DPO's loss but lets the reference follow the policy: every τ optimizer steps the reference
 becomes ``α·θ + (1 − α)·θ_ref`` (soft update; ``α = 1`` is the hard update, a copy). As in TRL 1.16
@@ -18,7 +19,7 @@ model, named `REFERENCE_ADAPTER` ("reference"):
   * every τ optimizer steps its parameters become ``α·θ + (1 − α)·θ_ref``, paired by name with the policy's
     adapter parameters: `lora_A`, `lora_B`, and every other adapter parameter (DoRA magnitudes, the per-adapter
     copies of `modules_to_save`, ...);
-  * `reference.reference_logps` scores with it (switched on under `no_grad`, in eval mode, the policy's
+  * `scoring.reference_logps` scores with it (switched on under `no_grad`, in eval mode, the policy's
     adapter and its `requires_grad` flags restored afterwards) instead of disabling the adapter;
   * `save_pretrained` writes the policy's adapter as before (the top-level `adapter_model.safetensors`,
     loaded by `PeftModel.from_pretrained`) and the reference into a `reference/` subfolder; resuming from a
@@ -46,12 +47,13 @@ import torch
 from torch import nn
 from transformers import TrainerCallback
 
-from .models import is_peft_model, unwrap, unwrap_to_peft
+from ..models import is_peft_model, unwrap, unwrap_to_peft
 
 __all__ = [
     "REFERENCE_ADAPTER",
     "SyncRefModelCallback",
     "add_reference_adapter",
+    "load_reference_adapter",
     "mix_into",
     "mix_reference_adapter",
 ]
