@@ -8,13 +8,8 @@ from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig, LlamaFor
 from dpo_trainer import DPOTrainer
 from dpo_trainer.data import PaddedCollator
 from dpo_trainer.data.layouts import GroupedCollator
-from dpo_trainer.logprobs import (
-    CHECK_TOLERANCE_16BIT,
-    LOGIT_TRANSFORMS,
-    check_sequence_logps,
-    logit_transform,
-    sequence_logps,
-)
+from dpo_trainer.logit_transforms import LOGIT_TRANSFORMS, logit_transform
+from dpo_trainer.logprobs import CHECK_TOLERANCE_16BIT, check_sequence_logps, sequence_logps
 
 from conftest import dpo_config, preference_rows
 

@@ -7,13 +7,8 @@ from torch import nn
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
 from dpo_trainer.data import PaddedCollator
-from dpo_trainer.logprobs import (
-    auto_chunk_size,
-    autocast_dtype,
-    fused_linear_head,
-    head_token_logps,
-    sequence_logps,
-)
+from dpo_trainer.lm_head import auto_chunk_size, autocast_dtype, fused_linear_head, head_token_logps
+from dpo_trainer.logprobs import sequence_logps
 
 VOCAB = 50
 

@@ -18,7 +18,8 @@ from torch import nn
 import dpo_trainer
 from dpo_trainer.data import PaddedCollator
 from dpo_trainer.data.layouts import GroupedCollator
-from dpo_trainer.logprobs import TOKEN_STATS, score_responses, sequence_logps
+from dpo_trainer.lm_head import TOKEN_STATS
+from dpo_trainer.logprobs import score_responses, sequence_logps
 from dpo_trainer.testing import tiny_causal_lm
 
 from conftest import preference_rows
