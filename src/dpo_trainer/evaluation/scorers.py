@@ -22,7 +22,8 @@ import transformers
 from torch import nn
 from tqdm.auto import tqdm
 
-from .judges import RewardModelJudge, ScoringJudge, _check_lengths
+from .judges.base import ScoringJudge, _check_lengths
+from .judges.local import RewardModelJudge
 
 CLASSIFIER_OUTPUTS = ("probability", "logit")
 
