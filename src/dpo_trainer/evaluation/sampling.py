@@ -70,90 +70,25 @@ def sample_responses(
     Raises `dpo_trainer.guards.NonFiniteError` naming the model if its logits hold a NaN or +inf, or a row
     of them is all -inf, at any generated token (e.g. a policy whose training diverged to NaN weights).
     """
-    if temperature < 0:
-        raise ValueError(f"temperature must be >= 0 (0 is greedy decoding), got {temperature}")
-    if not 0 < top_p <= 1:
-        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
-    for name, value in [
-        ("max_new_tokens", max_new_tokens),
-        ("batch_size", batch_size),
-        ("num_samples", num_samples),
-    ]:
-        if value < 1:
-            raise ValueError(f"{name} must be >= 1, got {value}")
-    if isinstance(prompts, str):
-        raise TypeError("prompts must be a list of strings, not a single string")
-    if tokenizer.eos_token_id is None:
-        raise ValueError("the tokenizer has no EOS token, so generation could never stop early")
+    _check_arguments(prompts, tokenizer, temperature, top_p, max_new_tokens, batch_size, num_samples)
     eos_ids = _eos_ids(model, tokenizer)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    encoder_decoder = bool(getattr(model.config, "is_encoder_decoder", False))
-
-    # Tokenizing each prompt alone and padding by hand leaves the tokenizer's padding side and pad token
-    # alone (nothing to restore if generation fails) and lets the rows be sorted by length.
-    encoded = [tokenizer(prompt, add_special_tokens=add_special_tokens)["input_ids"] for prompt in prompts]
-    for index, ids in enumerate(encoded):
-        if not ids:
-            raise ValueError(f"prompt {index} is empty after tokenization; give it some text or a BOS token")
-    # (prompt position, sample number) of every row; sample numbers count within a prompt
-    keys = [(index, number) for index in range(len(prompts)) for number in range(num_samples)]
-    keys.sort(key=lambda key: -len(encoded[key[0]]))  # stable: samples of a prompt stay together
+    encoded, keys = _plan_rows(tokenizer, prompts, num_samples, add_special_tokens)
     rows = [index for index, _ in keys]
-
-    greedy = temperature == 0
-    # Sampling is done by the processors below on top of greedy decoding (argmax of logits + noise), so
-    # generate() never touches the global RNG and none of the model's own sampling defaults apply.
-    generation_kwargs = dict(
-        do_sample=False,
-        num_beams=1,
-        temperature=None,
-        top_p=None,
-        top_k=None,
-        max_new_tokens=max_new_tokens,
-        num_return_sequences=1,
-        eos_token_id=eos_ids,
-        pad_token_id=pad_id,
-    )
-    # Keyword arguments to generate() apply to a copy of model.generation_config, never to the model's own.
-    device = _input_device(model)
     batches = [
         list(range(start, min(start + batch_size, len(rows)))) for start in range(0, len(rows), batch_size)
     ]
     process_index, num_processes = _process_share() if across_processes else (0, 1)
     mine = range(process_index, len(batches), num_processes)
+    draw = _BatchDraw(model, encoded, keys, eos_ids, pad_id, max_new_tokens, temperature, top_p, seed)
     drawn: dict[int, list[list[int]]] = {}  # batch number -> its rows' token ids
     was_training = model.training
-    cuda_devices = list(range(torch.cuda.device_count())) if device.type == "cuda" else []
+    cuda_devices = list(range(torch.cuda.device_count())) if draw.device.type == "cuda" else []
     model.eval()
     try:
         with torch.random.fork_rng(devices=cuda_devices), torch.no_grad():
             for number in tqdm(mine, desc="Sampling", disable=disable_progress or process_index != 0):
-                batch_rows = [rows[position] for position in batches[number]]
-                input_ids, attention_mask = _pad(
-                    [encoded[i] for i in batch_rows], pad_id, left=not encoder_decoder
-                )
-                finite = FiniteLogitsCheck()  # first: it sees the model's logits before any warper
-                processors = LogitsProcessorList([finite])
-                if not greedy:
-                    seeds = [_row_seed(seed, *keys[position]) for position in batches[number]]
-                    processors.append(TemperatureLogitsWarper(temperature))
-                    if top_p < 1:
-                        processors.append(TopPLogitsWarper(top_p))
-                    processors.append(GumbelNoise(seeds))
-                output = model.generate(
-                    input_ids=input_ids.to(device),
-                    attention_mask=attention_mask.to(device),
-                    logits_processor=processors,
-                    **generation_kwargs,
-                )
-                finite.raise_if_seen(model, [keys[position][0] for position in batches[number]])
-                # A decoder-only model returns prompt + continuation; an encoder-decoder one returns the
-                # decoder start token + continuation.
-                continuation = output[:, 1:] if encoder_decoder else output[:, input_ids.shape[1] :]
-                drawn[number] = []
-                for ids in continuation.tolist():
-                    cut = _cut_at_eos(ids, eos_ids)
-                    drawn[number].append(ids[: len(cut) + 1] if return_token_ids else cut)
+                drawn[number] = draw(batches[number], return_token_ids)
     finally:
         model.train(was_training)
     if num_processes > 1:
@@ -170,6 +105,98 @@ def sample_responses(
         ids = completions[position]
         results[index].append(ids if return_token_ids else tokenizer.decode(ids, skip_special_tokens=True))
     return results
+
+
+def _check_arguments(prompts, tokenizer, temperature, top_p, max_new_tokens, batch_size, num_samples) -> None:
+    """`sample_responses`' arguments checked: a value error (a type error for one string) naming the first wrong."""
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0 (0 is greedy decoding), got {temperature}")
+    if not 0 < top_p <= 1:
+        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+    for name, value in [
+        ("max_new_tokens", max_new_tokens),
+        ("batch_size", batch_size),
+        ("num_samples", num_samples),
+    ]:
+        if value < 1:
+            raise ValueError(f"{name} must be >= 1, got {value}")
+    if isinstance(prompts, str):
+        raise TypeError("prompts must be a list of strings, not a single string")
+    if tokenizer.eos_token_id is None:
+        raise ValueError("the tokenizer has no EOS token, so generation could never stop early")
+
+
+def _plan_rows(
+    tokenizer, prompts: Sequence[str], num_samples: int, add_special_tokens: bool
+) -> tuple[list[list[int]], list[tuple[int, int]]]:
+    """The token ids of each prompt, and the rows to generate: (prompt position, sample number) of each row,
+    longest prompts first (stable: the samples of a prompt stay together, numbered within the prompt)."""
+    # Tokenizing each prompt alone and padding by hand leaves the tokenizer's padding side and pad token
+    # alone (nothing to restore if generation fails) and lets the rows be sorted by length.
+    encoded = [tokenizer(prompt, add_special_tokens=add_special_tokens)["input_ids"] for prompt in prompts]
+    for index, ids in enumerate(encoded):
+        if not ids:
+            raise ValueError(f"prompt {index} is empty after tokenization; give it some text or a BOS token")
+    keys = [(index, number) for index in range(len(prompts)) for number in range(num_samples)]
+    keys.sort(key=lambda key: -len(encoded[key[0]]))
+    return encoded, keys
+
+
+class _BatchDraw:
+    """Generates one batch of planned rows (`_plan_rows`): positions in the plan -> each row's continuation ids."""
+
+    def __init__(self, model, encoded, keys, eos_ids, pad_id, max_new_tokens, temperature, top_p, seed):
+        self.model, self.encoded, self.keys, self.eos_ids, self.pad_id = model, encoded, keys, eos_ids, pad_id
+        self.temperature, self.top_p, self.seed = temperature, top_p, seed
+        self.encoder_decoder = bool(getattr(model.config, "is_encoder_decoder", False))
+        self.device = _input_device(model)
+        # Sampling is done by the processors below on top of greedy decoding (argmax of logits + noise), so
+        # generate() never touches the global RNG and none of the model's own sampling defaults apply.
+        # Keyword arguments to generate() apply to a copy of model.generation_config, never to the model's own.
+        self.generation_kwargs = dict(
+            do_sample=False,
+            num_beams=1,
+            temperature=None,
+            top_p=None,
+            top_k=None,
+            max_new_tokens=max_new_tokens,
+            num_return_sequences=1,
+            eos_token_id=eos_ids,
+            pad_token_id=pad_id,
+        )
+
+    def __call__(self, positions: list[int], return_token_ids: bool) -> list[list[int]]:
+        """The continuations of the rows at `positions`: cut at the first EOS, which is kept with
+        `return_token_ids`."""
+        model, keys = self.model, self.keys
+        input_ids, attention_mask = _pad(
+            [self.encoded[keys[position][0]] for position in positions],
+            self.pad_id,
+            left=not self.encoder_decoder,
+        )
+        finite = FiniteLogitsCheck()  # first: it sees the model's logits before any warper
+        processors = LogitsProcessorList([finite])
+        if self.temperature != 0:
+            seeds = [_row_seed(self.seed, *keys[position]) for position in positions]
+            processors.append(TemperatureLogitsWarper(self.temperature))
+            if self.top_p < 1:
+                processors.append(TopPLogitsWarper(self.top_p))
+            processors.append(GumbelNoise(seeds))
+        output = model.generate(
+            input_ids=input_ids.to(self.device),
+            attention_mask=attention_mask.to(self.device),
+            logits_processor=processors,
+            **self.generation_kwargs,
+        )
+        finite.raise_if_seen(model, [keys[position][0] for position in positions])
+        # A decoder-only model returns prompt + continuation; an encoder-decoder one returns the
+        # decoder start token + continuation.
+        continuation = output[:, 1:] if self.encoder_decoder else output[:, input_ids.shape[1] :]
+        drawn = []
+        for ids in continuation.tolist():
+            cut = _cut_at_eos(ids, self.eos_ids)
+            drawn.append(ids[: len(cut) + 1] if return_token_ids else cut)
+        return drawn
 
 
 class FiniteLogitsCheck(LogitsProcessor):
