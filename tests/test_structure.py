@@ -1,4 +1,6 @@
-"""The package's import structure: no import circle between its own modules, and `_compat` a leaf.
+"""The package's structure: no import circle between its own modules, `_compat` a leaf, no module of the
+package over `MAX_MODULE_LINES` lines and no function of `src/` or `benchmarks/` over the limit of
+`.ci/long_functions.py` (120 lines).
 
 Every import of a module of `dpo_trainer` counts, wherever it is written (module level or inside a function:
 a function-level import only hides a circle from Python's import machinery, not from the reader); imports
@@ -8,11 +10,14 @@ under `if TYPE_CHECKING:` do not (they never run).
 from __future__ import annotations
 
 import ast
+import importlib.util
 from pathlib import Path
 
 import dpo_trainer
 
 PACKAGE = Path(dpo_trainer.__file__).resolve().parent
+ROOT = Path(__file__).resolve().parent.parent
+MAX_MODULE_LINES = 500
 
 
 def _module_name(path: Path) -> str:
@@ -116,11 +121,11 @@ from ..losses import preference_loss
 if TYPE_CHECKING:
     from ..trainer import DPOTrainer
 else:
-    from ..engines import prepare_reference
+    from ..placement import prepare_reference
 
 
 def later():
-    from ..reference import reference_logps
+    from ..reference.scoring import reference_logps
 """
 
 
@@ -132,8 +137,8 @@ def test_every_kind_of_import_is_read():
         "dpo_trainer.data.layouts",
         "dpo_trainer.data.collate",
         "dpo_trainer.losses",  # a package
-        "dpo_trainer.engines",  # the `else` of `if TYPE_CHECKING:` runs
-        "dpo_trainer.reference",  # in a function
+        "dpo_trainer.placement",  # the `else` of `if TYPE_CHECKING:` runs
+        "dpo_trainer.reference.scoring",  # in a function, a module of a subpackage
     }
     # a package's __init__ imports relative to itself; its own module is no import
     assert imports_in(
@@ -160,3 +165,75 @@ def test_no_import_circle():
     assert "dpo_trainer.models" in graph["dpo_trainer.trainer"]  # the package's own files are read
     cycles = import_cycles(graph)
     assert not cycles, "import circles:\n" + "\n".join(" -> ".join(cycle) for cycle in cycles)
+
+
+# ---------------------------------------------------------------- sizes: modules and functions
+
+
+def _long_functions_checker():
+    """`.ci/long_functions.py` as a module (it is a script, not part of a package)."""
+    spec = importlib.util.spec_from_file_location("long_functions", ROOT / ".ci" / "long_functions.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def long_modules(folder: Path, max_lines: int = MAX_MODULE_LINES) -> list[tuple[int, str]]:
+    """(lines, path from `folder`) of every Python file under `folder` over `max_lines` lines."""
+    found = []
+    for path in sorted(folder.rglob("*.py")):
+        lines = len(path.read_text(encoding="utf-8").splitlines())
+        if lines > max_lines:
+            found.append((lines, str(path.relative_to(folder))))
+    return found
+
+
+def _function(name: str, body_lines: int, indent: str = "") -> str:
+    """Source of a function `name` of 1 + `body_lines` lines (its `def` and `body_lines` statements)."""
+    return f"{indent}def {name}():\n" + "".join(f"{indent}    x = {i}\n" for i in range(body_lines))
+
+
+def test_the_module_length_rule_finds_a_long_module(tmp_path):
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "short.py").write_text("x = 1\n" * MAX_MODULE_LINES)
+    (tmp_path / "sub" / "long.py").write_text("x = 1\n" * (MAX_MODULE_LINES + 1))
+    assert long_modules(tmp_path) == [(MAX_MODULE_LINES + 1, "sub/long.py")]
+
+
+def test_the_function_length_rule_finds_long_functions(tmp_path):
+    checker = _long_functions_checker()
+    limit = checker.MAX_LINES
+    source = (
+        _function("fits", limit - 1)  # exactly the limit: allowed
+        + _function("too_long", limit)  # one line over
+        + "class Holder:\n"
+        + "    @staticmethod\n"  # a decorator is not counted
+        + _function("method", limit - 1, indent="    ")
+        + "def outer():\n"
+        + _function("inner", limit, indent="    ")  # nested: counts in its parent and on its own
+    )
+    path = tmp_path / "example.py"
+    path.write_text(source)
+    found = {name: lines for lines, name, _ in checker.long_functions(path, limit)}
+    assert found == {"too_long": limit + 1, "outer": limit + 2, "outer.inner": limit + 1}
+    # the script (paths from the repository's root) fails when it finds one, and only then
+    assert checker.main(["--max-lines", "1", "tests/test_structure.py"]) == 1
+    assert checker.main(["--max-lines", str(10**6), "tests/test_structure.py"]) == 0
+
+
+def test_no_module_of_the_package_is_too_long():
+    found = long_modules(PACKAGE)
+    assert not found, f"modules over {MAX_MODULE_LINES} lines (split them where the pieces have names):\n" + (
+        "\n".join(f"{lines:5d}  {path}" for lines, path in found)
+    )
+
+
+def test_no_function_is_too_long():
+    checker = _long_functions_checker()
+    found = [
+        f"{lines:5d}  {path.relative_to(ROOT)}:{lineno}  {name}"
+        for folder in checker.DEFAULT_PATHS
+        for path in sorted((ROOT / folder).rglob("*.py"))
+        for lines, name, lineno in checker.long_functions(path, checker.MAX_LINES)
+    ]
+    assert not found, f"functions over {checker.MAX_LINES} lines:\n" + "\n".join(found)
