@@ -4,7 +4,8 @@ Judges (``judges``) compare two responses to the same prompt; ``win_rate`` (``wi
 verdicts into a win rate with a confidence interval; ``sample_responses`` (``sampling``), ``best_of_n``
 (``best_of_n``) and the plots (``plots``) are imported from their modules on first use. The reward/KL
 frontier (paper Fig. 2) adds ``sequence_kl`` (``kl``: KL(π‖π_ref) from a policy's own samples) and
-ground-truth scorers (``scorers``: VADER, a classifier's class probability).
+ground-truth scorers (``scorers``: VADER, a classifier's class probability). ``on_policy_pairs``
+(``onpolicy``) turns a policy's own scored samples into preference pairs (iterative DPO).
 """
 
 from __future__ import annotations
@@ -34,6 +35,9 @@ _LAZY = {
     "sampled_preference_pairs": "best_of_n",
     "all_preference_pairs": "best_of_n",
     "best_of_n_prefixes": "best_of_n",
+    "on_policy_pairs": "onpolicy",
+    "OnPolicyPairs": "onpolicy",
+    "select_pairs": "onpolicy",
     "sequence_kl": "kl",
     "sequence_logprobs": "kl",
     "best_of_n_kl": "kl",
