@@ -40,43 +40,21 @@ does in this library), so keep `--max_new_tokens` long enough for completions to
 
 from __future__ import annotations
 
-import copy
-import json
 import os
 import random
 import re
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 
-import torch
-from datasets import load_dataset
-from transformers import AutoModelForCausalLM, AutoTokenizer, HfArgumentParser
+import frontier
+import pipeline
+from dpo_trainer import DPOConfig
+from pipeline import Run, arg
 
-from dpo_trainer import DPOConfig, DPOTrainer
-from run_folder import (
-    main_decides,
-    mark_done,
-    prepare_run_dir,
-    read_json,
-    require_writable,
-    save_history,
-    save_pretrained_whole,
-    stage_done,
-    stage_finished,
-    start_stage,
-    unwritable,
-    wait_for_everyone,
-    write_json,
-    write_jsonl,
-    write_summary,
-)
-
-HERE = os.path.dirname(os.path.abspath(__file__))
-BUNDLED_DATA = os.path.join(HERE, "data", "reviews_tiny")
-DATA_EXTENSIONS = (".jsonl", ".json", ".parquet")
+BUNDLED_DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "reviews_tiny")
 METHODS = ("dpo", "preferred_ft", "unlikelihood")
-UNSET_OUTPUT_DIR = "runs/unset"  # no --output_dir given: a new timestamped folder
+BASELINES = {"preferred_ft": "Preferred-FT", "unlikelihood": "Unlikelihood"}  # method -> its name in results
 
 
 @dataclass(frozen=True)
@@ -110,60 +88,38 @@ class OfflineDefaults:
 
 @dataclass
 class ScriptArguments:
-    dataset: str = field(default=BUNDLED_DATA, metadata={"help": "Hub id, local folder or local file."})
-    text_column: str = field(default="text", metadata={"help": "The column holding the review."})
-    model: str | None = field(
-        default=None, metadata={"help": "Base model (hub id or path); none: a tiny model."}
+    dataset: str = arg(BUNDLED_DATA, "Hub id, local folder or local file.")
+    text_column: str = arg("text", "The column holding the review.")
+    model: str | None = arg(None, "Base model (hub id or path); none: a tiny model.")
+    sft_model: str | None = arg(None, "Use this SFT model instead of training one.")
+    full: bool = arg(False, "Train every weight instead of a LoRA adapter.")
+    lora_r: int = arg(16, "LoRA rank.")
+    lora_alpha: int | None = arg(None, "LoRA alpha (default 2 * rank).")
+    sft_max_steps: int = arg(1000, "SFT optimizer steps.")
+    sft_learning_rate: float = arg(1e-5, "SFT learning rate.")
+    prefix_words: str = arg("2,8", "Prompt = the review's first k words, k in this range.")
+    max_train_rows: int | None = arg(None, "Use at most this many training reviews.")
+    max_eval_rows: int | None = arg(None, "Use at most this many test reviews.")
+    pair_prompts: int | None = arg(None, "Training prefixes sampled (default: all).")
+    samples_per_prompt: int = arg(4, "Completions per training prefix (paper: 4).")
+    betas: str = arg("0.05,0.1,0.5,1,5", "DPO runs, one per β.")
+    methods: str = arg("dpo,preferred_ft,unlikelihood", "What the train stage trains.")
+    baseline_learning_rate: float | None = arg(
+        None, "Preferred-FT and Unlikelihood learning rate (default: DPO's)."
     )
-    sft_model: str | None = field(
-        default=None, metadata={"help": "Use this SFT model instead of training one."}
-    )
-    full: bool = field(default=False, metadata={"help": "Train every weight instead of a LoRA adapter."})
-    lora_r: int = field(default=16, metadata={"help": "LoRA rank."})
-    lora_alpha: int | None = field(default=None, metadata={"help": "LoRA alpha (default 2 * rank)."})
-    sft_max_steps: int = field(default=1000, metadata={"help": "SFT optimizer steps."})
-    sft_learning_rate: float = field(default=1e-5, metadata={"help": "SFT learning rate."})
-    prefix_words: str = field(
-        default="2,8", metadata={"help": "Prompt = the review's first k words, k in this range."}
-    )
-    max_train_rows: int | None = field(
-        default=None, metadata={"help": "Use at most this many training reviews."}
-    )
-    max_eval_rows: int | None = field(default=None, metadata={"help": "Use at most this many test reviews."})
-    pair_prompts: int | None = field(
-        default=None, metadata={"help": "Training prefixes sampled (default: all)."}
-    )
-    samples_per_prompt: int = field(
-        default=4, metadata={"help": "Completions per training prefix (paper: 4)."}
-    )
-    betas: str = field(default="0.05,0.1,0.5,1,5", metadata={"help": "DPO runs, one per β."})
-    methods: str = field(
-        default="dpo,preferred_ft,unlikelihood", metadata={"help": "What the train stage trains."}
-    )
-    baseline_learning_rate: float | None = field(
-        default=None, metadata={"help": "Preferred-FT and Unlikelihood learning rate (default: DPO's)."}
-    )
-    unlikelihood_alpha: float = field(default=1.0, metadata={"help": "Weight of the unlikelihood term."})
-    eval_prompts: int = field(default=256, metadata={"help": "Held-out prefixes sampled."})
-    eval_samples_per_prompt: int = field(
-        default=1, metadata={"help": "Samples per held-out prefix and policy."}
-    )
-    max_new_tokens: int = field(default=48, metadata={"help": "Longest sampled completion."})
-    bon_n: str = field(
-        default="1,4,16", metadata={"help": "Best-of-N over the SFT model, these N (empty: none)."}
-    )
-    reward_model: str = field(default="vader", metadata={"help": "vader, or a classifier / reward model."})
-    reward_label: str = field(
-        default="positive", metadata={"help": "The classifier's class read as the reward."}
-    )
-    reward_output: str = field(
-        default="probability", metadata={"help": "probability or logit of that class."}
-    )
-    skip_sft: bool = field(default=False, metadata={"help": "Use --model itself as the SFT model."})
-    skip_train: bool = field(default=False, metadata={"help": "Skip the pairs and train stages."})
-    skip_eval: bool = field(default=False, metadata={"help": "Skip sampling and scoring."})
-    tiny_hidden_size: int = field(default=64, metadata={"help": "Width of the offline tiny model."})
-    tiny_layers: int = field(default=2, metadata={"help": "Layers of the offline tiny model."})
+    unlikelihood_alpha: float = arg(1.0, "Weight of the unlikelihood term.")
+    eval_prompts: int = arg(256, "Held-out prefixes sampled.")
+    eval_samples_per_prompt: int = arg(1, "Samples per held-out prefix and policy.")
+    max_new_tokens: int = arg(48, "Longest sampled completion.")
+    bon_n: str = arg("1,4,16", "Best-of-N over the SFT model, these N (empty: none).")
+    reward_model: str = arg("vader", "vader, or a classifier / reward model.")
+    reward_label: str = arg("positive", "The classifier's class read as the reward.")
+    reward_output: str = arg("probability", "probability or logit of that class.")
+    skip_sft: bool = arg(False, "Use --model itself as the SFT model.")
+    skip_train: bool = arg(False, "Skip the pairs and train stages.")
+    skip_eval: bool = arg(False, "Skip sampling and scoring.")
+    tiny_hidden_size: int = arg(64, "Width of the offline tiny model.")
+    tiny_layers: int = arg(2, "Layers of the offline tiny model.")
 
     def beta_values(self) -> list[float]:
         return [float(b) for b in self.betas.split(",") if b.strip()]
@@ -176,16 +132,10 @@ class ScriptArguments:
 
 
 def parse_args(argv: list[str]) -> tuple[ScriptArguments, DPOConfig]:
-    parser = HfArgumentParser((ScriptArguments, DPOConfig))
-    parser.set_defaults(output_dir=UNSET_OUTPUT_DIR)
-    script_args, config = parser.parse_args_into_dataclasses(argv)
-    if script_args.model is None:
-        parser.set_defaults(**asdict(OfflineDefaults()))
-        script_args, config = parser.parse_args_into_dataclasses(argv)
-    if config.output_dir == UNSET_OUTPUT_DIR:  # the main process's clock names the folder of every process
-        stamp = main_decides(lambda: time.strftime("%Y%m%d-%H%M%S"))
-        parser.set_defaults(output_dir=os.path.join("runs", f"sentiment-{stamp}"))
-        script_args, config = parser.parse_args_into_dataclasses(argv)
+    def output_dir(script_args, config):  # no --output_dir: a new folder, named by the main process's clock
+        return os.path.join("runs", f"sentiment-{time.strftime('%Y%m%d-%H%M%S')}")
+
+    script_args, config = pipeline.parse_args(argv, ScriptArguments, OfflineDefaults(), output_dir)
     unknown = set(script_args.method_names()) - set(METHODS)
     if unknown:
         raise SystemExit(f"--methods takes {', '.join(METHODS)}; unknown: {', '.join(sorted(unknown))}.")
@@ -199,44 +149,25 @@ def parse_args(argv: list[str]) -> tuple[ScriptArguments, DPOConfig]:
             f"--prefix_words, --betas and --bon_n take comma-separated numbers: {error}"
         ) from error
     if not 1 <= low <= high:
-        raise SystemExit(
-            f"--prefix_words must be 'low,high' with 1 <= low <= high, got {script_args.prefix_words!r}."
-        )
+        raise SystemExit(f"--prefix_words must be 'low,high' with 1 <= low <= high, got {script_args.prefix_words!r}.")  # fmt: skip
     if any(b <= 0 for b in betas) or any(n < 1 for n in ns):
         raise SystemExit("every β must be > 0 and every Best-of-N n >= 1.")
     return script_args, config
 
 
-# ---------------------------------------------------------------- data and models
+# ---------------------------------------------------------------- data
 
 
 def load_reviews(dataset: str, text_column: str, max_train_rows: int | None, max_eval_rows: int | None):
     """Train and test splits with one column, `text`, from a hub id, a local folder or a local file."""
-    if os.path.isdir(dataset):
-        files = {}
-        for split in ("train", "test"):
-            found = [os.path.join(dataset, split + ext) for ext in DATA_EXTENSIONS]
-            found = [path for path in found if os.path.exists(path)]
-            if not found:
-                raise FileNotFoundError(f"{dataset} has no {split}{{{','.join(DATA_EXTENSIONS)}}} file.")
-            files[split] = found[0]
-        kind = "parquet" if files["train"].endswith(".parquet") else "json"
-        splits = load_dataset(kind, data_files=files)
-    elif os.path.isfile(dataset):
-        kind = "parquet" if dataset.endswith(".parquet") else "json"
-        splits = load_dataset(kind, data_files=dataset)["train"].train_test_split(test_size=0.05, seed=0)
-    else:
-        splits = load_dataset(dataset)
-    result = []
+    splits, result = pipeline.load_splits(dataset), []
     for split, limit in (("train", max_train_rows), ("test", max_eval_rows)):
         rows = splits[split]
         if text_column not in rows.column_names:
             raise ValueError(
                 f"{dataset} ({split}) has no column {text_column!r}; its columns: {rows.column_names}"
             )
-        if limit is not None:
-            rows = rows.select(range(min(limit, len(rows))))
-        rows = rows.select_columns([text_column])
+        rows = pipeline.head(rows, limit).select_columns([text_column])
         result.append(rows.rename_column(text_column, "text") if text_column != "text" else rows)
     return result[0], result[1]
 
@@ -267,59 +198,6 @@ def review_rows(reviews, script_args: ScriptArguments, seed: int) -> list[dict]:
     return rows
 
 
-def base_model(script_args: ScriptArguments, config: DPOConfig, train, out: str) -> str:
-    """Where the base model lives: `--model`, or a tiny Llama (and tokenizer) built offline under `out/base`."""
-    if script_args.model is not None:
-        return script_args.model
-    path = os.path.join(out, "base")
-    if not os.path.exists(os.path.join(path, "config.json")) and config.process_index == 0:
-        from dpo_trainer.testing import tiny_causal_lm, train_tokenizer
-
-        tokenizer = train_tokenizer(train["text"], vocab_size=800)
-        model = tiny_causal_lm(
-            tokenizer,
-            hidden_size=script_args.tiny_hidden_size,
-            num_layers=script_args.tiny_layers,
-            num_heads=4,
-            seed=config.seed,
-        )
-        save_pretrained_whole(path, model, tokenizer)
-    wait_for_everyone()  # the others load it only once it is written
-    return path
-
-
-def load_tokenizer(path: str):
-    """The model's tokenizer; one without a pad token (GPT-2) pads with its EOS."""
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    return tokenizer
-
-
-def load_causal_lm(path: str, config: DPOConfig):
-    return AutoModelForCausalLM.from_pretrained(path, **(config.model_init_kwargs or {}))
-
-
-def load_policy(path: str, sft: str, config: DPOConfig):
-    """A trained policy for sampling: full weights, or the SFT model with the adapter merged in."""
-    if os.path.exists(os.path.join(path, "adapter_config.json")):
-        from peft import PeftModel
-
-        return PeftModel.from_pretrained(load_causal_lm(sft, config), path).merge_and_unload()
-    return load_causal_lm(path, config)
-
-
-def peft_config(script_args: ScriptArguments):
-    if script_args.full:
-        return None
-    from peft import LoraConfig
-
-    alpha = script_args.lora_alpha or 2 * script_args.lora_r
-    return LoraConfig(
-        r=script_args.lora_r, lora_alpha=alpha, target_modules="all-linear", task_type="CAUSAL_LM"
-    )
-
-
 def make_scorer(script_args: ScriptArguments):
     from dpo_trainer.evaluation.scorers import make_scorer as scorer_for
 
@@ -328,56 +206,10 @@ def make_scorer(script_args: ScriptArguments):
     )
 
 
-# ---------------------------------------------------------------- stages
+# ---------------------------------------------------------------- the pairs and baseline stages
 
 
-def training_args(config: DPOConfig, folder: str, *, max_steps: int, learning_rate: float) -> DPOConfig:
-    """The run's settings for an SFT-style stage (a plain Trainer reads only the TrainingArguments fields).
-
-    A copy of the run's config rather than a new `TrainingArguments`: building another one resets
-    accelerate's process state, which on CPU turns a multi-process run into independent processes.
-    """
-    args = copy.deepcopy(config)
-    args.output_dir, args.max_steps, args.learning_rate, args.save_total_limit = (
-        folder,
-        max_steps,
-        learning_rate,
-        2,
-    )
-    return args
-
-
-def run_sft(script_args: ScriptArguments, config: DPOConfig, base: str, train, out: str) -> str:
-    """Fine-tune the base model on the reviews; returns the SFT model's folder."""
-    from dpo_trainer.sft import sft_trainer
-
-    folder, final = os.path.join(out, "sft"), os.path.join(out, "sft", "final")
-    if stage_finished(folder):
-        print(f"[sft] already done: {final}")
-        return final
-    resume = start_stage(folder, "sft")
-    started = time.time()
-    args = training_args(
-        config, folder, max_steps=script_args.sft_max_steps, learning_rate=script_args.sft_learning_rate
-    )
-    trainer = sft_trainer(
-        load_causal_lm(base, config),
-        load_tokenizer(base),
-        args,
-        review_rows(train, script_args, config.seed),
-        max_length=config.max_length,
-        max_prompt_length=config.max_prompt_length,
-    )
-    trainer.train(resume_from_checkpoint=resume)
-    trainer.save_model(final)
-    save_history(trainer, folder, config.process_index)
-    loss = next((e["train_loss"] for e in reversed(trainer.state.log_history) if "train_loss" in e), None)
-    mark_done(folder, {"train_loss": loss, "seconds": time.time() - started}, config.process_index)
-    print(f"[sft] {args.max_steps} steps in {time.time() - started:.0f}s: {final}")
-    return final
-
-
-def run_pairs(script_args: ScriptArguments, config: DPOConfig, sft: str, train, out: str) -> list[dict]:
+def run_pairs(run: Run, script_args: ScriptArguments, sft: str, train) -> list[dict]:
     """N completions per training prefix from the SFT model, scored, and every informative pair of them.
 
     Writes `pairs/samples.jsonl` (prefix, completions, rewards) and `pairs/train.jsonl` (one row per
@@ -385,380 +217,130 @@ def run_pairs(script_args: ScriptArguments, config: DPOConfig, sft: str, train, 
     """
     from dpo_trainer.evaluation.best_of_n import all_preference_pairs, sample_and_score
 
-    folder = os.path.join(out, "pairs")
-    samples_path, pairs_path = os.path.join(folder, "samples.jsonl"), os.path.join(folder, "train.jsonl")
-    if stage_finished(folder, outputs=("samples.jsonl", "train.jsonl")):
-        print(f"[pairs] already done: {pairs_path}")
-    else:
-        start_stage(folder, "pairs")
-        started, stats = time.time(), {}
+    stage, config, n = run.stage("pairs"), run.config, script_args.samples_per_prompt
+    samples_path, pairs_path = run.path("pairs", "samples.jsonl"), run.path("pairs", "train.jsonl")
+    if not stage.finished(outputs=("samples.jsonl", "train.jsonl")):
+        stage.start()
         rows = review_rows(train, script_args, config.seed)
         prompts = list(dict.fromkeys(row["prompt"] for row in rows))[: script_args.pair_prompts]
-        if config.process_index == 0:
+        stats = {}
+        if run.is_main:
             samples, scores = sample_and_score(
-                load_causal_lm(sft, config),
-                load_tokenizer(sft),
-                prompts,
-                make_scorer(script_args),
-                n=script_args.samples_per_prompt,
-                temperature=1.0,
-                max_new_tokens=script_args.max_new_tokens,
-                batch_size=config.per_device_eval_batch_size,
-                seed=config.seed,
-            )
+                pipeline.load_causal_lm(sft, config), pipeline.load_tokenizer(sft), prompts, make_scorer(script_args),
+                n=n, temperature=1.0, max_new_tokens=script_args.max_new_tokens,
+                batch_size=config.per_device_eval_batch_size, seed=config.seed,
+            )  # fmt: skip
             pairs = all_preference_pairs(prompts, samples, scores)
             if not pairs:
                 raise SystemExit(
                     "[pairs] every prefix's completions scored alike: no preference pair to train on."
                 )
-            write_jsonl(
-                samples_path,
-                [{"prompt": p, "samples": s, "rewards": r} for p, s, r in zip(prompts, samples, scores)],
-            )
-            write_jsonl(pairs_path, pairs)
+            pipeline.write_jsonl(samples_path, [{"prompt": p, "samples": s, "rewards": r}
+                                                for p, s, r in zip(prompts, samples, scores)])  # fmt: skip
+            pipeline.write_jsonl(pairs_path, pairs)
             gaps = [pair["chosen_score"] - pair["rejected_score"] for pair in pairs]
-            stats = {
-                "prompts": len(prompts),
-                "samples_per_prompt": script_args.samples_per_prompt,
-                "pairs": len(pairs),
-                "mean_reward_gap": sum(gaps) / len(gaps),
-                "mean_sample_reward": sum(map(sum, scores)) / sum(map(len, scores)),
-                "seconds": time.time() - started,
-            }
-            print(
-                f"[pairs] {len(pairs)} pairs from {len(prompts)} prefixes x {script_args.samples_per_prompt} SFT "
-                f"completions in {stats['seconds']:.0f}s (mean reward gap {stats['mean_reward_gap']:.3f}): {pairs_path}"
-            )
-        mark_done(folder, stats, config.process_index)
-    return read_jsonl(pairs_path)
+            stats = {"prompts": len(prompts), "samples_per_prompt": n, "pairs": len(pairs),
+                     "mean_reward_gap": sum(gaps) / len(gaps),
+                     "mean_sample_reward": sum(map(sum, scores)) / sum(map(len, scores))}  # fmt: skip
+            print(f"[pairs] {len(pairs)} pairs from {len(prompts)} prefixes x {n} SFT completions in "
+                  f"{time.time() - stage.started:.0f}s (mean reward gap {stats['mean_reward_gap']:.3f}): {pairs_path}")  # fmt: skip
+        stage.finish(record=stats)
+    return pipeline.read_jsonl(pairs_path)
 
 
-def best_completion_rows(out: str) -> list[dict]:
+def best_completion_rows(run: Run) -> list[dict]:
     """Preferred-FT's data: per prefix, its highest-reward completion (the first among equals) as chosen."""
     rows = []
-    for entry in read_jsonl(os.path.join(out, "pairs", "samples.jsonl")):
-        rewards = entry["rewards"]
+    for entry in pipeline.read_jsonl(run.path("pairs", "samples.jsonl")):
+        rewards, samples = entry["rewards"], entry["samples"]
         best, worst = rewards.index(max(rewards)), rewards.index(min(rewards))
-        rows.append(
-            {"prompt": entry["prompt"], "chosen": entry["samples"][best], "rejected": entry["samples"][worst]}
-        )
+        rows.append({"prompt": entry["prompt"], "chosen": samples[best], "rejected": samples[worst]})
     return rows
 
 
-def run_dpo(
-    script_args: ScriptArguments, config: DPOConfig, sft: str, pairs: list[dict], beta: float, out: str
-) -> str:
-    """DPO at one β against the SFT model; returns the policy's folder."""
-    name = f"dpo-beta{beta:g}"
-    folder, final = os.path.join(out, name), os.path.join(out, name, "final")
-    if stage_finished(folder):
-        print(f"[{name}] already done: {final}")
-        return final
-    resume = start_stage(folder, name)
-    started = time.time()
-    run_config = copy.deepcopy(config)
-    run_config.output_dir, run_config.beta = folder, beta
-    rows = [{"prompt": p["prompt"], "chosen": p["chosen"], "rejected": p["rejected"]} for p in pairs]
-    trainer = DPOTrainer(
-        load_causal_lm(sft, config),
-        args=run_config,
-        train_dataset=rows,
-        processing_class=load_tokenizer(sft),
-        peft_config=peft_config(script_args),
-    )
-    trainer.train(resume_from_checkpoint=resume)
-    trainer.save_model(final)
-    save_history(trainer, folder, config.process_index)
-    logged = [e for e in trainer.state.log_history if "rewards/accuracies" in e]
-    last = logged[-1] if logged else {}
-    info = {"beta": beta, "seconds": time.time() - started, "last_logged": last}
-    mark_done(folder, info, config.process_index)
-    print(
-        f"[{name}] {trainer.state.global_step} steps in {info['seconds']:.0f}s: train reward accuracy "
-        f"{last.get('rewards/accuracies', float('nan')):.2f}, margin {last.get('rewards/margins', float('nan')):.2f}: {final}"
-    )
-    return final
-
-
-def run_baseline(
-    script_args: ScriptArguments, config: DPOConfig, sft: str, method: str, pairs, out: str
-) -> str:
-    """Preferred-FT or Unlikelihood from the SFT model; returns the policy's folder."""
+def run_baseline(run: Run, script_args: ScriptArguments, sft: str, method: str, rows: list[dict]) -> str:
+    """Preferred-FT (SFT on each prefix's best completion) or Unlikelihood (on the pairs `rows`) from the SFT
+    model; returns the policy's folder."""
     from dpo_trainer.sft import sft_trainer
     from dpo_trainer.unlikelihood import unlikelihood_trainer
 
-    name = method.replace("_", "-")
-    folder, final = os.path.join(out, name), os.path.join(out, name, "final")
-    if stage_finished(folder):
-        print(f"[{name}] already done: {final}")
-        return final
-    resume = start_stage(folder, name)
-    started = time.time()
+    config = run.config
     learning_rate = script_args.baseline_learning_rate or config.learning_rate
-    args = training_args(config, folder, max_steps=config.max_steps, learning_rate=learning_rate)
-    model, tokenizer = load_causal_lm(sft, config), load_tokenizer(sft)
-    if peft_config(script_args) is not None:
-        from peft import get_peft_model
-
-        model = get_peft_model(model, peft_config(script_args))
     lengths = dict(max_length=config.max_length, max_prompt_length=config.max_prompt_length)
-    if method == "preferred_ft":
-        trainer = sft_trainer(model, tokenizer, args, best_completion_rows(out), **lengths)
-    else:
-        rows = [{"prompt": p["prompt"], "chosen": p["chosen"], "rejected": p["rejected"]} for p in pairs]
-        trainer = unlikelihood_trainer(
+
+    def trainer(folder):
+        args = pipeline.training_args(config, folder, max_steps=config.max_steps, learning_rate=learning_rate,
+                                      save_total_limit=2)  # fmt: skip
+        model = pipeline.load_causal_lm(sft, config, peft_config=pipeline.lora_config(script_args))
+        tokenizer = pipeline.load_tokenizer(sft)
+        if method == "preferred_ft":
+            return sft_trainer(model, tokenizer, args, best_completion_rows(run), **lengths)
+        return unlikelihood_trainer(
             model, tokenizer, args, rows, alpha=script_args.unlikelihood_alpha, **lengths
         )
-    trainer.train(resume_from_checkpoint=resume)
-    trainer.save_model(final)
-    save_history(trainer, folder, config.process_index)
-    mark_done(
-        folder, {"seconds": time.time() - started, "learning_rate": learning_rate}, config.process_index
-    )
-    print(f"[{name}] {trainer.state.global_step} steps in {time.time() - started:.0f}s: {final}")
-    return final
+
+    return pipeline.train_stage(run, method.replace("_", "-"), trainer, {"learning_rate": learning_rate})
 
 
-def read_jsonl(path: str) -> list[dict]:
-    with open(path, encoding="utf-8") as handle:
-        return [json.loads(line) for line in handle]
+# ---------------------------------------------------------------- the eval stage
 
 
-# ---------------------------------------------------------------- evaluation
-
-
-def evaluate_policy(
-    name: str, model, reference, tokenizer, prompts, scorer, script_args, config, folder
-) -> dict:
-    """Samples of ``model`` on the held-out prefixes: mean reward and KL(model ‖ reference), each with its
-    standard error (``reference=None``: the model is the reference, KL 0). Cached under ``folder`` (a
-    rerun reads it back)."""
-    from dpo_trainer.evaluation.kl import KLEstimate, mean_and_stderr, sequence_kl
-    from dpo_trainer.evaluation.sampling import sample_responses
-
-    path = os.path.join(folder, f"{name}.json")
-    cached = read_json(path, "sampled again.")
-    if isinstance(cached, dict) and "result" in cached:
-        return cached["result"]
-    require_writable(folder, "eval")
-    k = script_args.eval_samples_per_prompt
-    ids = sample_responses(
-        model,
-        tokenizer,
-        prompts,
-        temperature=1.0,  # the KL estimate needs samples from π itself
-        max_new_tokens=script_args.max_new_tokens,
-        batch_size=config.per_device_eval_batch_size,
-        num_samples=k,
-        seed=config.seed,
-        return_token_ids=True,
-    )
-    flat_prompts = [prompt for prompt in prompts for _ in range(k)]
-    flat_ids = [row for rows in ids for row in rows]
-    texts = [tokenizer.decode(row, skip_special_tokens=True) for row in flat_ids]
-    rewards = scorer.score(flat_prompts, texts)
-    prompt_ids = [tokenizer(prompt)["input_ids"] for prompt in flat_prompts]
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    if reference is None:
-        kl = KLEstimate(mean=0.0, stderr=0.0, n=len(flat_ids), log_ratios=(0.0,) * len(flat_ids))
-    else:
-        kl = sequence_kl(
-            model,
-            reference,
-            prompt_ids,
-            flat_ids,
-            batch_size=config.per_device_eval_batch_size,
-            pad_token_id=pad,
-        )
-    reward, reward_se = mean_and_stderr(rewards)
-    result = {
-        "reward": reward,
-        "reward_stderr": reward_se,
-        "kl": kl.mean,
-        "kl_stderr": kl.stderr,
-        "n": len(texts),
-    }
-    samples = [
-        {"prompt": p, "completion": t, "reward": r, "log_ratio": lr}
-        for p, t, r, lr in zip(flat_prompts, texts, rewards, kl.log_ratios)
-    ]
-    write_json(path, {"result": result, "samples": samples}, indent=1)
-    return result
-
-
-def evaluate_best_of_n(sft_model, tokenizer, prompts, scorer, script_args, config, folder) -> dict[int, dict]:
-    """Best-of-N over the SFT model for every N of ``--bon_n`` from one draw at the largest N."""
-    from dpo_trainer.evaluation.best_of_n import best_of_n_prefixes, sample_and_score
-    from dpo_trainer.evaluation.kl import best_of_n_kl, mean_and_stderr
-
-    ns = script_args.bon_values()
-    path = os.path.join(folder, f"best-of-{max(ns)}-samples.json")
-    cached = read_json(path, "sampled again.")
-    if isinstance(cached, list) and len(cached) == 2:
-        samples, scores = cached
-    else:
-        require_writable(folder, "eval")
-        samples, scores = sample_and_score(
-            sft_model,
-            tokenizer,
-            prompts,
-            scorer,
-            n=max(ns),
-            temperature=1.0,
-            max_new_tokens=script_args.max_new_tokens,
-            batch_size=config.per_device_eval_batch_size,
-            seed=config.seed + 1,  # a draw of its own, not the SFT policy's samples again
-        )
-        write_json(path, [samples, scores], indent=None)
-    results = {}
-    for n, (_, best_scores, _) in best_of_n_prefixes(samples, scores, ns).items():
-        reward, reward_se = mean_and_stderr(best_scores)
-        results[n] = {"reward": reward, "reward_stderr": reward_se, "kl": best_of_n_kl(n), "kl_stderr": 0.0,
-                      "n": len(best_scores)}  # fmt: skip
-    return results
-
-
-def reward_at_kl(points: list[dict], kl: float) -> float | None:
-    """The reward of the piecewise-linear curve through ``points`` (sorted by KL) at ``kl``; None outside it."""
-    ordered = sorted(points, key=lambda p: p["kl"])
-    for left, right in zip(ordered, ordered[1:]):
-        if left["kl"] <= kl <= right["kl"]:
-            if right["kl"] == left["kl"]:
-                return max(left["reward"], right["reward"])
-            t = (kl - left["kl"]) / (right["kl"] - left["kl"])
-            return left["reward"] + t * (right["reward"] - left["reward"])
-    if len(ordered) == 1 and ordered[0]["kl"] == kl:
-        return ordered[0]["reward"]
-    return None
-
-
-def compare_at_matched_kl(dpo_points: list[dict], baseline: dict) -> dict:
-    """Is DPO's reward at least ``baseline``'s at the baseline's KL?
-
-    "yes" when the DPO curve (linear between its β points) reaches the baseline's reward at its KL, or a DPO
-    point has no more KL and at least the reward (dominates); "no" when the curve is below it there, or the
-    baseline dominates a DPO point; "inconclusive" otherwise (the baseline's KL is outside DPO's range).
-    """
-    at = reward_at_kl(dpo_points, baseline["kl"])
-    verdict = None
-    if at is not None:
-        verdict = "yes" if at >= baseline["reward"] else "no"
-    elif any(p["kl"] <= baseline["kl"] and p["reward"] >= baseline["reward"] for p in dpo_points):
-        verdict = "yes"
-    elif any(p["kl"] >= baseline["kl"] and p["reward"] <= baseline["reward"] for p in dpo_points):
-        verdict = "no"
-    return {"baseline_kl": baseline["kl"], "baseline_reward": baseline["reward"], "dpo_reward_at_kl": at,
-            "dpo_at_least_baseline": verdict or "inconclusive"}  # fmt: skip
-
-
-def run_eval(
-    script_args: ScriptArguments, config: DPOConfig, sft: str, policies: dict[str, str], test, out: str
-) -> dict:
-    """Sample, score and plot; returns the summary's `eval` part."""
+def run_eval(run: Run, script_args: ScriptArguments, sft: str, policies: dict[str, str], test) -> dict:
+    """Sample, score and plot (main process); returns the summary's `eval` part."""
     from dpo_trainer.evaluation.plots import plot_frontier
 
-    started = time.time()
-    folder = os.path.join(out, "eval")
+    started, config, folder = time.time(), run.config, run.path("eval")
     low, high = (int(k) for k in script_args.prefix_words.split(","))
-    prompts = []
-    for index, text in enumerate(test["text"]):
-        split = split_review(text, index, low, high, config.seed)
-        if split is not None:
-            prompts.append(split[0])
-        if len(prompts) == script_args.eval_prompts:
-            break
-    tokenizer = load_tokenizer(sft)
-    scorer = make_scorer(script_args)
-    reference = load_causal_lm(sft, config)
-    results = {
-        "SFT": evaluate_policy(
-            "sft", reference, None, tokenizer, prompts, scorer, script_args, config, folder
-        )
-    }
+    splits = (split_review(text, index, low, high, config.seed) for index, text in enumerate(test["text"]))
+    prompts = [split[0] for split in splits if split is not None][: script_args.eval_prompts]
+    tokenizer, scorer = pipeline.load_tokenizer(sft), make_scorer(script_args)
+    reference = pipeline.load_causal_lm(sft, config)
+    sampling = dict(max_new_tokens=script_args.max_new_tokens, batch_size=config.per_device_eval_batch_size)
+
+    def evaluate(name, model, ref):
+        return frontier.evaluate_policy(os.path.join(folder, f"{name}.json"), model, ref, tokenizer, prompts, scorer,
+                                        samples_per_prompt=script_args.eval_samples_per_prompt, seed=config.seed,
+                                        **sampling)  # fmt: skip
+
+    results = {"SFT": evaluate("sft", reference, None)}
     print(f"[eval] SFT: reward {results['SFT']['reward']:.3f}")
-    for name, path in policies.items():
-        model = load_policy(path, sft, config)
-        stage = os.path.basename(os.path.dirname(path))  # dpo-beta0.1, preferred-ft, unlikelihood
-        results[name] = evaluate_policy(
-            stage, model, reference, tokenizer, prompts, scorer, script_args, config, folder
-        )
+    for name, path in policies.items():  # stage folders: dpo-beta0.1, preferred-ft, unlikelihood
+        model = pipeline.load_policy(path, sft, config, for_sampling=False)
+        results[name] = evaluate(os.path.basename(os.path.dirname(path)), model, reference)
         print(f"[eval] {name}: reward {results[name]['reward']:.3f}, KL {results[name]['kl']:.3f}")
         del model
-    bon = (
-        evaluate_best_of_n(reference, tokenizer, prompts, scorer, script_args, config, folder)
-        if script_args.bon_values()
-        else {}
-    )
-    for n, result in bon.items():
-        results[f"Best of {n}"] = result
+    bon, ns = {}, script_args.bon_values()
+    if ns:  # a draw of its own (seed + 1), not the SFT policy's samples again
+        path = os.path.join(folder, f"best-of-{max(ns)}-samples.json")
+        bon = frontier.evaluate_best_of_n(path, reference, tokenizer, prompts, scorer, ns, seed=config.seed + 1,
+                                          **sampling)  # fmt: skip
+    results.update({f"Best of {n}": result for n, result in bon.items()})
 
-    groups = {"SFT": [dict(results["SFT"], label="")]}
+    baselines = [name for name in BASELINES.values() if name in results]
     dpo_points = [
         dict(r, label=f"β={name.split('=')[1]}") for name, r in results.items() if name.startswith("DPO β=")
     ]
-    if dpo_points:
-        groups["DPO"] = dpo_points
-    for name in ("Preferred-FT", "Unlikelihood"):
-        if name in results:
-            groups[name] = [dict(results[name], label="")]
+    groups = {"SFT": [dict(results["SFT"], label="")]} | ({"DPO": dpo_points} if dpo_points else {})
+    groups.update({name: [dict(results[name], label="")] for name in baselines})
     if bon:
         groups["Best-of-N (SFT)"] = [dict(r, label=f"N={n}") for n, r in bon.items()]
-    reward_label = (
-        "VADER compound"
-        if script_args.reward_model == "vader"
-        else f"{script_args.reward_model} ({script_args.reward_output})"
-    )
-    plots = {}
-    read_only = unwritable(os.path.join(out, "plots"))
+    vader = script_args.reward_model == "vader"
+    reward_label = "VADER compound" if vader else f"{script_args.reward_model} ({script_args.reward_output})"
+    plots, read_only = {}, pipeline.unwritable(run.path("plots"))
     if read_only:  # a finished run on read-only storage: summarised again, its plot kept as it was
-        print(f"[eval] plot not drawn: {os.path.join(out, 'plots')} cannot be written ({read_only}).")
+        print(f"[eval] plot not drawn: {run.path('plots')} cannot be written ({read_only}).")
     else:
-        plots["frontier"] = str(
-            plot_frontier(
-                groups,
-                os.path.join(out, "plots", "frontier.png"),
-                title=f"Reward against KL, {len(prompts)} held-out prefixes",
-                reward_label=f"Mean reward ({reward_label})",
-                kl_scale="symlog" if max(r["kl"] for r in results.values()) > 10 else "linear",
-            )
-        )
+        plots["frontier"] = str(plot_frontier(
+            groups, run.path("plots", "frontier.png"), title=f"Reward against KL, {len(prompts)} held-out prefixes",
+            reward_label=f"Mean reward ({reward_label})",
+            kl_scale="symlog" if max(r["kl"] for r in results.values()) > 10 else "linear",
+        ))  # fmt: skip
     comparisons = {
-        name: compare_at_matched_kl(dpo_points, results[name])
-        for name in ("Preferred-FT", "Unlikelihood")
-        if name in results and dpo_points
+        name: frontier.compare_at_matched_kl(dpo_points, results[name]) for name in baselines if dpo_points
     }
-    print_table(results, comparisons, len(prompts), reward_label)
-    return {
-        "reward": reward_label,
-        "prompts": len(prompts),
-        "results": results,
-        "dpo_vs_baselines_at_matched_kl": comparisons,
-        "plots": plots,
-        "seconds": time.time() - started,
-    }
-
-
-def print_table(results: dict, comparisons: dict, prompts: int, reward_label: str) -> None:
-    print(f"\n[eval] {prompts} held-out prefixes, reward: {reward_label}; ± one standard error")
-    print(f"{'method':<18}{'reward':>20}{'KL(π‖π_ref)':>20}{'samples':>9}")
-    for name, r in results.items():
-        reward = f"{r['reward']:.3f} ± {r['reward_stderr']:.3f}"
-        kl = (
-            f"{r['kl']:.3f} ± {r['kl_stderr']:.3f}"
-            if not name.startswith("Best of")
-            else f"{r['kl']:.3f} (bound)"
-        )
-        print(f"{name:<18}{reward:>20}{kl:>20}{r['n']:>9}")
-    for name, c in comparisons.items():
-        at = (
-            "(outside the β points' KL range)"
-            if c["dpo_reward_at_kl"] is None
-            else f"{c['dpo_reward_at_kl']:.3f}"
-        )
-        print(
-            f"DPO vs {name} at {name}'s KL {c['baseline_kl']:.3f}: DPO {at}, {name} {c['baseline_reward']:.3f} "
-            f"-> DPO at least {name}: {c['dpo_at_least_baseline']}"
-        )
+    frontier.print_results(results, comparisons, len(prompts), reward_label)
+    return {"reward": reward_label, "prompts": len(prompts), "results": results,
+            "dpo_vs_baselines_at_matched_kl": comparisons, "plots": plots, "seconds": time.time() - started}  # fmt: skip
 
 
 # ---------------------------------------------------------------- the run
@@ -767,55 +349,46 @@ def print_table(results: dict, comparisons: dict, prompts: int, reward_label: st
 def main(argv: list[str] | None = None) -> dict:
     started = time.time()
     script_args, config = parse_args(sys.argv[1:] if argv is None else argv)
-    out = config.output_dir
-    if config.process_index == 0:
-        prepare_run_dir(out, script_args)
-    wait_for_everyone()
+    run = Run.open(script_args, config)
     train, test = load_reviews(script_args.dataset, script_args.text_column, script_args.max_train_rows,
                                script_args.max_eval_rows)  # fmt: skip
-    base = base_model(script_args, config, train, out)
-    if script_args.sft_model or script_args.skip_sft:
-        sft = script_args.sft_model or base
-    else:
-        sft = run_sft(script_args, config, base, train, out)
+    base = pipeline.base_model(run, script_args.model, train["text"], vocab_size=800,
+                               hidden_size=script_args.tiny_hidden_size, layers=script_args.tiny_layers)  # fmt: skip
+    sft = script_args.sft_model or base
+    if not (script_args.sft_model or script_args.skip_sft):
+        sft = pipeline.sft_stage(run, base, review_rows(train, script_args, config.seed),
+                                 max_steps=script_args.sft_max_steps, learning_rate=script_args.sft_learning_rate)  # fmt: skip
 
-    policies = {}  # display name -> folder
     methods = script_args.method_names()
+    betas = script_args.beta_values() if "dpo" in methods else []
+    baselines = {name: method for method, name in BASELINES.items() if method in methods}
+    policies = {}  # display name -> folder
     if not script_args.skip_train:
-        pairs = run_pairs(script_args, config, sft, train, out)
-        if "dpo" in methods:
-            for beta in script_args.beta_values():
-                policies[f"DPO β={beta:g}"] = run_dpo(script_args, config, sft, pairs, beta, out)
-        for method, name in (("preferred_ft", "Preferred-FT"), ("unlikelihood", "Unlikelihood")):
-            if method in methods:
-                policies[name] = run_baseline(script_args, config, sft, method, pairs, out)
+        pairs = run_pairs(run, script_args, sft, train)
+        rows = [{"prompt": p["prompt"], "chosen": p["chosen"], "rejected": p["rejected"]} for p in pairs]
+        for beta in betas:  # DPO from the SFT model, also the reference
+            policies[f"DPO β={beta:g}"] = pipeline.dpo_stage(run, f"dpo-beta{beta:g}", sft, rows, beta=beta,
+                peft_config=pipeline.lora_config(script_args), record={"beta": beta})  # fmt: skip
+        for name, method in baselines.items():
+            policies[name] = run_baseline(run, script_args, sft, method, rows)
     else:  # an earlier run's policies
-        for beta in script_args.beta_values():
-            path = os.path.join(out, f"dpo-beta{beta:g}", "final")
-            if "dpo" in methods and os.path.exists(path):
-                policies[f"DPO β={beta:g}"] = path
-        for method, name in (("preferred_ft", "Preferred-FT"), ("unlikelihood", "Unlikelihood")):
-            path = os.path.join(out, method.replace("_", "-"), "final")
-            if method in methods and os.path.exists(path):
-                policies[name] = path
+        stages = {f"DPO β={b:g}": f"dpo-beta{b:g}" for b in betas}
+        stages.update({name: method.replace("_", "-") for name, method in baselines.items()})
+        policies = {name: run.path(stage, "final") for name, stage in stages.items()
+                    if os.path.exists(run.path(stage, "final"))}  # fmt: skip
 
-    summary = {"output_dir": out, "sft_model": sft, "policies": policies}
-    if not script_args.skip_eval and config.process_index == 0:
-        summary["eval"] = run_eval(script_args, config, sft, policies, test, out)
-    if config.process_index == 0:
-        for stage in ["sft", "pairs"] + [os.path.basename(os.path.dirname(p)) for p in policies.values()]:
-            done = stage_done(os.path.join(out, stage))
-            if done:
-                summary.setdefault("stages", {})[stage] = done
+    summary = {"output_dir": run.out, "sft_model": sft, "policies": policies}
+    if not script_args.skip_eval and run.is_main:
+        summary["eval"] = run_eval(run, script_args, sft, policies, test)
+    if run.is_main:
+        stages = run.done(
+            ["sft", "pairs"] + [os.path.basename(os.path.dirname(p)) for p in policies.values()]
+        )
+        summary.update({"stages": stages} if stages else {})
         summary["seconds"] = time.time() - started
-        if write_summary(out, summary):
-            print(f"\nsummary: {os.path.join(out, 'summary.json')} ({summary['seconds']:.0f}s)")
+        run.write_summary(summary, note=f" ({summary['seconds']:.0f}s)")
     return summary
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    finally:  # a gloo/NCCL group left for interpreter exit can abort the process ("terminate called ...")
-        if torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()
+    pipeline.run_script(main)

@@ -20,7 +20,7 @@ import dpo_trainer  # noqa: E402
 from dpo_trainer import DPOConfig  # noqa: E402
 from dpo_trainer.testing import tiny_causal_lm, train_tokenizer  # noqa: E402
 
-# The example scripts import their shared modules (`run_folder`, `hh_data`) as `python examples/<script>.py` does.
+# The example scripts import their shared modules (`pipeline`, `frontier`, `hh_data`) as `python examples/<script>.py` does.
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 sys.path.insert(0, str(EXAMPLES))
 

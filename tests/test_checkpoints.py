@@ -16,6 +16,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+import pipeline  # examples/, on the path through conftest
 from dpo_trainer import DPOTrainer
 from dpo_trainer.checkpoints import (
     checkpoint_problem,
@@ -250,7 +251,7 @@ def hh():
 
 def manifest_of(hh, out, *flags):
     script_args, config = hh.parse_args(["--output_dir", str(out), *flags])
-    return hh.run_manifest(script_args, config)
+    return pipeline.run_manifest(hh.STAGES, script_args, config)
 
 
 def finished_stages(hh, out, manifest, stages=("sft", "dpo", "eval")):
@@ -267,18 +268,22 @@ def test_a_changed_dpo_setting_refuses_naming_it_and_what_it_invalidates(hh, tmp
     finished_stages(hh, out, manifest_of(hh, out))
     changed = manifest_of(hh, out, "--beta", "0.5")
     with pytest.raises(SystemExit) as error:
-        hh.check_run_manifest(str(out), changed, restart_stale=False)
+        pipeline.check_run_manifest(str(out), changed, restart_stale=False)
     message = str(error.value)
     assert "dpo: beta: 2.0 -> 0.5" in message
     assert "eval: after: " in message  # the samples of the old policy are stale too
     assert "sft:" not in message and "--restart_stale" in message
-    hh.check_run_manifest(str(out), manifest_of(hh, out), restart_stale=False)  # the same settings: fine
+    pipeline.check_run_manifest(
+        str(out), manifest_of(hh, out), restart_stale=False
+    )  # the same settings: fine
 
 
 def test_restart_stale_starts_the_changed_stages_over_and_keeps_the_old_ones(hh, tmp_path):
     out = tmp_path / "run"
     finished_stages(hh, out, manifest_of(hh, out))
-    hh.check_run_manifest(str(out), manifest_of(hh, out, "--sft_learning_rate", "1e-3"), restart_stale=True)
+    pipeline.check_run_manifest(
+        str(out), manifest_of(hh, out, "--sft_learning_rate", "1e-3"), restart_stale=True
+    )
     left = sorted(os.listdir(out))
     assert "sft" not in left and "dpo" not in left and "eval" not in left  # every stage after SFT too
     assert {name.split(".")[0] for name in left if ".stale-" in name} == {"sft", "dpo", "eval"}
@@ -287,7 +292,7 @@ def test_restart_stale_starts_the_changed_stages_over_and_keeps_the_old_ones(hh,
 def test_sampling_settings_invalidate_only_the_evaluation(hh, tmp_path):
     out = tmp_path / "run"
     old, new = manifest_of(hh, out), manifest_of(hh, out, "--temperatures", "0.5")
-    changes = hh.manifest_changes(old, new)
+    changes = pipeline.manifest_changes(old, new)
     assert list(changes) == ["eval"] and changes["eval"] == ["temperatures: '0.25,0.5,0.75,1.0' -> '0.5'"]
     assert new["dpo"]["fingerprint"] == old["dpo"]["fingerprint"]
 
@@ -296,7 +301,7 @@ def test_the_readme_command_rerun_continues_the_last_default_run(hh, tmp_path, m
     monkeypatch.chdir(tmp_path)
     script_args, config = hh.parse_args([])  # no earlier run: a new timestamped folder
     assert config.output_dir.startswith(os.path.join("runs", "hh-"))
-    finished_stages(hh, tmp_path / config.output_dir, hh.run_manifest(script_args, config))
+    finished_stages(hh, tmp_path / config.output_dir, pipeline.run_manifest(hh.STAGES, script_args, config))
     assert hh.parse_args([])[1].output_dir == config.output_dir  # the same command: the same folder
     other = hh.parse_args(["--beta", "0.3"])[1].output_dir
     assert other != config.output_dir and other.startswith(os.path.join("runs", "hh-"))

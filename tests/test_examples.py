@@ -10,6 +10,8 @@ import sys
 
 import pytest
 
+import pipeline  # examples/, on the path through conftest
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HH = os.path.join(ROOT, "examples", "hh.py")
 SHORT = [
@@ -163,12 +165,12 @@ def test_a_damaged_run_json_counts_as_changed_settings(hh, tmp_path, capsys):
     (out / "sft").mkdir(parents=True)
     (out / "run.json").write_text('{"script_args": {"dataset": "da')
     script_args, config = hh.parse_args(["--output_dir", str(out)] + SHORT)
-    manifest = hh.run_manifest(script_args, config)
+    manifest = pipeline.run_manifest(hh.STAGES, script_args, config)
     refused = r"(?s)sft: settings unknown \(.*run\.json is damaged\).*--restart_stale"
     with pytest.raises(SystemExit, match=refused):
-        hh.check_run_manifest(str(out), manifest, restart_stale=False)
+        pipeline.check_run_manifest(str(out), manifest, restart_stale=False)
     assert f"warning: {out / 'run.json'} is damaged (JSONDecodeError: " in capsys.readouterr().err
-    assert hh.check_run_manifest(str(out), manifest, restart_stale=True) == {}
+    assert pipeline.check_run_manifest(str(out), manifest, restart_stale=True) == {}
     assert not (out / "sft").exists() and len(glob.glob(str(out / "sft.stale-*"))) == 1
 
 

@@ -1,4 +1,4 @@
-"""examples/run_folder.py, the run-folder machinery of examples/hh.py and examples/sentiment.py: damaged files are
+"""examples/pipeline.py, the run-folder machinery of examples/hh.py and examples/sentiment.py: damaged files are
 named and their stage done again, an output path that cannot be a run folder is refused with what to do, and
 half-written checkpoints are removed before a stage resumes or starts over (issue 20)."""
 
@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 import pytest
 
-import run_folder  # examples/, on the path through conftest
+import pipeline  # examples/, on the path through conftest
 from dpo_trainer.testing import tiny_causal_lm
 
 
@@ -21,11 +21,11 @@ class Args:
 def test_a_damaged_done_json_is_named_and_the_stage_counts_as_unfinished(tmp_path, capsys):
     stage = tmp_path / "dpo"
     stage.mkdir()
-    run_folder.write_json(str(stage / "done.json"), {"seconds": 1.0})
-    assert run_folder.stage_finished(str(stage)) and run_folder.stage_done(str(stage))["seconds"] == 1.0
+    pipeline.write_json(str(stage / "done.json"), {"seconds": 1.0})
+    assert pipeline.stage_finished(str(stage)) and pipeline.stage_done(str(stage))["seconds"] == 1.0
     text = (stage / "done.json").read_text()
     (stage / "done.json").write_text(text[: len(text) // 2])  # truncated
-    assert not run_folder.stage_finished(str(stage))
+    assert not pipeline.stage_finished(str(stage))
     err = capsys.readouterr().err
     assert f"{stage / 'done.json'} is damaged (JSONDecodeError: " in err
     assert "the stage is treated as unfinished and done again." in err
@@ -34,16 +34,16 @@ def test_a_damaged_done_json_is_named_and_the_stage_counts_as_unfinished(tmp_pat
 def test_a_stage_whose_outputs_are_damaged_or_missing_is_unfinished(tmp_path, capsys):
     stage = tmp_path / "pairs"
     stage.mkdir()
-    run_folder.write_json(str(stage / "done.json"), {})
+    pipeline.write_json(str(stage / "done.json"), {})
     rows = [{"prompt": "a", "chosen": "b", "rejected": "c"}] * 3
-    run_folder.write_jsonl(str(stage / "train.jsonl"), rows)
-    assert run_folder.stage_finished(str(stage), outputs=("train.jsonl",))
-    assert run_folder.read_json(str(stage / "train.jsonl"), "", lines=True) == rows
+    pipeline.write_jsonl(str(stage / "train.jsonl"), rows)
+    assert pipeline.stage_finished(str(stage), outputs=("train.jsonl",))
+    assert pipeline.read_json(str(stage / "train.jsonl"), "", lines=True) == rows
     with open(stage / "train.jsonl", "a") as handle:
         handle.write('{"prompt": "half')  # a line cut short
-    assert not run_folder.stage_finished(str(stage), outputs=("train.jsonl",))
+    assert not pipeline.stage_finished(str(stage), outputs=("train.jsonl",))
     assert f"{stage / 'train.jsonl'} is damaged" in capsys.readouterr().err
-    assert not run_folder.stage_finished(str(stage), outputs=("samples.jsonl",))
+    assert not pipeline.stage_finished(str(stage), outputs=("samples.jsonl",))
     assert f"{stage / 'samples.jsonl'} is missing" in capsys.readouterr().err
 
 
@@ -53,41 +53,41 @@ def test_an_output_dir_that_is_a_file_or_under_one_is_refused_with_what_to_do(tm
     with pytest.raises(
         SystemExit, match=re.escape(f"--output_dir {taken} is a file, not a folder: choose another")
     ):
-        run_folder.prepare_run_dir(str(taken), Args())
+        pipeline.prepare_run_dir(str(taken), Args())
     with pytest.raises(
         SystemExit, match=r"cannot be written \(Not a directory: .*choose another --output_dir"
     ):
-        run_folder.prepare_run_dir(str(taken / "run"), Args())
+        pipeline.prepare_run_dir(str(taken / "run"), Args())
     assert taken.read_text() == "precious"
 
 
 def test_an_earlier_run_is_resumed_without_writing_to_it(tmp_path):
     out = tmp_path / "run"
-    run_folder.prepare_run_dir(str(out), Args())
-    marker = out / run_folder.RUN_MARKER
+    pipeline.prepare_run_dir(str(out), Args())
+    marker = out / pipeline.RUN_MARKER
     assert json.loads(marker.read_text())["script_args"] == {"dataset": "data"}
     stamp = os.stat(marker).st_mtime_ns
-    run_folder.prepare_run_dir(str(out), Args(dataset="other"))
-    assert os.stat(marker).st_mtime_ns == stamp and sorted(os.listdir(out)) == [run_folder.RUN_MARKER]
+    pipeline.prepare_run_dir(str(out), Args(dataset="other"))
+    assert os.stat(marker).st_mtime_ns == stamp and sorted(os.listdir(out)) == [pipeline.RUN_MARKER]
 
 
 def test_a_folder_that_cannot_be_written_is_said_before_a_stage_works(tmp_path, monkeypatch):
     """`unwritable` makes and removes a file (root ignores permission bits; a read-only mount does not), so its
     failure is simulated here; tests/test_examples.py runs hh.py on a real read-only mount."""
-    assert run_folder.unwritable(str(tmp_path / "new" / "stage")) is None
+    assert pipeline.unwritable(str(tmp_path / "new" / "stage")) is None
     assert os.listdir(tmp_path / "new" / "stage") == []  # made, and the probe removed
 
     def refuse(*args, **kwargs):
         raise OSError(30, "Read-only file system")
 
-    monkeypatch.setattr(run_folder.tempfile, "mkstemp", refuse)
-    assert run_folder.unwritable(str(tmp_path)) == "Read-only file system"
+    monkeypatch.setattr(pipeline.tempfile, "mkstemp", refuse)
+    assert pipeline.unwritable(str(tmp_path)) == "Read-only file system"
     expected = f"[dpo] {tmp_path / 'dpo'} cannot be written (Read-only file system), and this stage has work"
     with pytest.raises(SystemExit, match=re.escape(expected)):
-        run_folder.start_stage(str(tmp_path / "dpo"), "dpo")
+        pipeline.start_stage(str(tmp_path / "dpo"), "dpo")
     with pytest.raises(SystemExit, match=r"\[eval\] .* cannot be written \(Read-only file system\)"):
-        run_folder.require_writable(str(tmp_path), "eval")
-    assert not run_folder.write_summary(str(tmp_path), {"a": 1})
+        pipeline.require_writable(str(tmp_path), "eval")
+    assert not pipeline.write_summary(str(tmp_path), {"a": 1})
     assert not (tmp_path / "summary.json").exists()
 
 
@@ -109,7 +109,7 @@ def test_half_written_checkpoints_are_removed_and_the_stage_resumes_or_starts_ov
     with open(os.path.join(half, "rng_state_1.pth"), "wb") as handle:
         handle.write(b"from the killed run")
     # a kill in the first checkpoint write: nothing to resume; the stage starts over, without the old files
-    assert run_folder.start_stage(folder, "dpo") is None
+    assert pipeline.start_stage(folder, "dpo") is None
     err = capsys.readouterr().err
     assert f"[dpo] incomplete checkpoint folders in {folder}" in err
     assert "removed: checkpoint-2 (no trainer_state.json (the checkpoint was not finished))" in err
@@ -118,20 +118,20 @@ def test_half_written_checkpoints_are_removed_and_the_stage_resumes_or_starts_ov
 
     complete = make_checkpoint(folder, 2, tokenizer)
     os.makedirs(os.path.join(folder, "checkpoint-4"))  # a later kill, while writing checkpoint-4
-    assert run_folder.start_stage(folder, "dpo") == complete
+    assert pipeline.start_stage(folder, "dpo") == complete
     err = capsys.readouterr().err
     assert "removed: checkpoint-4 (empty folder); resuming from checkpoint-2." in err
     assert sorted(os.listdir(folder)) == ["checkpoint-2"]
-    assert run_folder.start_stage(folder, "dpo") == complete and capsys.readouterr().err == ""
+    assert pipeline.start_stage(folder, "dpo") == complete and capsys.readouterr().err == ""
 
 
 def test_writes_are_whole_or_not_at_all(tmp_path):
     path = str(tmp_path / "samples.json")
-    run_folder.write_json(path, [1, 2])
+    pipeline.write_json(path, [1, 2])
 
     class Unserialisable:
         pass
 
     with pytest.raises(TypeError):
-        run_folder.write_json(path, [Unserialisable()])
+        pipeline.write_json(path, [Unserialisable()])
     assert json.loads(open(path).read()) == [1, 2] and os.listdir(tmp_path) == ["samples.json"]

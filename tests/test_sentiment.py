@@ -13,6 +13,8 @@ import pytest
 import torch
 import transformers
 
+import frontier  # examples/, on the path through conftest
+import pipeline
 from dpo_trainer.evaluation.scorers import ClassifierScorer, VaderScorer, class_index, make_scorer
 from dpo_trainer.unlikelihood import UnlikelihoodCollator, unlikelihood_loss, unlikelihood_trainer
 
@@ -178,12 +180,12 @@ def test_split_review_keeps_every_character(sentiment):
     assert sentiment.split_review("one two three", 0, 5, 5, seed=0) == ("one two", " three")
 
 
-def test_reward_at_kl_and_the_matched_kl_verdict(sentiment):
+def test_reward_at_kl_and_the_matched_kl_verdict():
     dpo = [{"kl": 2.0, "reward": 0.8}, {"kl": 0.0, "reward": 0.2}, {"kl": 1.0, "reward": 0.6}]
-    assert sentiment.reward_at_kl(dpo, 0.5) == pytest.approx(0.4)
-    assert sentiment.reward_at_kl(dpo, 1.5) == pytest.approx(0.7)
-    assert sentiment.reward_at_kl(dpo, 3.0) is None
-    verdict = sentiment.compare_at_matched_kl
+    assert frontier.reward_at_kl(dpo, 0.5) == pytest.approx(0.4)
+    assert frontier.reward_at_kl(dpo, 1.5) == pytest.approx(0.7)
+    assert frontier.reward_at_kl(dpo, 3.0) is None
+    verdict = frontier.compare_at_matched_kl
     assert verdict(dpo, {"kl": 0.5, "reward": 0.35})["dpo_at_least_baseline"] == "yes"
     assert verdict(dpo, {"kl": 0.5, "reward": 0.45})["dpo_at_least_baseline"] == "no"
     assert (
@@ -224,14 +226,23 @@ def test_load_reviews_from_a_local_file_and_a_folder(sentiment, tmp_path):
     assert (len(train), len(test)) == (10, 3) and train[0]["text"].startswith(("I ", "My ", "This ", "We "))
 
 
-def test_a_tokenizer_without_pad_token_pads_with_eos(sentiment, tokenizer, tmp_path):
+def test_a_tokenizer_without_pad_token_is_left_so_and_samples_and_scores(make_model, tokenizer, tmp_path):
+    """The examples leave the caller's tokenizer as it is: one without a pad token (GPT-2) keeps none, and the
+    evaluation samples and scores with it (the library's samplers and KL pad with its EOS)."""
     tokenizer.save_pretrained(tmp_path / "tok")
     config = json.loads((tmp_path / "tok" / "tokenizer_config.json").read_text())
     config.pop("pad_token", None)
     (tmp_path / "tok" / "tokenizer_config.json").write_text(json.dumps(config))
     assert transformers.AutoTokenizer.from_pretrained(tmp_path / "tok").pad_token is None
-    loaded = sentiment.load_tokenizer(str(tmp_path / "tok"))
-    assert loaded.pad_token == loaded.eos_token == "<eos>"
+    loaded = pipeline.load_tokenizer(str(tmp_path / "tok"))
+    assert loaded.pad_token is None and loaded.eos_token == "<eos>"
+    policy, reference = make_model(), make_model()
+    prompts = ["The film was", "I watched it on a long and rainy Sunday", "The cast"]  # of unequal lengths
+    settings = dict(samples_per_prompt=2, max_new_tokens=6, batch_size=4, seed=0)
+    result = frontier.evaluate_policy(str(tmp_path / "p.json"), policy, reference, loaded, prompts,
+                                      VaderScorer(disable_progress=True), **settings)  # fmt: skip
+    assert result["n"] == 6 and math.isfinite(result["kl"]) and math.isfinite(result["reward"])
+    assert loaded.pad_token is None
 
 
 def test_the_bundled_reviews_regenerate_byte_for_byte(tmp_path):
