@@ -50,7 +50,7 @@ class DPOConfig(TrainingArguments):
     `use_cpu=True`), this one trains in float32 and logs why. Turn them off with `bf16=False` (float32:
     about twice the activation and weight-copy memory of bf16 autocast on a GPU, exact log-probs) and
     `gradient_checkpointing=False` (no recomputation: ~20-30% faster steps, the activations of every layer
-    kept). Deliberate differences from TRL are listed in the README.
+    kept). Deliberate differences from TRL are listed in docs/coming-from-trl.md.
 
     Parameters:
         beta: Strength of the KL penalty toward the reference model (the paper's β). Must be > 0. Smaller β
