@@ -4,7 +4,7 @@ baseline's reward at the baseline's KL. Results are cached as JSON files (a reru
 
 from __future__ import annotations
 
-from pipeline import cached_json, print_table
+from pipeline import cached_json, print_table, unwritable
 
 
 def evaluate_policy(path: str, model, reference, tokenizer, prompts, scorer, *, samples_per_prompt: int,
@@ -130,3 +130,77 @@ def print_results(results: dict, comparisons: dict, prompts: int, reward_label: 
         )
         print(f"DPO vs {name} at {name}'s KL {c['baseline_kl']:.3f}: DPO {at}, {name} {c['baseline_reward']:.3f} "
               f"-> DPO at least {name}: {c['dpo_at_least_baseline']}")  # fmt: skip
+
+
+def draw(run, name: str, groups: dict, title: str, reward_label: str) -> dict[str, str]:
+    """`plots/<name>.png` of `groups` (`plot_frontier`), as {name: path}; {} when the plots folder cannot be written
+    (a finished run on read-only storage, summarised again: its plot kept as it was)."""
+    from dpo_trainer.evaluation.plots import plot_frontier
+
+    read_only = unwritable(run.path("plots"))
+    if read_only:
+        print(f"[eval] plot not drawn: {run.path('plots')} cannot be written ({read_only}).")
+        return {}
+    largest = max(point["kl"] for points in groups.values() for point in points)
+    path = plot_frontier(groups, run.path("plots", f"{name}.png"), title=title, reward_label=f"Mean reward ({reward_label})",
+                         kl_scale="symlog" if largest > 10 else "linear")  # fmt: skip
+    return {name: str(path)}
+
+
+def report(run, results: dict, bon: dict, baselines: list[str], prompts: int, reward_label: str) -> dict:
+    """The frontier plot, the matched-KL verdicts against each baseline in ``results`` and the table; returns
+    ``{"results", "dpo_vs_baselines_at_matched_kl", "plots", "dpo_points"}`` (the DPO β points, labelled)."""
+    baselines = [name for name in baselines if name in results]
+    dpo_points = [
+        dict(r, label=f"β={name.split('=')[1]}") for name, r in results.items() if name.startswith("DPO β=")
+    ]
+    results = {**results, **{f"Best of {n}": result for n, result in bon.items()}}
+    groups = {"SFT": [dict(results["SFT"], label="")]} | ({"DPO": dpo_points} if dpo_points else {})
+    groups.update({name: [dict(results[name], label="")] for name in baselines})
+    if bon:
+        groups["Best-of-N (SFT)"] = [dict(r, label=f"N={n}") for n, r in bon.items()]
+    plots = draw(run, "frontier", groups, f"Reward against KL, {prompts} held-out prefixes", reward_label)
+    comparisons = {name: compare_at_matched_kl(dpo_points, results[name]) for name in baselines if dpo_points}
+    print_results(results, comparisons, prompts, reward_label)
+    return {
+        "results": results,
+        "dpo_vs_baselines_at_matched_kl": comparisons,
+        "plots": plots,
+        "dpo_points": dpo_points,
+    }
+
+
+def as_round(result: dict, dpo_points: list[dict]) -> dict:
+    """A round's entry of ``summary["rounds"]`` from its `evaluate_policy` result: ``reward``, ``reward_se``, ``kl``,
+    ``kl_se``, and the single-round DPO curve over the β points (linear between them; None outside their KL range)
+    at the round's KL: its reward and standard error (each interpolated)."""
+    at = reward_at_kl(dpo_points, result["kl"])
+    se = reward_at_kl([dict(p, reward=p["reward_stderr"]) for p in dpo_points], result["kl"])
+    return {"reward": result["reward"], "reward_se": result["reward_stderr"], "kl": result["kl"],
+            "kl_se": result["kl_stderr"], "n": result["n"], "single_round_reward_at_kl": at,
+            "single_round_reward_se_at_kl": se}  # fmt: skip
+
+
+def plot_rounds(run, rounds: list[dict], sft: dict, dpo_points: list[dict], label: str, prompts: int,
+                reward_label: str) -> dict[str, str]:  # fmt: skip
+    """`plots/rounds.png`: one marker per round next to the single-round DPO curve over β, and the table."""
+    rows = [[f"round {e['round']}", f"{e['reward']:.3f} ± {e['reward_se']:.3f}", f"{e['kl']:.3f} ± {e['kl_se']:.3f}",
+             "-" if e["single_round_reward_at_kl"] is None else
+             f"{e['single_round_reward_at_kl']:.3f} ± {e['single_round_reward_se_at_kl']:.3f}", e["pairs"]]
+            for e in rounds]  # fmt: skip
+    title = f"\n[eval] {label}, {prompts} held-out prefixes; ± one standard error"
+    print_table(
+        ["round", "reward", "KL(π‖π_SFT)", "1-round DPO at KL", "pairs"], rows, [10, 18, 18, 20, 8], title
+    )
+    points = [
+        dict(e, reward_stderr=e["reward_se"], kl_stderr=e["kl_se"], label=f"round {e['round']}")
+        for e in rounds
+    ]
+    groups = {"SFT": [dict(sft, label="")]} | ({"DPO (one round)": dpo_points} if dpo_points else {})
+    return draw(
+        run,
+        "rounds",
+        groups | {label: points},
+        f"On-policy rounds, {prompts} held-out prefixes",
+        reward_label,
+    )

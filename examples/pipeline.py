@@ -325,6 +325,14 @@ class StageSettings:
     after: tuple[str, ...] = ()
 
 
+# The DPOConfig fields that decide a DPO stage's result besides β (which a stage may set itself).
+DPO_SETTINGS = ("loss_type", "loss_weights", "label_smoothing", "rpo_alpha", "learning_rate", "max_steps",
+                "num_train_epochs", "per_device_train_batch_size", "gradient_accumulation_steps", "lr_scheduler_type",
+                "warmup_steps", "warmup_ratio", "weight_decay", "max_grad_norm", "optim", "max_length",
+                "max_prompt_length", "truncation_mode", "precompute_ref_log_probs", "max_tokens_per_batch", "seed",
+                "bf16", "fp16", "model_init_kwargs", "on_nonfinite")  # fmt: skip
+
+
 def run_manifest(stages, script_args, config) -> dict:
     """{stage: {"settings", "fingerprint"}}: every setting that affects the stage's result, and a hash of
     them and of the fingerprints of the stages it builds on, so that a changed stage invalidates all later."""
@@ -707,9 +715,16 @@ def sft_stage(run: Run, base: str, train, eval_dataset=None, *, max_steps: int, 
 
 
 def dpo_stage(run: Run, name: str, sft: str, train, eval_dataset=None, *, peft_config=None,
-              quantize: bool = False, record: dict | None = None, **overrides) -> str:  # fmt: skip
+              quantize: bool = False, record: dict | None = None, start: str | None = None,
+              reference: str = "sft", **overrides) -> str:  # fmt: skip
     """DPO from `sft` (also the reference) on `train`'s pairs with the run's config and `overrides` (`beta=...`);
     returns the trained policy's folder (an adapter with `peft_config`; `quantize`: on a 4-bit base).
+
+    `start`: the policy to train on from instead of `sft` (iterative DPO's round r-1: a full model's folder, or a
+    LoRA adapter over `sft`), regularised toward `reference`: "sft" (the SFT model) or "previous" (`start`
+    itself). A full model's reference is `sft` loaded as `ref_model`, or the default frozen copy of `start`; an
+    adapter is trained on as given (no new adapter, no second copy of the base weights) with the library's
+    `peft_reference="base"` (the SFT weights under it) or `"copy"` (a frozen copy of the adapter).
 
     With `eval_dataset`, `done.json` records the held-out metrics before and after training, else the last
     logged training metrics; and `record`.
@@ -720,8 +735,20 @@ def dpo_stage(run: Run, name: str, sft: str, train, eval_dataset=None, *, peft_c
     if stage.finished():
         return stage.final
     resume = stage.start()
+    adapter = start is not None and os.path.exists(os.path.join(start, "adapter_config.json"))
+    if start is None or start == sft or adapter:
+        model, ref_model = load_causal_lm(sft, run.config, quantize=quantize), None
+    else:  # full weights: round r-1's, with the SFT model as the reference or (None) a frozen copy of them
+        model = load_causal_lm(start, run.config, quantize=quantize)
+        ref_model = load_causal_lm(sft, run.config, quantize=quantize) if reference == "sft" else None
+    if adapter:  # round r-1's adapter trained on over the SFT weights
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, start, is_trainable=True)
+        peft_config, overrides["peft_reference"] = None, "base" if reference == "sft" else "copy"
     trainer = DPOTrainer(
-        load_causal_lm(sft, run.config, quantize=quantize),
+        model,
+        ref_model=ref_model,
         args=training_args(run.config, stage.folder, **overrides),
         train_dataset=train,
         eval_dataset=eval_dataset,
@@ -749,6 +776,107 @@ def dpo_stage(run: Run, name: str, sft: str, train, eval_dataset=None, *, peft_c
     )
     stage.finish(trainer, {**(record or {}), "before": before, "after": after}, note=note)
     return stage.final
+
+
+# ---------------------------------------------------------------- on-policy rounds (iterative DPO)
+
+
+ROUND_REFERENCE_HELP = (
+    "The reference of rounds 2..R: sft (default: every round optimises the same KL-regularised objective "
+    "against the SFT model that the frontier measures, reward against KL(π‖π_SFT), as in Xiong et al. 2024's "
+    "iterative DPO with its KL to the initial policy) or previous (each round regularised toward the round "
+    "before, as in Yuan et al. 2024's self-rewarding iterations: KL to the SFT model may grow by up to a "
+    "round's budget each round)."
+)
+ROUND_REFERENCES = ("sft", "previous")
+
+
+def round_stages(rounds: int, pairs_keys: tuple[str, ...], pairs_config: tuple[str, ...],
+                 train_keys: tuple[str, ...], train_config: tuple[str, ...], after: tuple[str, ...]) -> list:  # fmt: skip
+    """The `StageSettings` of rounds 1..R of iterative DPO (none for R = 1, the single-round recipe): `round{r}_pairs`
+    (sampling: `rounds` and `pairs_keys`, after round r-1 or, for round 1, `after`) and `round{r}` (training:
+    `train_keys`, and `round_reference` from round 2 on), so a changed setting makes that round and every later
+    one stale."""
+    if rounds < 2:
+        return []
+    stages = []
+    for r in range(1, rounds + 1):
+        before = (f"round{r - 1}",) if r > 1 else tuple(after)
+        stages.append(StageSettings(f"round{r}_pairs", ("rounds",) + pairs_keys, pairs_config, after=before))
+        keys = train_keys + (("round_reference",) if r > 1 else ())
+        stages.append(StageSettings(f"round{r}", keys, train_config, after=(f"round{r}_pairs",)))
+    return stages
+
+
+def split_rounds(prompts, rounds: int) -> list[list[str]]:
+    """`prompts` in `rounds` disjoint consecutive parts, in order, sizes differing by at most one."""
+    prompts = list(prompts)
+    if not 1 <= rounds <= len(prompts):
+        raise SystemExit(
+            f"--rounds {rounds} needs 1 to {len(prompts)} rounds: there are {len(prompts)} pair prompts."
+        )
+    size, extra = divmod(len(prompts), rounds)
+    bounds = [r * size + min(r, extra) for r in range(rounds + 1)]
+    return [prompts[bounds[r] : bounds[r + 1]] for r in range(rounds)]
+
+
+def round_pairs_stage(run: Run, r: int, policy: str, sft: str, prompts, scorer, *, postprocess=None,
+                      **sampling) -> list[dict]:  # fmt: skip
+    """Round r's pairs: `on_policy_pairs` of `policy` (a folder, an adapter over `sft`) on `prompts` with `sampling`
+    (n, rule, margin, temperature, max_new_tokens, batch_size, seed), cached chunk by chunk under the stage folder
+    (an interrupted sampling resumes), `postprocess(rows)` applied; `train.jsonl` and the counts in `done.json`."""
+    from dpo_trainer.evaluation import on_policy_pairs
+
+    stage = run.stage(f"round{r}_pairs")
+    path = os.path.join(stage.folder, "train.jsonl")
+    if stage.finished(outputs=("train.jsonl",)):
+        return read_jsonl(path)
+    stage.start()
+    made = on_policy_pairs(load_policy(policy, sft, run.config), load_tokenizer(sft), prompts, scorer,
+                           cache_dir=os.path.join(stage.folder, "samples"), disable_progress=run.config.disable_tqdm,
+                           **sampling)  # fmt: skip
+    rows = [
+        {k: row[k] for k in ("prompt", "chosen", "rejected", "chosen_score", "rejected_score")}
+        for row in made.rows
+    ]
+    rows = postprocess(rows) if postprocess else rows
+    if not rows:
+        raise SystemExit(
+            f"[round{r}_pairs] every prompt's samples scored alike: no preference pair to train on."
+        )
+    flat = [score for scores in made.scores for score in scores]
+    record = {**made.counts, "pairs": len(rows), "mean_sample_score": sum(flat) / len(flat),
+              "mean_score_gap": sum(p["chosen_score"] - p["rejected_score"] for p in rows) / len(rows)}  # fmt: skip
+    if run.is_main:
+        write_jsonl(path, rows)
+    record = stage.finish(record=record)
+    print(
+        f"[round{r}_pairs] {len(rows)} pairs from {len(prompts)} prompts in {record['seconds']:.0f}s: {path}"
+    )
+    return rows
+
+
+def run_rounds(run: Run, rounds: int, prompts, sft: str, scorer, *, sampling: dict, reference: str,
+               eval_dataset=None, postprocess=None, **dpo) -> list[dict]:  # fmt: skip
+    """Iterative DPO: round r (1..R) samples from round r-1's policy (round 0's: `sft`) on its own part of `prompts`
+    (`split_rounds`), pairs them (`round_pairs_stage`) and trains DPO from that policy (`dpo_stage` with `start`,
+    `reference` and `dpo`: peft_config, quantize, overrides). Each is a stage: finished rounds are skipped, an
+    interrupted one resumes. Returns one `{"round", "policy", "prompts", "pairs", "seconds"}` per round (seconds:
+    its sampling and training, as first run)."""
+    policy, entries = sft, []
+    for r, part in enumerate(split_rounds(prompts, rounds), start=1):
+        rows = round_pairs_stage(run, r, policy, sft, part, scorer, postprocess=postprocess, **sampling)
+        train = [{k: row[k] for k in ("prompt", "chosen", "rejected")} for row in rows]
+        policy = dpo_stage(run, f"round{r}", sft, train, eval_dataset, start=policy, reference=reference,
+                           record={"round": r, "reference": reference, "pairs": len(rows)}, **dpo)  # fmt: skip
+        seconds = sum(
+            (stage_done(run.path(name)) or {}).get("seconds", 0.0)
+            for name in (f"round{r}_pairs", f"round{r}")
+        )
+        entries.append(
+            {"round": r, "policy": policy, "prompts": len(part), "pairs": len(rows), "seconds": seconds}
+        )
+    return entries
 
 
 # ---------------------------------------------------------------- results

@@ -41,8 +41,6 @@ does in this library), so keep `--max_new_tokens` long enough for completions to
 from __future__ import annotations
 
 import os
-import random
-import re
 import sys
 import time
 from dataclasses import dataclass
@@ -50,7 +48,8 @@ from dataclasses import dataclass
 import frontier
 import pipeline
 from dpo_trainer import DPOConfig
-from pipeline import Run, arg
+from pipeline import Run, StageSettings, arg
+from reviews import load_reviews, make_scorer, pair_prefixes, review_rows, split_review
 
 BUNDLED_DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "reviews_tiny")
 METHODS = ("dpo", "preferred_ft", "unlikelihood")
@@ -120,6 +119,13 @@ class ScriptArguments:
     skip_eval: bool = arg(False, "Skip sampling and scoring.")
     tiny_hidden_size: int = arg(64, "Width of the offline tiny model.")
     tiny_layers: int = arg(2, "Layers of the offline tiny model.")
+    rounds: int = arg(
+        1,
+        "Iterative DPO at --beta: R rounds on R disjoint parts of the pair prefixes, each sampled "
+        "from the round before (round 1: the SFT model) and trained from it for max_steps / R steps.",
+    )
+    round_reference: str = arg("sft", pipeline.ROUND_REFERENCE_HELP)
+    restart_stale: bool = arg(False, "Start over the stages whose settings changed (kept aside).")
 
     def beta_values(self) -> list[float]:
         return [float(b) for b in self.betas.split(",") if b.strip()]
@@ -129,6 +135,33 @@ class ScriptArguments:
 
     def method_names(self) -> list[str]:
         return [m.strip() for m in self.methods.split(",") if m.strip()]
+
+
+DATA = ("dataset", "text_column", "model", "max_train_rows", "max_eval_rows", "prefix_words", "tiny_hidden_size",
+        "tiny_layers", "sft_model", "skip_sft")  # fmt: skip
+REWARD = ("reward_model", "reward_label", "reward_output")
+TRAIN = ("per_device_train_batch_size", "gradient_accumulation_steps", "lr_scheduler_type", "warmup_steps", "seed",
+         "weight_decay", "bf16", "fp16", "max_length", "max_prompt_length", "model_init_kwargs")  # fmt: skip
+LORA, BASELINES_KEYS = ("full", "lora_r", "lora_alpha"), ("baseline_learning_rate", "unlikelihood_alpha")
+
+
+def stage_settings(script_args: ScriptArguments) -> list[StageSettings]:
+    """What decides each stage's result, chained through the stages it builds on (`pipeline.StageSettings`)."""
+    dpo = [
+        StageSettings(f"dpo-beta{b:g}", LORA, pipeline.DPO_SETTINGS, ("pairs",))
+        for b in script_args.beta_values()
+    ]
+    baselines = [StageSettings(m, LORA + BASELINES_KEYS, TRAIN + ("learning_rate", "max_steps"), ("pairs",))
+                 for m in ("preferred-ft", "unlikelihood")]  # fmt: skip
+    rounds = pipeline.round_stages(script_args.rounds, ("pair_prompts", "samples_per_prompt", "max_new_tokens") + REWARD,
+                                   ("seed", "per_device_eval_batch_size"), LORA, ("beta",) + pipeline.DPO_SETTINGS,
+                                   after=("sft",))  # fmt: skip
+    evaluation = ("eval_prompts", "eval_samples_per_prompt", "max_new_tokens", "bon_n") + REWARD
+    return [StageSettings("sft", DATA + ("sft_max_steps", "sft_learning_rate"), TRAIN),
+            StageSettings("pairs", ("pair_prompts", "samples_per_prompt", "max_new_tokens") + REWARD,
+                          ("seed", "per_device_eval_batch_size"), ("sft",)),
+            *dpo, *baselines, *rounds,
+            StageSettings("eval", evaluation, ("seed", "per_device_eval_batch_size"), tuple(s.name for s in dpo + baselines))]  # fmt: skip
 
 
 def parse_args(argv: list[str]) -> tuple[ScriptArguments, DPOConfig]:
@@ -141,6 +174,8 @@ def parse_args(argv: list[str]) -> tuple[ScriptArguments, DPOConfig]:
         raise SystemExit(f"--methods takes {', '.join(METHODS)}; unknown: {', '.join(sorted(unknown))}.")
     if script_args.samples_per_prompt < 2:
         raise SystemExit("--samples_per_prompt must be at least 2 to make a pair.")
+    if script_args.rounds < 1 or script_args.round_reference not in pipeline.ROUND_REFERENCES:
+        raise SystemExit("--rounds must be >= 1 and --round_reference sft or previous.")
     try:
         low, high = (int(k) for k in script_args.prefix_words.split(","))
         betas, ns = script_args.beta_values(), script_args.bon_values()
@@ -153,57 +188,6 @@ def parse_args(argv: list[str]) -> tuple[ScriptArguments, DPOConfig]:
     if any(b <= 0 for b in betas) or any(n < 1 for n in ns):
         raise SystemExit("every β must be > 0 and every Best-of-N n >= 1.")
     return script_args, config
-
-
-# ---------------------------------------------------------------- data
-
-
-def load_reviews(dataset: str, text_column: str, max_train_rows: int | None, max_eval_rows: int | None):
-    """Train and test splits with one column, `text`, from a hub id, a local folder or a local file."""
-    splits, result = pipeline.load_splits(dataset), []
-    for split, limit in (("train", max_train_rows), ("test", max_eval_rows)):
-        rows = splits[split]
-        if text_column not in rows.column_names:
-            raise ValueError(
-                f"{dataset} ({split}) has no column {text_column!r}; its columns: {rows.column_names}"
-            )
-        rows = pipeline.head(rows, limit).select_columns([text_column])
-        result.append(rows.rename_column(text_column, "text") if text_column != "text" else rows)
-    return result[0], result[1]
-
-
-WORD_END = re.compile(r"\S+")
-
-
-def split_review(text: str, index: int, low: int, high: int, seed: int) -> tuple[str, str] | None:
-    """``(prefix, rest)``: the review's first k words and everything after them (whitespace kept, so
-    ``prefix + rest == text``); k in [low, high] drawn from ``seed`` and the row ``index``, and at most
-    the number of words less one. None for a review of fewer than 2 words."""
-    ends = [match.end() for match in WORD_END.finditer(text)]
-    if len(ends) < 2:
-        return None
-    k = random.Random(seed * 1_000_003 + index).randint(low, high)
-    cut = ends[min(k, len(ends) - 1) - 1]
-    return text[:cut], text[cut:]
-
-
-def review_rows(reviews, script_args: ScriptArguments, seed: int) -> list[dict]:
-    """``{"prompt", "chosen", "rejected"}`` rows (chosen = rejected = the rest of the review) for SFT."""
-    low, high = (int(k) for k in script_args.prefix_words.split(","))
-    rows = []
-    for index, text in enumerate(reviews["text"]):
-        split = split_review(text, index, low, high, seed)
-        if split is not None:
-            rows.append({"prompt": split[0], "chosen": split[1], "rejected": split[1]})
-    return rows
-
-
-def make_scorer(script_args: ScriptArguments):
-    from dpo_trainer.evaluation.scorers import make_scorer as scorer_for
-
-    return scorer_for(
-        script_args.reward_model, label=script_args.reward_label, output=script_args.reward_output
-    )
 
 
 # ---------------------------------------------------------------- the pairs and baseline stages
@@ -221,8 +205,7 @@ def run_pairs(run: Run, script_args: ScriptArguments, sft: str, train) -> list[d
     samples_path, pairs_path = run.path("pairs", "samples.jsonl"), run.path("pairs", "train.jsonl")
     if not stage.finished(outputs=("samples.jsonl", "train.jsonl")):
         stage.start()
-        rows = review_rows(train, script_args, config.seed)
-        prompts = list(dict.fromkeys(row["prompt"] for row in rows))[: script_args.pair_prompts]
+        prompts = pair_prefixes(script_args, train, config.seed)
         stats = {}
         if run.is_main:
             samples, scores = sample_and_score(
@@ -285,10 +268,9 @@ def run_baseline(run: Run, script_args: ScriptArguments, sft: str, method: str, 
 # ---------------------------------------------------------------- the eval stage
 
 
-def run_eval(run: Run, script_args: ScriptArguments, sft: str, policies: dict[str, str], test) -> dict:
-    """Sample, score and plot (main process); returns the summary's `eval` part."""
-    from dpo_trainer.evaluation.plots import plot_frontier
-
+def run_eval(run: Run, script_args: ScriptArguments, sft: str, policies: dict[str, str], test,
+             rounds: list[dict]) -> dict:  # fmt: skip
+    """Sample, score and plot (main process); returns the summary's `eval` part (and fills in each of `rounds`)."""
     started, config, folder = time.time(), run.config, run.path("eval")
     low, high = (int(k) for k in script_args.prefix_words.split(","))
     splits = (split_review(text, index, low, high, config.seed) for index, text in enumerate(test["text"]))
@@ -297,50 +279,36 @@ def run_eval(run: Run, script_args: ScriptArguments, sft: str, policies: dict[st
     reference = pipeline.load_causal_lm(sft, config)
     sampling = dict(max_new_tokens=script_args.max_new_tokens, batch_size=config.per_device_eval_batch_size)
 
-    def evaluate(name, model, ref):
-        return frontier.evaluate_policy(os.path.join(folder, f"{name}.json"), model, ref, tokenizer, prompts, scorer,
-                                        samples_per_prompt=script_args.eval_samples_per_prompt, seed=config.seed,
-                                        **sampling)  # fmt: skip
+    def evaluate(name, path):  # a policy's folder, or None: the SFT model
+        model = pipeline.load_policy(path, sft, config, for_sampling=False) if path else reference
+        return frontier.evaluate_policy(os.path.join(folder, f"{name}.json"), model, path and reference, tokenizer,
+                                        prompts, scorer, samples_per_prompt=script_args.eval_samples_per_prompt,
+                                        seed=config.seed, **sampling)  # fmt: skip
 
-    results = {"SFT": evaluate("sft", reference, None)}
+    results = {"SFT": evaluate("sft", None)}
     print(f"[eval] SFT: reward {results['SFT']['reward']:.3f}")
     for name, path in policies.items():  # stage folders: dpo-beta0.1, preferred-ft, unlikelihood
-        model = pipeline.load_policy(path, sft, config, for_sampling=False)
-        results[name] = evaluate(os.path.basename(os.path.dirname(path)), model, reference)
+        results[name] = evaluate(os.path.basename(os.path.dirname(path)), path)
         print(f"[eval] {name}: reward {results[name]['reward']:.3f}, KL {results[name]['kl']:.3f}")
-        del model
     bon, ns = {}, script_args.bon_values()
     if ns:  # a draw of its own (seed + 1), not the SFT policy's samples again
         path = os.path.join(folder, f"best-of-{max(ns)}-samples.json")
         bon = frontier.evaluate_best_of_n(path, reference, tokenizer, prompts, scorer, ns, seed=config.seed + 1,
                                           **sampling)  # fmt: skip
-    results.update({f"Best of {n}": result for n, result in bon.items()})
-
-    baselines = [name for name in BASELINES.values() if name in results]
-    dpo_points = [
-        dict(r, label=f"β={name.split('=')[1]}") for name, r in results.items() if name.startswith("DPO β=")
-    ]
-    groups = {"SFT": [dict(results["SFT"], label="")]} | ({"DPO": dpo_points} if dpo_points else {})
-    groups.update({name: [dict(results[name], label="")] for name in baselines})
-    if bon:
-        groups["Best-of-N (SFT)"] = [dict(r, label=f"N={n}") for n, r in bon.items()]
     vader = script_args.reward_model == "vader"
     reward_label = "VADER compound" if vader else f"{script_args.reward_model} ({script_args.reward_output})"
-    plots, read_only = {}, pipeline.unwritable(run.path("plots"))
-    if read_only:  # a finished run on read-only storage: summarised again, its plot kept as it was
-        print(f"[eval] plot not drawn: {run.path('plots')} cannot be written ({read_only}).")
-    else:
-        plots["frontier"] = str(plot_frontier(
-            groups, run.path("plots", "frontier.png"), title=f"Reward against KL, {len(prompts)} held-out prefixes",
-            reward_label=f"Mean reward ({reward_label})",
-            kl_scale="symlog" if max(r["kl"] for r in results.values()) > 10 else "linear",
-        ))  # fmt: skip
-    comparisons = {
-        name: frontier.compare_at_matched_kl(dpo_points, results[name]) for name in baselines if dpo_points
-    }
-    frontier.print_results(results, comparisons, len(prompts), reward_label)
-    return {"reward": reward_label, "prompts": len(prompts), "results": results,
-            "dpo_vs_baselines_at_matched_kl": comparisons, "plots": plots, "seconds": time.time() - started}  # fmt: skip
+    report = frontier.report(run, results, bon, list(BASELINES.values()), len(prompts), reward_label)
+    dpo_points = report.pop("dpo_points")
+    for entry in rounds:  # each round's samples kept under the fingerprint of the round that made the policy
+        name = f"round{entry['round']}"
+        entry.update(
+            frontier.as_round(evaluate(f"{name}-{run.fingerprint(name)}", entry["policy"]), dpo_points)
+        )
+    if rounds:
+        label = f"DPO rounds (β={config.beta:g}, reference {script_args.round_reference})"
+        report["plots"].update(frontier.plot_rounds(run, rounds, results["SFT"], dpo_points, label,
+                                                    len(prompts), reward_label))  # fmt: skip
+    return {"reward": reward_label, "prompts": len(prompts), **report, "seconds": time.time() - started}
 
 
 # ---------------------------------------------------------------- the run
@@ -349,7 +317,7 @@ def run_eval(run: Run, script_args: ScriptArguments, sft: str, policies: dict[st
 def main(argv: list[str] | None = None) -> dict:
     started = time.time()
     script_args, config = parse_args(sys.argv[1:] if argv is None else argv)
-    run = Run.open(script_args, config)
+    run = Run.open(script_args, config, stage_settings(script_args), restart_stale=script_args.restart_stale)
     train, test = load_reviews(script_args.dataset, script_args.text_column, script_args.max_train_rows,
                                script_args.max_eval_rows)  # fmt: skip
     base = pipeline.base_model(run, script_args.model, train["text"], vocab_size=800,
@@ -377,13 +345,21 @@ def main(argv: list[str] | None = None) -> dict:
         policies = {name: run.path(stage, "final") for name, stage in stages.items()
                     if os.path.exists(run.path(stage, "final"))}  # fmt: skip
 
+    rounds = []  # iterative DPO at --beta, each round max_steps / R steps on its part of the pair prefixes
+    if script_args.rounds > 1 and not script_args.skip_train:
+        sampling = dict(n=script_args.samples_per_prompt, rule="margin", temperature=1.0, seed=config.seed,
+                        max_new_tokens=script_args.max_new_tokens, batch_size=config.per_device_eval_batch_size)  # fmt: skip
+        rounds = pipeline.run_rounds(run, script_args.rounds, pair_prefixes(script_args, train, config.seed), sft,
+                                     make_scorer(script_args), sampling=sampling, reference=script_args.round_reference,
+                                     peft_config=pipeline.lora_config(script_args),
+                                     max_steps=-(-config.max_steps // script_args.rounds))  # fmt: skip
     summary = {"output_dir": run.out, "sft_model": sft, "policies": policies}
     if not script_args.skip_eval and run.is_main:
-        summary["eval"] = run_eval(run, script_args, sft, policies, test)
+        summary["eval"] = run_eval(run, script_args, sft, policies, test, rounds)
+    summary.update({"rounds": rounds} if rounds else {})
     if run.is_main:
-        stages = run.done(
-            ["sft", "pairs"] + [os.path.basename(os.path.dirname(p)) for p in policies.values()]
-        )
+        stages = run.done(["sft", "pairs"] + [os.path.basename(os.path.dirname(p)) for p in policies.values()]
+                          + [f"round{r}{part}" for r in range(1, len(rounds) + 1) for part in ("_pairs", "")])  # fmt: skip
         summary.update({"stages": stages} if stages else {})
         summary["seconds"] = time.time() - started
         run.write_summary(summary, note=f" ({summary['seconds']:.0f}s)")

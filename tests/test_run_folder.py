@@ -135,3 +135,72 @@ def test_writes_are_whole_or_not_at_all(tmp_path):
     with pytest.raises(TypeError):
         pipeline.write_json(path, [Unserialisable()])
     assert json.loads(open(path).read()) == [1, 2] and os.listdir(tmp_path) == ["samples.json"]
+
+
+# ---------------------------------------------------------------- on-policy rounds (issue 23)
+
+
+def test_the_rounds_split_the_prompts_into_disjoint_parts_in_order():
+    prompts = [f"p{i}" for i in range(11)]
+    parts = pipeline.split_rounds(prompts, 3)
+    assert [len(part) for part in parts] == [4, 4, 3]
+    assert [p for part in parts for p in part] == prompts  # disjoint, every prompt once, in order
+    assert parts == pipeline.split_rounds(list(prompts), 3)  # deterministic
+    assert pipeline.split_rounds(prompts, 1) == [prompts]
+    with pytest.raises(SystemExit, match="--rounds 12 needs 1 to 11 rounds"):
+        pipeline.split_rounds(prompts, 12)
+
+
+def test_the_round_stages_chain_each_round_to_the_one_before():
+    stages = pipeline.round_stages(3, ("n",), ("seed",), ("full",), ("beta",), after=("sft",))
+    assert [s.name for s in stages] == [
+        "round1_pairs",
+        "round1",
+        "round2_pairs",
+        "round2",
+        "round3_pairs",
+        "round3",
+    ]
+    assert [s.after for s in stages] == [("sft",), ("round1_pairs",), ("round1",), ("round2_pairs",), ("round2",),
+                                         ("round3_pairs",)]  # fmt: skip
+    assert "round_reference" not in stages[1].script_keys and "round_reference" in stages[3].script_keys
+    assert all("rounds" in s.script_keys for s in stages[::2])
+    assert (
+        pipeline.round_stages(1, ("n",), (), (), (), after=("sft",)) == []
+    )  # one round: the existing stages
+
+
+@pytest.mark.parametrize("lora", [True, False], ids=["lora", "full"])
+def test_a_rounds_reference_is_the_sft_model_or_the_previous_round(tmp_path, tokenizer, pairs, lora):
+    """Round 2 starts from round 1's policy. With reference `previous` policy and reference are equal at its first
+    step (held-out loss ln 2); with `sft` its first held-out loss is round 1's last, against the same SFT model."""
+    import math
+
+    from peft import LoraConfig
+
+    from dpo_trainer import DPOConfig
+
+    sft = str(tmp_path / "sft")
+    pipeline.save_pretrained_whole(
+        sft, tiny_causal_lm(tokenizer, hidden_size=32, num_layers=2, num_heads=4), tokenizer
+    )
+    config = DPOConfig(output_dir=str(tmp_path / "run"), max_steps=3, learning_rate=5e-2, per_device_train_batch_size=4,
+                       per_device_eval_batch_size=8, save_steps=100, report_to="none", bf16=False, disable_tqdm=True,
+                       gradient_checkpointing=False, beta=0.5)  # fmt: skip
+    run = pipeline.Run.open(Args(), config)
+    peft = LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", task_type="CAUSAL_LM") if lora else None
+    train, held_out = pairs[:12], pairs[12:]
+    first = pipeline.dpo_stage(run, "round1", sft, train, held_out, peft_config=peft)
+    assert os.path.exists(os.path.join(first, "adapter_config.json")) == lora
+    round1 = pipeline.stage_done(run.path("round1"))
+    assert round1["before"]["before_loss"] == pytest.approx(
+        math.log(2), abs=1e-5
+    )  # round 1: from π_SFT = π_ref
+    assert abs(round1["after"]["eval_loss"] - math.log(2)) > 1e-3  # it moved
+    for reference in ("previous", "sft"):
+        pipeline.dpo_stage(run, f"round2-{reference}", sft, train, held_out, peft_config=peft, start=first,
+                           reference=reference)  # fmt: skip
+    previous = pipeline.stage_done(run.path("round2-previous"))["before"]["before_loss"]
+    against_sft = pipeline.stage_done(run.path("round2-sft"))["before"]["before_loss"]
+    assert previous == pytest.approx(math.log(2), abs=1e-5)
+    assert against_sft == pytest.approx(round1["after"]["eval_loss"], abs=1e-4)

@@ -318,3 +318,82 @@ def test_runs_under_accelerate_launch(tmp_path):
     assert "DPO β=0.5" in result.stdout and "Best of 4" in result.stdout
     with open(os.path.join(out, "summary.json")) as handle:
         assert set(json.load(handle)["eval"]["results"]) >= {"SFT", "DPO β=0.5", "Best of 4"}
+
+
+# ---------------------------------------------------------------- on-policy rounds (issue 23)
+
+
+def manifest_of(sentiment, out, *flags):
+    script_args, config = sentiment.parse_args(["--output_dir", str(out), *flags])
+    return pipeline.run_manifest(sentiment.stage_settings(script_args), script_args, config)
+
+
+@pytest.mark.parametrize(
+    "flags, stale",
+    [
+        (
+            ["--rounds", "3"],
+            {"round1_pairs", "round1", "round2_pairs", "round2"},
+        ),  # another split of the prefixes
+        (
+            ["--reward_model", "some/classifier"],
+            {
+                "pairs",
+                "dpo-beta0.1",
+                "preferred-ft",
+                "unlikelihood",
+                "round1_pairs",
+                "round1",
+                "round2_pairs",
+                "round2",
+                "eval",
+            },
+        ),  # fmt: skip
+        (["--round_reference", "previous"], {"round2"}),  # round 1's reference is the SFT model either way
+    ],
+)
+def test_a_changed_rounds_or_scorer_setting_makes_the_rounds_stale(sentiment, tmp_path, flags, stale):
+    out = tmp_path / "run"
+    old = manifest_of(sentiment, out, "--rounds", "2", "--betas", "0.1")
+    out.mkdir()
+    (out / "run.json").write_text(json.dumps({"stages": old}))
+    for stage in old:
+        (out / stage).mkdir()
+    pipeline.check_run_manifest(
+        str(out), manifest_of(sentiment, out, "--rounds", "2", "--betas", "0.1"), False
+    )
+    new = manifest_of(sentiment, out, "--rounds", "2", "--betas", "0.1", *flags)
+    assert set(pipeline.manifest_changes(old, new)) == stale
+    with pytest.raises(SystemExit, match="--restart_stale"):
+        pipeline.check_run_manifest(str(out), new, restart_stale=False)
+
+
+def test_rounds_run_resume_and_report(sentiment, tmp_path, capsys):
+    out = str(tmp_path / "rounds")
+    flags = (
+        ["--output_dir", out]
+        + SHORT
+        + ["--methods", "dpo", "--betas", "0.1,1", "--rounds", "2", "--bon_n", ""]
+    )
+    summary = sentiment.main(flags)
+    rounds = summary["rounds"]
+    assert [r["round"] for r in rounds] == [1, 2]
+    for entry in rounds:
+        assert {"round", "reward", "reward_se", "kl", "kl_se", "pairs", "seconds"} <= set(entry)
+        assert entry["pairs"] > 0 and entry["kl_se"] >= 0 and entry["seconds"] > 0
+    with open(os.path.join(out, "summary.json")) as handle:
+        assert [r["reward"] for r in json.load(handle)["rounds"]] == [r["reward"] for r in rounds]
+    assert os.path.exists(os.path.join(out, "plots", "rounds.png"))
+    first = [json.loads(line)["prompt"] for line in open(os.path.join(out, "round1_pairs", "train.jsonl"))]
+    second = [json.loads(line)["prompt"] for line in open(os.path.join(out, "round2_pairs", "train.jsonl"))]
+    assert first and second and not set(first) & set(second)  # each round on prefixes of its own
+    assert (
+        pipeline.stage_done(os.path.join(out, "round2"))["last_logged"]["step"] == 2
+    )  # max_steps 3 / 2 rounds
+    capsys.readouterr()
+    again = sentiment.main(flags)  # a rerun: nothing trained or sampled again
+    printed = capsys.readouterr().out
+    for stage in ("round1_pairs", "round1", "round2_pairs", "round2"):
+        assert f"[{stage}] already done" in printed, stage
+    assert "On-policy pairs" not in printed and " steps in " not in printed
+    assert [r["reward"] for r in again["rounds"]] == [r["reward"] for r in rounds]
