@@ -8,9 +8,10 @@ from pipeline import cached_json, print_table, unwritable
 
 
 def evaluate_policy(path: str, model, reference, tokenizer, prompts, scorer, *, samples_per_prompt: int,
-                    max_new_tokens: int, batch_size: int, seed: int) -> dict:  # fmt: skip
+                    max_new_tokens: int, batch_size: int, seed: int, with_samples: bool = False) -> dict:  # fmt: skip
     """Samples of ``model`` on ``prompts`` at temperature 1: mean reward and KL(model ‖ reference), each with its
-    standard error (``reference=None``: the model is the reference, KL 0). Cached at ``path`` with the samples."""
+    standard error (``reference=None``: the model is the reference, KL 0). Cached at ``path`` with the samples;
+    ``with_samples``: ``{"result", "samples"}`` (each sample's prompt, completion, reward and log-ratio)."""
     from dpo_trainer.evaluation.kl import KLEstimate, mean_and_stderr, sequence_kl
     from dpo_trainer.evaluation.sampling import sample_responses
 
@@ -47,7 +48,8 @@ def evaluate_policy(path: str, model, reference, tokenizer, prompts, scorer, *, 
         return {"result": result, "samples": samples}
 
     valid = lambda found: isinstance(found, dict) and "result" in found  # noqa: E731
-    return cached_json(path, compute, collective=False, valid=valid)["result"]
+    found = cached_json(path, compute, collective=False, valid=valid)
+    return found if with_samples else found["result"]
 
 
 def evaluate_best_of_n(path: str, model, tokenizer, prompts, scorer, ns: list[int], *, max_new_tokens: int,

@@ -14,7 +14,8 @@ resumes from its last checkpoint) and skippable (`--skip_sft`, `--skip_dpo`, `--
 2. **dpo**: DPO against the SFT model (LoRA by default; `--full` trains every weight, `--qlora` a 4-bit base),
    on the dataset's pairs, or with `--sft_samples_per_prompt N` on pairs of the SFT model's own samples
    (N per training prompt, best against worst by the judge, as in the paper's Sec. 6.1 experiment;
-   stage `pairs`).
+   stage `pairs`). `--rounds R` (iterative DPO): R rounds instead, round r on pairs of round r-1's samples
+   (stages `round{r}_pairs`, `round{r}`; `--round_reference`), each round's win rate against SFT in `rounds`.
 3. **eval**: sample held-out prompts at several temperatures from the DPO policy, the SFT model and
    Best-of-N over SFT samples (App. D.1); judge them against the data set's chosen response and DPO
    against SFT; write `summary.json`, a table, and plots. `--bon_n 1,4,16,64,128` draws once at the
@@ -40,14 +41,15 @@ from __future__ import annotations
 import os
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 from datasets import load_dataset
 
 import pipeline
 from dpo_trainer import DPOConfig
 from dpo_trainer.data import split_hh_transcript
-from hh_data import rule_score
+from hh_data import rule_score  # noqa: F401 (the rule judge, read as hh.rule_score)
+from hh_judges import judge_rounds, make_judge, scoring_judge, validate_flags
 from pipeline import Run, StageSettings, arg, head
 
 BUNDLED_DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "hh_tiny")
@@ -127,6 +129,12 @@ class ScriptArguments:
     restart_stale: bool = arg(
         False, "Start over the stages of --output_dir whose settings changed (kept aside)."
     )
+    rounds: int = arg(
+        1,
+        "Iterative DPO: R rounds on R disjoint parts of the pair prompts, each on pairs of the round "
+        "before's samples (--sft_samples_per_prompt, default 4) trained from it for max_steps / R steps.",
+    )
+    round_reference: str = arg("sft", pipeline.ROUND_REFERENCE_HELP)
 
 
 # What decides each stage's result, besides the stages it builds on (chained through their fingerprints).
@@ -147,44 +155,33 @@ STAGES = (
 )  # fmt: skip
 
 
+def stage_settings(script_args: ScriptArguments) -> list[StageSettings]:
+    """`STAGES`, and with --rounds R > 1 the rounds instead of `pairs` and `dpo`, the evaluation after the last."""
+    if script_args.rounds < 2:
+        return list(STAGES)
+    pairs, dpo, evaluation = STAGES[1:]
+    rounds = pipeline.round_stages(script_args.rounds, pairs.script_keys, pairs.config_keys + ("per_device_eval_batch_size",),
+                                   dpo.script_keys, dpo.config_keys, after=("sft",))  # fmt: skip
+    return [STAGES[0], *rounds, replace(evaluation, after=("sft", rounds[-1].name))]
+
+
 def parse_args(argv: list[str]) -> tuple[ScriptArguments, DPOConfig]:
     # no --output_dir: rerunning the same command continues the last default run, other settings start a new one
     def output_dir(script_args, config):
-        return pipeline.default_output_dir(pipeline.run_manifest(STAGES, script_args, config), "hh")
+        return pipeline.default_output_dir(
+            pipeline.run_manifest(stage_settings(script_args), script_args, config), "hh"
+        )
 
     script_args, config = pipeline.parse_args(argv, ScriptArguments, OfflineDefaults(), output_dir,
                                               **asdict(PaperDefaults()))  # fmt: skip
+    if script_args.rounds < 1 or script_args.round_reference not in pipeline.ROUND_REFERENCES:
+        raise SystemExit("--rounds must be >= 1 and --round_reference sft or previous.")
     if script_args.judge not in ("rule", "llm", "reward"):
         raise SystemExit(f"--judge must be rule, llm or reward, got {script_args.judge!r}.")
     return script_args, config
 
 
-def validate_flags(script_args: ScriptArguments) -> None:
-    """Check the judge and sampling flags before any training, not after hours of it."""
-    from dpo_trainer.evaluation.judges import TASK_PROMPTS
-
-    for name in ("temperatures", "bon_temperatures"):
-        for text in getattr(script_args, name).split(","):
-            try:
-                value = float(text)
-            except ValueError:
-                raise SystemExit(f"--{name} must be comma-separated numbers, got {text!r}.") from None
-            if not (value >= 0 and value != float("inf")):
-                raise SystemExit(f"--{name}: a temperature must be a finite number >= 0, got {text!r}.")
-    for text in script_args.bon_n.split(","):
-        if not text.strip().isdigit():
-            raise SystemExit(f"--bon_n must be comma-separated whole numbers >= 0, got {text!r}.")
-    if script_args.judge_task not in TASK_PROMPTS:
-        tasks = ", ".join(TASK_PROMPTS)
-        raise SystemExit(f"--judge_task must be one of {tasks}, got {script_args.judge_task!r}.")
-    needs_judge = not script_args.skip_eval or script_args.sft_samples_per_prompt
-    if needs_judge and script_args.judge == "llm":
-        make_judge(script_args)  # checks the URL and model flags; sends nothing
-    if needs_judge and script_args.judge == "reward" and not script_args.reward_model:
-        raise SystemExit("--judge reward needs --reward_model.")
-
-
-# ---------------------------------------------------------------- data and judges
+# ---------------------------------------------------------------- data
 
 
 def load_hh(dataset: str, max_train_rows: int | None, max_eval_rows: int | None):
@@ -203,27 +200,20 @@ def prompt_and_reply(row: dict, index: int) -> tuple[str, str]:
     return split_hh_transcript(row["chosen"], row=index, field="chosen")
 
 
-def make_judge(script_args: ScriptArguments, cache_dir: str | None = None):
-    """The judge the flags name; an LLM judge keeps its replies in `cache_dir` (reused on a rerun)."""
-    from dpo_trainer.evaluation import LLMJudge, RewardModelJudge, RuleJudge
-
-    if script_args.judge == "llm":
-        if not (script_args.judge_url and script_args.judge_model):
-            raise SystemExit("--judge llm needs --judge_url and --judge_model.")
-        cache_file = os.path.join(cache_dir, "llm_judge_replies.jsonl") if cache_dir else None
-        try:
-            return LLMJudge(script_args.judge_url, script_args.judge_model, task=script_args.judge_task,
-                            cache_file=cache_file)  # fmt: skip
-        except ValueError as error:
-            raise SystemExit(f"--judge llm: {error}") from None
-    if script_args.judge == "reward":
-        if not script_args.reward_model:
-            raise SystemExit("--judge reward needs --reward_model.")
-        return RewardModelJudge.from_pretrained(script_args.reward_model, device=pipeline.sampling_device())
-    return RuleJudge(rule_score)
-
-
 # ---------------------------------------------------------------- the pairs stage
+
+
+def pair_prompts(script_args: ScriptArguments, train) -> list[str]:
+    rows = head(train, script_args.pair_prompts or len(train))
+    return list(dict.fromkeys(prompt_and_reply(row, i)[0] for i, row in enumerate(rows)))
+
+
+def as_replies(rows: list[dict]) -> list[dict]:
+    """Sampled pairs as the pairs stage writes them (`preference_pairs`): stripped, one leading space, none equal."""
+    rows = [
+        dict(row, chosen=" " + row["chosen"].strip(), rejected=" " + row["rejected"].strip()) for row in rows
+    ]
+    return [row for row in rows if row["chosen"] != row["rejected"]]
 
 
 def run_pairs(run: Run, script_args: ScriptArguments, sft: str, train):
@@ -239,13 +229,8 @@ def run_pairs(run: Run, script_args: ScriptArguments, sft: str, train):
     path = os.path.join(stage.folder, "train.jsonl")
     if not stage.finished(outputs=("train.jsonl",)):
         stage.start()
-        judge = make_judge(script_args)
-        if not hasattr(judge, "score"):
-            needs = "--sft_samples_per_prompt needs a judge that scores responses: --judge rule or reward."
-            raise SystemExit(needs)
-        rows = head(train, script_args.pair_prompts or len(train))
-        prompts = list(dict.fromkeys(prompt_and_reply(row, i)[0] for i, row in enumerate(rows)))
-        n = script_args.sft_samples_per_prompt
+        judge = scoring_judge(script_args)
+        prompts, n = pair_prompts(script_args, train), script_args.sft_samples_per_prompt
         pairs = sampled_preference_pairs(  # every process samples a share; each gets all the pairs
             pipeline.load_for_sampling(sft, config), pipeline.load_tokenizer(sft), prompts, judge, n=n,
             temperature=script_args.pair_temperature, max_new_tokens=script_args.max_new_tokens,
@@ -362,7 +347,7 @@ def run_eval(run: Run, script_args: ScriptArguments, sft: str, policy: str | Non
 def main(argv: list[str] | None = None) -> dict:
     script_args, config = parse_args(sys.argv[1:] if argv is None else argv)
     validate_flags(script_args)
-    run = Run.open(script_args, config, STAGES, restart_stale=script_args.restart_stale)
+    run = Run.open(script_args, config, stage_settings(script_args), restart_stale=script_args.restart_stale)
     train, test = load_hh(script_args.dataset, script_args.max_train_rows, script_args.max_eval_rows)
     texts = (row["chosen"] + row["rejected"] for row in train)
     base = pipeline.base_model(run, script_args.model, texts, vocab_size=2000,
@@ -371,20 +356,35 @@ def main(argv: list[str] | None = None) -> dict:
     if not (script_args.skip_sft or script_args.sft_model):  # SFT: only the settings its fingerprint names
         sft = pipeline.sft_stage(run, base, train, test, max_steps=script_args.sft_max_steps,
                                  learning_rate=script_args.sft_learning_rate, only=SFT_SETTINGS)  # fmt: skip
-    if script_args.sft_samples_per_prompt and not script_args.skip_dpo:
-        if script_args.sft_samples_per_prompt < 2:
-            raise SystemExit("--sft_samples_per_prompt must be 0 (the dataset's pairs) or at least 2.")
-        train = run_pairs(run, script_args, sft, train)
     earlier = run.path("dpo", "final")  # with --skip_dpo, an earlier run's policy
-    policy = earlier if os.path.exists(earlier) else None
-    if not script_args.skip_dpo:
+    policy, rounds = (earlier if os.path.exists(earlier) else None), []
+    if (
+        script_args.rounds > 1 and not script_args.skip_dpo
+    ):  # iterative DPO on the judge's pairs, best against worst
+        sampling = dict(n=script_args.sft_samples_per_prompt or 4, rule="best_worst", seed=config.seed,
+                        temperature=script_args.pair_temperature, max_new_tokens=script_args.max_new_tokens,
+                        batch_size=config.per_device_eval_batch_size)  # fmt: skip
+        rounds = pipeline.run_rounds(run, script_args.rounds, pair_prompts(script_args, train), sft, scoring_judge(script_args),
+                                     sampling=sampling, reference=script_args.round_reference, eval_dataset=test,
+                                     postprocess=as_replies, peft_config=pipeline.lora_config(script_args),
+                                     quantize=script_args.qlora, max_steps=-(-config.max_steps // script_args.rounds))  # fmt: skip
+        policy = rounds[-1]["policy"]
+    elif not script_args.skip_dpo:
+        if script_args.sft_samples_per_prompt:
+            train = run_pairs(run, script_args, sft, train)
         policy = pipeline.dpo_stage(run, "dpo", sft, train, test, peft_config=pipeline.lora_config(script_args),
                                     quantize=script_args.qlora, record={"sft": sft})  # fmt: skip
     summary = {"output_dir": run.out, "sft_model": sft, "dpo_policy": policy}
     if not script_args.skip_eval:  # every process samples; run_eval returns None off the main process
         summary["eval"] = run_eval(run, script_args, sft, policy, test)
+    if rounds and not script_args.skip_eval and run.is_main:  # each round's win rate against SFT, T=1
+        prompts = [prompt_and_reply(row, i)[0] for i, row in enumerate(head(test, script_args.eval_prompts))]
+        judge_rounds(run, script_args, sft, rounds, prompts)
+    summary.update({"rounds": rounds} if rounds else {})
     if run.is_main:
-        summary.update(run.done(["sft", "dpo"]))
+        summary.update(
+            run.done(["sft", "dpo"] + [f"round{e['round']}{part}" for e in rounds for part in ("_pairs", "")])
+        )
         run.write_summary(summary)
     return summary
 

@@ -8,8 +8,8 @@ Each JSONL row is ``{"chosen": transcript, "rejected": transcript}`` with transc
 replies come from one assistant and the better one is marked chosen: each reply is drawn from
 ``REPLY_MIX`` (a helpful, on-topic answer from a small knowledge base, a polite but vague reply, a
 helpful answer about another topic, an evasive or a rude reply) and ``rule_score`` picks the chosen one, so a chosen reply is not
-always a good one (two poor replies make a poor chosen one). ``examples/hh.py`` imports
-``rule_score`` from here (``from hh_data import rule_score``) as its rule judge.
+always a good one (two poor replies make a poor chosen one). ``examples/hh.py``'s rule judge is
+``rule_score`` from here (``from hh_data import rule_score``, in ``examples/hh_judges.py``).
 
 Standard library only; the same arguments give byte-identical files.
 """

@@ -431,3 +431,32 @@ def test_a_checkpoint_whose_sigmoid_was_conservative_dpo_is_refused_naming_cdpo(
         str(tmp_path / "old-plain"), {key: value for key, value in plain.items() if key != "loss_names"}
     )
     check_resume_settings(str(tmp_path / "old-plain"), plain)
+
+
+@pytest.mark.parametrize(
+    "flags, stale",
+    [
+        (["--rounds", "3"], {"round1_pairs", "round1", "round2_pairs", "round2", "eval"}),
+        (
+            ["--judge", "reward", "--reward_model", "some/rm"],
+            {"round1_pairs", "round1", "round2_pairs", "round2", "eval"},
+        ),
+        (["--round_reference", "previous"], {"round2", "eval"}),
+        (["--temperatures", "0.5"], {"eval"}),
+    ],
+)
+def test_a_changed_rounds_or_judge_setting_makes_the_rounds_stale(hh, tmp_path, flags, stale):
+    out = tmp_path / "run"
+
+    def manifest(*more):
+        script_args, config = hh.parse_args(["--output_dir", str(out), "--rounds", "2", *more])
+        return pipeline.run_manifest(hh.stage_settings(script_args), script_args, config)
+
+    old = manifest()
+    assert list(old) == ["sft", "round1_pairs", "round1", "round2_pairs", "round2", "eval"]
+    finished_stages(hh, out, old, stages=tuple(old))
+    pipeline.check_run_manifest(str(out), manifest(), restart_stale=False)  # the same settings: fine
+    new = manifest(*flags)
+    assert set(pipeline.manifest_changes(old, new)) == stale
+    with pytest.raises(SystemExit, match="--restart_stale"):
+        pipeline.check_run_manifest(str(out), new, restart_stale=False)

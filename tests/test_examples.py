@@ -439,3 +439,48 @@ def test_a_bad_line_of_a_single_file_is_named_by_its_line(hh, tmp_path):
     path.write_text("".join(json.dumps(row) + "\n" for row in rows))
     train, test = hh.load_hh(str(path), None, None)
     assert len(train) + len(test) == 40
+
+
+def test_rounds_sample_from_the_last_policy_resume_and_report(hh, tmp_path, capsys):
+    """--rounds 2 (issue 23): each round on its own prompts, pairs as the pairs stage writes them, a rerun skips every
+    finished round, and summary.json's rounds carry each round's win rate against SFT and its KL."""
+    out = str(tmp_path / "rounds")
+    argv = [
+        "--output_dir",
+        out,
+        "--rounds",
+        "2",
+        "--pair_prompts",
+        "12",
+        "--bon_n",
+        "0",
+        "--temperatures",
+        "1.0",
+    ]
+    summary = hh.main(argv + SHORT)
+    assert [entry["round"] for entry in summary["rounds"]] == [1, 2]
+    prompts = []
+    for entry in summary["rounds"]:
+        assert {"round", "reward", "reward_se", "kl", "kl_se", "pairs", "seconds", "win_rate"} <= set(entry)
+        assert 0 <= entry["reward"] <= 1 and entry["win_rate"]["n"] == 4 and entry["seconds"] > 0
+        with open(os.path.join(out, f"round{entry['round']}_pairs", "train.jsonl")) as handle:
+            pairs = [json.loads(line) for line in handle]
+        assert len(pairs) == entry["pairs"] > 0
+        for pair in pairs:  # as the pairs stage writes them: one leading space, scored by the rule
+            assert pair["chosen"].startswith(" ") and not pair["chosen"].startswith("  ")
+            assert (
+                hh.rule_score(pair["prompt"], pair["chosen"]) == pair["chosen_score"] > pair["rejected_score"]
+            )
+        prompts.append({pair["prompt"] for pair in pairs})
+    assert not prompts[0] & prompts[1]
+    assert summary["dpo_policy"] == summary["rounds"][1]["policy"]  # the evaluation's DPO is the last round
+    with open(os.path.join(out, "summary.json")) as handle:
+        assert json.load(handle)["rounds"][1]["kl"] == summary["rounds"][1]["kl"]
+    capsys.readouterr()
+    again = hh.main(argv + SHORT)  # nothing sampled or trained again
+    printed = capsys.readouterr().out
+    for stage in ("round1_pairs", "round1", "round2_pairs", "round2"):
+        assert f"[{stage}] already done" in printed, stage
+    assert " steps in " not in printed and [e["reward"] for e in again["rounds"]] == [
+        e["reward"] for e in summary["rounds"]
+    ]
