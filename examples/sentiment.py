@@ -27,6 +27,11 @@ run resumes from its last complete checkpoint) and skippable (`--skip_sft`, `--s
    (Best-of-N: log N - (N-1)/N); a table, `plots/frontier.png` and `summary.json`, with whether DPO's
    reward is at least each baseline's at the baseline's KL.
 
+**rounds** (`--rounds R` > 1, iterative DPO at `--beta`): the pair prefixes split into R disjoint parts;
+round r samples its part from round r-1's policy (round 0: the SFT model), pairs as in **pairs**, and trains
+DPO from that policy for max_steps / R steps (stages `round{r}_pairs`, `round{r}`), against `--round_reference`
+sft or previous; `summary.json`'s `rounds` and `plots/rounds.png` place each round beside the single-round curve.
+
 The ground truth (`--reward_model`) is `vader` (the vaderSentiment lexicon, offline; compound score in
 [-1, 1]) or a sequence-classification model: the probability of its `--reward_label` class (the paper's
 classifier: siebert/sentiment-roberta-large-english, class POSITIVE), or a reward model's one output.
