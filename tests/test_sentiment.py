@@ -6,6 +6,7 @@ import importlib.util
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 
@@ -397,3 +398,13 @@ def test_rounds_run_resume_and_report(sentiment, tmp_path, capsys):
         assert f"[{stage}] already done" in printed, stage
     assert "On-policy pairs" not in printed and " steps in " not in printed
     assert [r["reward"] for r in again["rounds"]] == [r["reward"] for r in rounds]
+    # a round killed after sampling, before its pairs were written: its samples are read back, not drawn again
+    first_record = pipeline.stage_done(os.path.join(out, "round2_pairs"))
+    assert first_record["sampled_prompts"] == first_record["prompts"] > 0
+    for name in ("done.json", "train.jsonl"):
+        os.remove(os.path.join(out, "round2_pairs", name))
+    shutil.rmtree(os.path.join(out, "round2"))
+    sentiment.main(flags)
+    record = pipeline.stage_done(os.path.join(out, "round2_pairs"))
+    assert record["sampled_prompts"] == 0 and record["cached_prompts"] == first_record["prompts"]
+    assert record["pairs"] == first_record["pairs"]
