@@ -37,7 +37,7 @@ _LAZY = {
     "best_of_n_prefixes": "best_of_n",
     "on_policy_pairs": "onpolicy",
     "OnPolicyPairs": "onpolicy",
-    "select_pairs": "onpolicy",
+    "select_pairs": "best_of_n",
     "sequence_kl": "kl",
     "sequence_logprobs": "kl",
     "best_of_n_kl": "kl",

@@ -11,6 +11,7 @@ Best-of-n takes the first n samples of each prompt, so no N is sampled again.
 i.e. preferences over the model's own responses, labelled by the scorer. `all_preference_pairs`: every
 pair of the N samples whose scores differ, as in the paper's controlled sentiment experiment (App. C.1:
 4 samples per prefix, all 6 pairs, labelled by a sentiment classifier).
+`select_pairs`: the pair rules of both, and of `on_policy_pairs`, with the counts of what each drops.
 """
 
 from __future__ import annotations
@@ -20,6 +21,10 @@ from collections.abc import Sequence
 from typing import Protocol
 
 from .sampling import sample_responses
+
+RULES = ("best_worst", "margin")  # the pair rules of `select_pairs`
+RULE_ALIASES = {"all": "margin"}
+PAIR_COLUMNS = ("prompt", "chosen", "rejected", "chosen_score", "rejected_score")
 
 
 class Scorer(Protocol):
@@ -223,22 +228,88 @@ def all_preference_pairs(
     A pair is dropped when its scores are equal (a tie says nothing) or its texts are; responses are kept
     exactly as sampled. Pairs come in prompt order, then (i, j) with i < j in sampling order.
     """
-    rows = []
-    for prompt, responses, row_scores in zip(prompts, samples, scores, strict=True):
+    rows, _ = select_pairs(prompts, samples, scores, rule="margin")
+    return [{key: row[key] for key in PAIR_COLUMNS} for row in rows]
+
+
+def check_rule(rule: str, margin: float) -> str:
+    """`rule`'s canonical name (see `select_pairs`); a bad rule or margin raises naming it."""
+    rule = RULE_ALIASES.get(rule, rule)
+    if rule not in RULES:
+        raise ValueError(f"rule must be one of {RULES} (or {sorted(RULE_ALIASES)}), got {rule!r}")
+    if not isinstance(margin, (int, float)) or not math.isfinite(margin) or margin < 0:
+        raise ValueError(f"margin must be a finite number >= 0, got {margin!r}")
+    return rule
+
+
+def select_pairs(
+    prompts: Sequence[str],
+    samples: Sequence[Sequence[str]],
+    scores: Sequence[Sequence[float]],
+    *,
+    rule: str = "best_worst",
+    margin: float = 0.0,
+) -> tuple[list[dict], dict[str, int]]:
+    """Preference rows from scored samples by ``rule``, and the counts of what was dropped.
+
+    - ``"best_worst"`` (Xiong et al. 2024, arXiv 2312.11456): per prompt, its highest- against its
+      lowest-scoring sample; among equal scores the first sampled. A prompt whose samples all score alike
+      gives no pair (a tie), nor one whose best and worst differ by less than ``margin``.
+    - ``"margin"`` (alias ``"all"``; Rafailov et al. 2023, arXiv 2305.18290, App. C.1 with ``margin=0``):
+      every pair of a prompt's samples whose scores differ by at least ``margin``, the higher-scored
+      chosen. Equal scores are a tie and dropped whatever the margin, so ``margin=0`` keeps every pair
+      whose scores differ.
+
+    Under either rule a pair whose two texts are equal is dropped (counted as ``identical``). Responses
+    are kept exactly as sampled. Rows come in prompt order; within a prompt, under ``"margin"``, in the
+    order (i, j), i < j, of the samples' numbers.
+
+    Returns ``(rows, counts)``, counts with keys ``pairs``, ``ties``, ``below_margin``, ``identical``,
+    ``prompts_without_pair``.
+
+    >>> rows, counts = select_pairs(["Q"], [["a", "b", "c"]], [[1.0, 3.0, 2.5]], rule="margin", margin=1)
+    >>> [(row["chosen"], row["rejected"]) for row in rows], counts["below_margin"]
+    ([('b', 'a'), ('c', 'a')], 1)
+    """
+    rule = check_rule(rule, margin)
+    rows: list[dict] = []
+    counts = dict(pairs=0, ties=0, below_margin=0, identical=0, prompts_without_pair=0)
+    for index, (prompt, responses, row_scores) in enumerate(zip(prompts, samples, scores, strict=True)):
         if len(responses) != len(row_scores):
-            raise ValueError(f"prompt {prompt!r}: {len(responses)} samples but {len(row_scores)} scores")
-        for i in range(len(responses)):
-            for j in range(i + 1, len(responses)):
-                if row_scores[i] == row_scores[j] or responses[i] == responses[j]:
-                    continue
-                win, lose = (i, j) if row_scores[i] > row_scores[j] else (j, i)
-                rows.append(
-                    {
-                        "prompt": prompt,
-                        "chosen": responses[win],
-                        "rejected": responses[lose],
-                        "chosen_score": float(row_scores[win]),
-                        "rejected_score": float(row_scores[lose]),
-                    }
-                )
-    return rows
+            raise ValueError(f"prompt {index}: {len(responses)} samples but {len(row_scores)} scores")
+        if rule == "best_worst":
+            # max()/min() keep the first of equal values: ties go to the earlier sample
+            best = max(range(len(row_scores)), key=row_scores.__getitem__)
+            worst = min(range(len(row_scores)), key=row_scores.__getitem__)
+            candidates = [(best, worst)] if responses else []
+        else:
+            candidates = [(i, j) for i in range(len(responses)) for j in range(i + 1, len(responses))]
+        before = len(rows)
+        for i, j in candidates:
+            difference = row_scores[i] - row_scores[j]
+            if difference == 0:
+                counts["ties"] += 1
+                continue
+            if abs(difference) < margin:
+                counts["below_margin"] += 1
+                continue
+            win, lose = (i, j) if difference > 0 else (j, i)
+            if responses[win] == responses[lose]:
+                counts["identical"] += 1
+                continue
+            rows.append(
+                {
+                    "prompt": prompt,
+                    "chosen": responses[win],
+                    "rejected": responses[lose],
+                    "chosen_score": float(row_scores[win]),
+                    "rejected_score": float(row_scores[lose]),
+                    "prompt_index": index,
+                    "chosen_index": win,
+                    "rejected_index": lose,
+                }
+            )
+        if len(rows) == before:
+            counts["prompts_without_pair"] += 1
+    counts["pairs"] = len(rows)
+    return rows, counts

@@ -24,7 +24,7 @@ from collections.abc import Sequence
 import torch
 from tqdm.auto import tqdm
 
-from .best_of_n import Scorer
+from .best_of_n import Scorer, check_rule, select_pairs
 from .sample_cache import (
     chunk_path,
     policy_fingerprint,
@@ -38,8 +38,6 @@ from .sampling import sample_responses
 
 logger = logging.getLogger(__name__)
 
-RULES = ("best_worst", "margin")
-RULE_ALIASES = {"all": "margin"}
 COLUMNS = (
     "prompt",
     "chosen",
@@ -101,79 +99,6 @@ class OnPolicyPairs:
         types.update(chosen_score="float64", rejected_score="float64")
         features = datasets.Features({name: datasets.Value(types.get(name, "int64")) for name in COLUMNS})
         return datasets.Dataset.from_dict({name: [] for name in COLUMNS}, features=features)
-
-
-def select_pairs(
-    prompts: Sequence[str],
-    samples: Sequence[Sequence[str]],
-    scores: Sequence[Sequence[float]],
-    *,
-    rule: str = "best_worst",
-    margin: float = 0.0,
-) -> tuple[list[dict], dict[str, int]]:
-    """Preference rows from scored samples by ``rule``, and the counts of what was dropped.
-
-    - ``"best_worst"`` (Xiong et al. 2024, arXiv 2312.11456): per prompt, its highest- against its
-      lowest-scoring sample; among equal scores the first sampled. A prompt whose samples all score alike
-      gives no pair (a tie), nor one whose best and worst differ by less than ``margin``.
-    - ``"margin"`` (alias ``"all"``; Rafailov et al. 2023, arXiv 2305.18290, App. C.1 with ``margin=0``):
-      every pair of a prompt's samples whose scores differ by at least ``margin``, the higher-scored
-      chosen. Equal scores are a tie and dropped whatever the margin, so ``margin=0`` keeps every pair
-      whose scores differ.
-
-    Under either rule a pair whose two texts are equal is dropped (counted as ``identical``). Responses
-    are kept exactly as sampled. Rows come in prompt order; within a prompt, under ``"margin"``, in the
-    order (i, j), i < j, of the samples' numbers.
-
-    Returns ``(rows, counts)``, counts with keys ``pairs``, ``ties``, ``below_margin``, ``identical``,
-    ``prompts_without_pair``.
-
-    >>> rows, counts = select_pairs(["Q"], [["a", "b", "c"]], [[1.0, 3.0, 2.5]], rule="margin", margin=1)
-    >>> [(row["chosen"], row["rejected"]) for row in rows], counts["below_margin"]
-    ([('b', 'a'), ('c', 'a')], 1)
-    """
-    rule = _check_rule(rule, margin)
-    rows: list[dict] = []
-    counts = dict(pairs=0, ties=0, below_margin=0, identical=0, prompts_without_pair=0)
-    for index, (prompt, responses, row_scores) in enumerate(zip(prompts, samples, scores, strict=True)):
-        if len(responses) != len(row_scores):
-            raise ValueError(f"prompt {index}: {len(responses)} samples but {len(row_scores)} scores")
-        if rule == "best_worst":
-            # max()/min() keep the first of equal values: ties go to the earlier sample
-            best = max(range(len(row_scores)), key=row_scores.__getitem__)
-            worst = min(range(len(row_scores)), key=row_scores.__getitem__)
-            candidates = [(best, worst)] if responses else []
-        else:
-            candidates = [(i, j) for i in range(len(responses)) for j in range(i + 1, len(responses))]
-        before = len(rows)
-        for i, j in candidates:
-            difference = row_scores[i] - row_scores[j]
-            if difference == 0:
-                counts["ties"] += 1
-                continue
-            if abs(difference) < margin:
-                counts["below_margin"] += 1
-                continue
-            win, lose = (i, j) if difference > 0 else (j, i)
-            if responses[win] == responses[lose]:
-                counts["identical"] += 1
-                continue
-            rows.append(
-                {
-                    "prompt": prompt,
-                    "chosen": responses[win],
-                    "rejected": responses[lose],
-                    "chosen_score": float(row_scores[win]),
-                    "rejected_score": float(row_scores[lose]),
-                    "prompt_index": index,
-                    "chosen_index": win,
-                    "rejected_index": lose,
-                }
-            )
-        if len(rows) == before:
-            counts["prompts_without_pair"] += 1
-    counts["pairs"] = len(rows)
-    return rows, counts
 
 
 def on_policy_pairs(
@@ -301,7 +226,7 @@ def on_policy_pairs(
 
 def _check_arguments(rule, margin, prompts, n, chunk_size, scorer) -> tuple[str, list[str]]:
     """The rule's canonical name and the prompts as a list; a bad argument raises naming it."""
-    rule = _check_rule(rule, margin)
+    rule = check_rule(rule, margin)
     prompts = _check_prompts(prompts)
     if n < 2:
         raise ValueError(f"n must be >= 2 to make a pair, got {n}")
@@ -310,15 +235,6 @@ def _check_arguments(rule, margin, prompts, n, chunk_size, scorer) -> tuple[str,
     if not callable(getattr(scorer, "score", None)):
         raise TypeError(f"scorer must have a score(prompts, responses) method, got {type(scorer).__name__}")
     return rule, prompts
-
-
-def _check_rule(rule: str, margin: float) -> str:
-    rule = RULE_ALIASES.get(rule, rule)
-    if rule not in RULES:
-        raise ValueError(f"rule must be one of {RULES} (or {sorted(RULE_ALIASES)}), got {rule!r}")
-    if not isinstance(margin, (int, float)) or not math.isfinite(margin) or margin < 0:
-        raise ValueError(f"margin must be a finite number >= 0, got {margin!r}")
-    return rule
 
 
 def _check_prompts(prompts: Sequence[str]) -> list[str]:
