@@ -12,9 +12,8 @@ import sys
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-import torch  # noqa: E402
-
 from dpo_trainer import DPOConfig  # noqa: E402
+from process_group import process_group_closed  # noqa: E402
 
 
 def main(out: str) -> None:
@@ -32,8 +31,5 @@ def main(out: str) -> None:
 
 
 if __name__ == "__main__":
-    try:
+    with process_group_closed():
         main(sys.argv[1])
-    finally:
-        if torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()

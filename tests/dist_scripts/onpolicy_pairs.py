@@ -17,6 +17,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from accelerate import PartialState
 from dpo_trainer.evaluation import RuleJudge, on_policy_pairs
+from process_group import process_group_closed
 
 
 def word_count(prompt: str, response: str) -> float:
@@ -71,8 +72,5 @@ def main(model_dir: str, out: str, settings_path: str) -> None:
 
 
 if __name__ == "__main__":
-    try:
+    with process_group_closed():
         main(*sys.argv[1:])
-    finally:  # a gloo/NCCL group left for interpreter exit can abort the process ("terminate called ...")
-        if torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()

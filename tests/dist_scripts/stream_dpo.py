@@ -14,6 +14,7 @@ from datasets import Dataset
 
 from dpo_trainer import DPOConfig, DPOTrainer
 from dpo_trainer.testing import tiny_causal_lm, train_tokenizer
+from process_group import process_group_closed
 
 from conftest import preference_rows
 
@@ -54,8 +55,5 @@ def main(out: str, per_device_batch: int) -> None:
 
 
 if __name__ == "__main__":
-    try:
+    with process_group_closed():
         main(sys.argv[1], int(sys.argv[2]))
-    finally:  # a gloo/NCCL group left for interpreter exit can abort the process ("terminate called ...")
-        if torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()

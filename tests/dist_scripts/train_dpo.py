@@ -42,6 +42,7 @@ from safetensors.torch import save_file  # noqa: E402
 
 from dpo_trainer import DPOConfig, DPOTrainer  # noqa: E402
 from dpo_trainer.testing import tiny_causal_lm, train_tokenizer  # noqa: E402
+from process_group import process_group_closed  # noqa: E402
 
 from conftest import preference_rows  # noqa: E402
 
@@ -301,8 +302,5 @@ def main():
 
 
 if __name__ == "__main__":
-    try:
+    with process_group_closed():
         main()
-    finally:  # a gloo/NCCL group left for interpreter exit can abort the process ("terminate called ...")
-        if torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()

@@ -18,11 +18,11 @@ os.environ.setdefault("WANDB_DISABLED", "true")
 TESTS = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, TESTS)
 
-import torch  # noqa: E402
 from accelerate.utils import gather_object  # noqa: E402
 
 from dpo_trainer import DPOConfig, DPOTrainer  # noqa: E402
 from dpo_trainer.testing import tiny_causal_lm, train_tokenizer  # noqa: E402
+from process_group import process_group_closed  # noqa: E402
 
 from conftest import preference_rows  # noqa: E402
 
@@ -94,8 +94,5 @@ def main():
 
 
 if __name__ == "__main__":
-    try:
+    with process_group_closed():
         main()
-    finally:  # a gloo/NCCL group left for interpreter exit can abort the process ("terminate called ...")
-        if torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()
