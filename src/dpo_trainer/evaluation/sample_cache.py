@@ -20,6 +20,8 @@ from collections.abc import Mapping
 
 import torch
 
+from ..reference.cache import update_with_tensor
+
 logger = logging.getLogger(__name__)
 
 CACHE_FORMAT_VERSION = 1
@@ -74,11 +76,7 @@ def _update_with_weights(digest, module: torch.nn.Module) -> None:
     for name, tensor in module.state_dict().items():
         if hasattr(tensor, "full_tensor"):  # an FSDP2 DTensor: every process walks the same model
             tensor = tensor.full_tensor()
-        flat = tensor.detach().reshape(-1)
-        step = max(1, flat.numel() // 4096)
-        total = flat.float().sum().item()
-        digest.update(f"{name}|{tuple(tensor.shape)}|{tensor.dtype}|{total:.8e}".encode())
-        digest.update(flat[::step].float().cpu().numpy().tobytes())
+        update_with_tensor(digest, name, tensor)
 
 
 def _tokenizer_fingerprint(tokenizer) -> str:

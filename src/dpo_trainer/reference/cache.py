@@ -67,12 +67,17 @@ def model_fingerprint(model: nn.Module, tokenizer=None) -> str:
         ):  # not loaded on this process (FSDP's cpu_ram_efficient_loading): rank 0's key is used
             digest.update(f"{name}|{tuple(tensor.shape)}|{tensor.dtype}|meta".encode())
             continue
-        flat = tensor.detach().reshape(-1)
-        step = max(1, flat.numel() // 4096)
-        sample = flat[::step].float().cpu()
-        digest.update(f"{name}|{tuple(tensor.shape)}|{tensor.dtype}|{flat.float().sum().item():.8e}".encode())
-        digest.update(sample.numpy().tobytes())
+        update_with_tensor(digest, name, tensor)
     return digest.hexdigest()[:24]
+
+
+def update_with_tensor(digest, name: str, tensor: torch.Tensor) -> None:
+    """Hash one tensor into `digest`: its name, shape, dtype, sum and 4096 evenly spaced values, which change
+    whenever training touches the tensor."""
+    flat = tensor.detach().reshape(-1)
+    step = max(1, flat.numel() // 4096)
+    digest.update(f"{name}|{tuple(tensor.shape)}|{tensor.dtype}|{flat.float().sum().item():.8e}".encode())
+    digest.update(flat[::step].float().cpu().numpy().tobytes())
 
 
 def _whole_state(model: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
